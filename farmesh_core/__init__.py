@@ -1,0 +1,3 @@
+"""FarMesh core: the node, the client and the plugin machinery they share."""
+
+__version__ = "0.1.0"

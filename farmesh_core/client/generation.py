@@ -1,0 +1,68 @@
+"""Choosing the next token with transformers' logits processors, and decoding text as it grows."""
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+class TokenChooser:
+    """Greedy when ``temperature == 0``, else sampling after transformers' warpers (HF's order)."""
+
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+    ):
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        self.greedy = temperature == 0
+        self.processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if not self.greedy:
+            if temperature != 1.0:
+                self.processors.append(TemperatureLogitsWarper(temperature))
+            if top_k > 0:
+                self.processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(top_p))
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""
+        scores = self.processors(input_ids, logits.float()) if self.processors else logits.float()
+        if self.greedy:
+            return scores.argmax(dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces, holding back incomplete characters."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent :], len(text)
+        return piece
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

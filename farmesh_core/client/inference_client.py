@@ -1,0 +1,140 @@
+"""DistributedInferenceClient: text in, text out, through the Far Mesh Network.
+
+The embeddings, final norm and LM head run here; the layers run on Far Nodes in one inference
+session per generation. The decode loop calls the head and the session directly (no model-level
+forward), which is what keeps a step close to the network's round trip.
+"""
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from farmesh_core.client.generation import TextStream, TokenChooser
+from farmesh_core.client.mesh import connect
+from farmesh_core.client.remote_layers import DistributedModel
+from farmesh_core.client.session import InferenceSession
+from farmesh_core.config import ClientConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedInferenceClient:
+    """Generate text with a model whose layers are served by Far Nodes.
+
+    ``DistributedInferenceClient(model_id, dht_bootstrap).generate(prompt, max_tokens=100)`` returns
+    the new text; ``stream=True`` yields it piece by piece.
+    """
+
+    def __init__(self, model_id: str, dht_bootstrap: str | list[str] | None = None, **options):
+        self.config = ClientConfig(model_id=model_id, dht_bootstrap=dht_bootstrap or [], **options)
+        self.checkpoint, self.adapter, self.mesh = connect(self.config)
+        self.model_config = self.checkpoint.config
+        self.tokenizer = self.checkpoint.tokenizer()
+        self.head = self.adapter.load_client_head(self.checkpoint, self.model_config, self._dtype())
+        self.num_layers = self.adapter.num_layers(self.model_config)
+        self.layers = DistributedModel.over(self.mesh, 0, self.num_layers)
+
+    def _dtype(self) -> torch.dtype:
+        dtype = getattr(self.model_config, "dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
+
+    def close(self) -> None:
+        self.mesh.close()
+
+    def __enter__(self) -> "DistributedInferenceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def inference_session(
+        self, max_length: int, batch_size: int = 1, adapter: str | None = None
+    ) -> InferenceSession:
+        return InferenceSession(
+            self.mesh, 0, self.num_layers, max_length, batch_size, adapter or self.config.adapter
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 100,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stream: bool = False,
+        **options,
+    ) -> str | Iterator[str]:
+        """The continuation of ``prompt`` (new text only). ``temperature=0`` is greedy.
+
+        Other options: ``repetition_penalty``, ``seed``, ``stop`` (strings that end the text),
+        ``adapter``. With ``stream=True`` this returns an iterator of text pieces.
+        """
+        pieces = self._generate_text(prompt, max_tokens, temperature, top_p, top_k, **options)
+        return pieces if stream else "".join(pieces)
+
+    def _generate_text(
+        self, prompt, max_tokens, temperature, top_p, top_k, stop=None, **options
+    ) -> Iterator[str]:
+        input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        text = TextStream(self.tokenizer)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        emitted = ""
+        for token in self.generate_ids(input_ids, max_tokens, temperature, top_p, top_k, **options):
+            piece = text.push(int(token[0]))
+            if not stops:
+                yield piece
+                continue
+            full = text.text()
+            hit = min((full.find(s) for s in stops if s in full), default=-1)
+            if hit >= 0:
+                yield full[len(emitted) : hit]
+                return
+            safe = len(full) - max(len(s) for s in stops)  # hold back what could start a stop string
+            if safe > len(emitted):
+                yield full[len(emitted) : safe]
+                emitted = full[:safe]
+        if stops:
+            yield text.text()[len(emitted) :]
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        adapter: str | None = None,
+        session: InferenceSession | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new token id tensor [batch] as it is chosen; stops at EOS (when every row hit it)."""
+        choose = TokenChooser(temperature, top_p, top_k, repetition_penalty, seed)
+        eos = self._eos_ids()
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0], adapter)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        try:
+            new_input = input_ids
+            for _ in range(max_new_tokens):
+                hidden = session.step(self.head.embed(new_input))
+                logits = self.head.logits(hidden[:, -1].to(self.head.lm_head.weight.dtype))
+                token = choose(input_ids, logits)
+                input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+                yield token
+                finished |= torch.isin(token, eos)
+                if finished.all():
+                    return
+                new_input = token[:, None]
+        finally:
+            if own_session:
+                session.close()
+
+    def _eos_ids(self) -> torch.Tensor:
+        eos = self.model_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return torch.tensor([] if eos is None else eos if isinstance(eos, list) else [eos])

@@ -1,0 +1,85 @@
+"""A client's connection to the Far Mesh Network: its DHT peer, P2P stubs and route finding."""
+
+import asyncio
+import logging
+import time
+
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
+
+from farmesh_core.architecture import ArchitectureAdapter, adapter_for
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.config import ClientConfig, NodeRecord
+from farmesh_core.dht import fetch_node_records, start_dht
+from farmesh_core.errors import NoRouteError
+from farmesh_core.event_loop import BackgroundLoop
+from farmesh_core.extensions import RouteHop, RouteRequest
+from farmesh_core.plugins import get_auth_providers, get_routing_policies, load_plugins, pick
+from farmesh_core.wire import FarNodeRPC
+
+logger = logging.getLogger(__name__)
+
+RECORDS_MAX_AGE = 5.0  # seconds a fetched view of the mesh is reused
+
+
+class MeshConnection:
+    """Shared by every session of a client: one DHT peer, one event loop, one P2P replica."""
+
+    def __init__(self, config: ClientConfig, prefix: str):
+        self.config, self.prefix = config, prefix
+        self.policy = pick("routing policy", get_routing_policies(), config.routing)
+        self.credentials = pick("auth provider", get_auth_providers(), config.auth).credentials()
+        self.dht = start_dht(config, client_mode=True)
+        self.loop = BackgroundLoop("farmesh-client")
+        self.p2p = self.loop.run(self.dht.replicate_p2p())
+        self._records: list[NodeRecord] = []
+        self._records_at = 0.0
+        self._connected: set[str] = set()
+        self.latencies: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.dht.shutdown()
+
+    def records(self, refresh: bool = False) -> list[NodeRecord]:
+        if refresh or time.monotonic() - self._records_at > RECORDS_MAX_AGE:
+            self._records = fetch_node_records(self.dht, self.prefix)
+            self._records_at = time.monotonic()
+        return self._records
+
+    def route(
+        self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None
+    ) -> list[RouteHop]:
+        """A chain of nodes covering ``start:end`` chosen by the configured routing policy."""
+        for refresh in (False, True):
+            records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
+            request = RouteRequest(
+                records=records, start=start, end=end, latencies=self.latencies, avoid=set(avoid)
+            )
+            try:
+                return self.policy(request)
+            except NoRouteError:
+                if refresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def stub(self, peer_id: str):
+        """An RPC stub for ``peer_id``, dialing the addresses it announced the first time."""
+        if peer_id not in self._connected:
+            record = next((r for r in self._records if r.peer_id == peer_id), None)
+            if record is not None and record.addrs:
+                try:
+                    addrs = [Multiaddr(a.split("/p2p/")[0]) for a in record.addrs]
+                    await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(peer_id), addrs), 10)
+                except Exception as e:
+                    logger.debug("Could not dial %s at %s: %s", peer_id, record.addrs, e)
+            self._connected.add(peer_id)
+        return FarNodeRPC.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+
+def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, MeshConnection]:
+    """Open the checkpoint (config and tokenizer only), find its adapter and join its mesh."""
+    load_plugins()
+    checkpoint = Checkpoint(config.model_id)
+    adapter = adapter_for(checkpoint.config)
+    return checkpoint, adapter, MeshConnection(config, config.dht_prefix or checkpoint.dht_prefix)

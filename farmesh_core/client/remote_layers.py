@@ -1,0 +1,149 @@
+"""DistributedModel: remote layers as a torch module (like Petals' RemoteSequential).
+
+``layers[i]`` and ``layers[a:b]`` select layers; calling the module runs them on Far Nodes. It is
+differentiable: the backward pass asks each node for the gradient w.r.t. its input, so gradients
+reach local parameters (embeddings, prompts, heads); node weights never change.
+"""
+
+import asyncio
+import logging
+
+import torch
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from torch import nn
+
+from farmesh_core.client.mesh import MeshConnection, connect
+from farmesh_core.config import ClientConfig
+from farmesh_core.errors import RemoteError
+from farmesh_core.extensions import RouteHop
+from farmesh_core.wire import SpanCall, chunked_messages, deserialize_tensor, receive_chunked
+
+logger = logging.getLogger(__name__)
+
+_NETWORK_ERRORS = (
+    P2PHandlerError,
+    P2PDaemonError,
+    TimeoutError,
+    ConnectionError,
+    OSError,
+    StopAsyncIteration,
+)
+
+
+class _RemoteLayersFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, layers: "DistributedModel") -> torch.Tensor:
+        output, hop_inputs = layers._run_forward(hidden.detach())
+        ctx.layers, ctx.hop_inputs = layers, hop_inputs
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return ctx.layers._run_backward(ctx.hop_inputs, grad_output.contiguous()), None
+
+
+class DistributedModel(nn.Module):
+    """Layers ``start:end`` of a model served by the Far Mesh Network, as an ``nn.Module``."""
+
+    def __init__(self, model_id: str, dht_bootstrap: str | list[str] | None = None, **options):
+        super().__init__()
+        checkpoint, adapter, mesh = connect(
+            ClientConfig(model_id=model_id, dht_bootstrap=dht_bootstrap or [], **options)
+        )
+        self._init(mesh, 0, adapter.num_layers(checkpoint.config), owns_mesh=True)
+
+    def _init(self, mesh: MeshConnection, start: int, end: int, owns_mesh: bool = False) -> None:
+        self.mesh, self.start, self.end, self._owns_mesh = mesh, start, end, owns_mesh
+
+    @classmethod
+    def over(cls, mesh: MeshConnection, start: int, end: int) -> "DistributedModel":
+        """Layers ``start:end`` through an existing connection (shared with a client)."""
+        layers = cls.__new__(cls)
+        nn.Module.__init__(layers)
+        layers._init(mesh, start, end)
+        return layers
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, item: int | slice) -> "DistributedModel":
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step != 1 or start >= stop:
+                raise IndexError("DistributedModel slices must be non-empty and contiguous")
+            return DistributedModel.over(self.mesh, self.start + start, self.start + stop)
+        if not -len(self) <= item < len(self):
+            raise IndexError(f"layer {item} is out of range for {len(self)} layers")
+        index = self.start + (item % len(self))
+        return DistributedModel.over(self.mesh, index, index + 1)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def extra_repr(self) -> str:
+        return f"layers {self.start}:{self.end} of {self.mesh.prefix}"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``hidden`` [batch, seq, hidden] through the layers remotely (differentiable)."""
+        return _RemoteLayersFunction.apply(hidden, self)
+
+    def close(self) -> None:
+        if self._owns_mesh:
+            self.mesh.close()
+
+    # ---- remote calls with failover ----------------------------------------------------------
+    def _run_forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
+        return self.mesh.loop.run(self._forward_chain(hidden, self.start, self.end, set()))
+
+    def _run_backward(self, hop_inputs, grad: torch.Tensor) -> torch.Tensor:
+        return self.mesh.loop.run(self._backward_chain(hop_inputs, grad, set()))
+
+    async def _call(self, method: str, hop: RouteHop, tensors: list[torch.Tensor]) -> torch.Tensor:
+        stub = await self.mesh.stub(hop.peer_id)
+        call = SpanCall(start=hop.start, end=hop.end, adapter=self.mesh.config.adapter,
+                        credentials=self.mesh.credentials)  # fmt: skip
+
+        async def requests():
+            for message in chunked_messages(call, tensors):
+                yield message
+
+        responses = await getattr(stub, method)(requests())
+        limit = 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096
+        _, (proto,) = await asyncio.wait_for(
+            receive_chunked(responses, None, limit, 1), self.mesh.config.step_timeout
+        )
+        return deserialize_tensor(proto).clone()
+
+    async def _route(self, start: int, end: int, avoid: set[str]) -> list[RouteHop]:
+        return await asyncio.to_thread(self.mesh.route, start, end, avoid, self.mesh.config.adapter)
+
+    async def _forward_chain(self, hidden, start, end, avoid, depth: int = 0):
+        hop_inputs = []
+        for hop in await self._route(start, end, avoid):
+            try:
+                output = await self._call("rpc_forward", hop, [hidden])
+                hop_inputs.append((hop, hidden))
+            except _NETWORK_ERRORS as e:
+                self._give_up_if_exhausted(hop, e, avoid, depth)
+                output, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
+                hop_inputs.extend(sub_inputs)
+            hidden = output
+        return hidden, hop_inputs
+
+    async def _backward_chain(self, hop_inputs, grad, avoid, depth: int = 0):
+        for hop, hidden in reversed(hop_inputs):
+            try:
+                grad = await self._call("rpc_backward", hop, [hidden, grad])
+            except _NETWORK_ERRORS as e:
+                self._give_up_if_exhausted(hop, e, avoid, depth)
+                _, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
+                grad = await self._backward_chain(sub_inputs, grad, avoid, depth + 1)
+        return grad
+
+    def _give_up_if_exhausted(self, hop: RouteHop, error: Exception, avoid: set[str], depth: int) -> None:
+        avoid.add(hop.peer_id)
+        logger.warning(
+            "Node %s failed on layers %d:%d (%r); rerouting", hop.peer_id, hop.start, hop.end, error
+        )
+        if depth >= self.mesh.config.max_retries:
+            raise RemoteError(f"layers {hop.start}:{hop.end} failed {depth + 1} times: {error!r}") from error

@@ -1,0 +1,170 @@
+"""An inference session: hidden states step through a chain of Far Nodes that keep the KV caches.
+
+The client relays each step along the chain over one open stream per node. It keeps every node's
+inputs, so when a node fails it routes around it, replays those inputs to the replacement (which
+rebuilds the same KV cache) and carries on: the output is the same as without the failure.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+
+import torch
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from farmesh_core.client.mesh import MeshConnection
+from farmesh_core.errors import NoRouteError, RemoteError, RequestError
+from farmesh_core.extensions import RouteHop
+from farmesh_core.wire import (
+    InferenceStep,
+    OpenSession,
+    deserialize_tensor,
+    encode_meta,
+    raise_if_error,
+    serialize_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 1024  # tokens per replay step
+
+
+class _HopStream:
+    """One open rpc_inference stream to one node for layers ``hop.start:hop.end``."""
+
+    def __init__(self, hop: RouteHop):
+        self.hop = hop
+        self.session_id = uuid.uuid4().hex
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._responses = None
+        self.inputs: list[runtime_pb2.Tensor] = []  # every input sent, for replays
+
+    async def _requests(self):
+        while (item := await self._queue.get()) is not None:
+            yield item
+
+    async def step(
+        self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor, timeout: float
+    ):
+        if self._responses is None:
+            stub = await mesh.stub(self.hop.peer_id)
+            self._responses = await stub.rpc_inference(self._requests())
+        self._queue.put_nowait(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)))
+        response = await asyncio.wait_for(anext(self._responses), timeout)
+        raise_if_error(response, self.hop.peer_id)
+        if len(response.tensors) != 1:
+            raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
+        return response.tensors[0]
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+
+class InferenceSession:
+    """A generation's KV caches on the chain of nodes covering ``start:end``; use as a context manager."""
+
+    def __init__(
+        self, mesh: MeshConnection, start: int, end: int, max_length: int, batch_size: int = 1,
+        adapter: str | None = None,
+    ):  # fmt: skip
+        self.mesh, self.start, self.end = mesh, start, end
+        self.max_length, self.batch_size, self.adapter = max_length, batch_size, adapter
+        self.position = 0
+        self.recoveries: list[float] = []  # seconds each failover took
+        self._streams = [_HopStream(hop) for hop in mesh.route(start, end, adapter=adapter)]
+        self._failed: set[str] = set()
+
+    @property
+    def route(self) -> list[RouteHop]:
+        return [s.hop for s in self._streams]
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for stream in self._streams:
+            self.mesh.loop.loop.call_soon_threadsafe(stream.close)
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
+        if self.position + hidden.shape[1] > self.max_length:
+            raise RequestError(f"the session was opened for {self.max_length} tokens")
+        out = self.mesh.loop.run(self._step(serialize_tensor(hidden)))
+        self.position += hidden.shape[1]
+        return deserialize_tensor(out)
+
+    def _meta(self, stream: _HopStream, position: int) -> InferenceStep:
+        opening = None
+        if not stream.inputs:
+            opening = OpenSession(
+                session_id=stream.session_id, start=stream.hop.start, end=stream.hop.end,
+                max_length=self.max_length, batch_size=self.batch_size, alloc_timeout=self.mesh.config.step_timeout,
+                adapter=self.adapter, credentials=self.mesh.credentials,
+            )  # fmt: skip
+        return InferenceStep(position=position, open=opening)
+
+    async def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
+        index, retries = 0, 0
+        while index < len(self._streams):
+            stream = self._streams[index]
+            try:
+                out = await stream.step(
+                    self.mesh, self._meta(stream, self.position), hidden, self.mesh.config.step_timeout
+                )
+            except RequestError:
+                raise
+            except (
+                P2PHandlerError,
+                P2PDaemonError,
+                TimeoutError,
+                ConnectionError,
+                StopAsyncIteration,
+                OSError,
+            ) as e:
+                retries += 1
+                if retries > self.mesh.config.max_retries:
+                    raise RemoteError(f"gave up on layers {stream.hop.start}:{stream.hop.end} after {retries - 1} "
+                                      f"failovers: {e!r}") from e  # fmt: skip
+                await self._replace(index, e)
+                continue
+            stream.inputs.append(hidden)
+            hidden = out
+            index += 1
+        return hidden
+
+    async def _replace(self, index: int, error: Exception) -> None:
+        """Swap the failed stream for a new sub-chain and rebuild its caches from the recorded inputs."""
+        began = time.perf_counter()
+        failed = self._streams[index]
+        failed.close()
+        self._failed.add(failed.hop.peer_id)
+        logger.warning("Node %s failed (%r); finding a replacement for layers %d:%d",
+                       failed.hop.peer_id, error, failed.hop.start, failed.hop.end)  # fmt: skip
+        try:
+            hops = await asyncio.to_thread(
+                self.mesh.route, failed.hop.start, failed.hop.end, self._failed, self.adapter
+            )
+        except NoRouteError as e:
+            raise NoRouteError(
+                f"node {failed.hop.peer_id} failed and no other node serves its layers: {e}"
+            ) from e
+        new_streams = [_HopStream(hop) for hop in hops]
+        if failed.inputs:
+            history = torch.cat([deserialize_tensor(t) for t in failed.inputs], dim=1)
+            for start in range(0, history.shape[1], REPLAY_CHUNK):
+                hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
+                for stream in new_streams:
+                    out = await stream.step(
+                        self.mesh, self._meta(stream, start), hidden, self.mesh.config.step_timeout
+                    )
+                    stream.inputs.append(hidden)
+                    hidden = out
+        self._streams[index : index + 1] = new_streams
+        self.recoveries.append(time.perf_counter() - began)
+        logger.info("Replaced node %s by %s in %.3f s", failed.hop.peer_id,
+                    [h.peer_id for h in hops], self.recoveries[-1])  # fmt: skip

@@ -1,0 +1,127 @@
+"""Typed configuration and the records nodes publish in the DHT (pydantic v2)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from farmesh_core import __version__
+
+NodeState = Literal["joining", "online", "offline"]
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """Parse ``"START:END"`` (END exclusive) into a pair; raise ValueError on anything else."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise ValueError(f"layers must look like START:END (for example 0:4), got {text!r}") from None
+    if not 0 <= start < end:
+        raise ValueError(f"layers {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class NetworkConfig(BaseModel):
+    """Where to find the Far Mesh Network and how to listen."""
+
+    model_config = ConfigDict(extra="forbid")
+    dht_bootstrap: list[str] = Field(default_factory=list, description="multiaddrs of DHT peers")
+    host_maddrs: list[str] | None = Field(
+        default=None,
+        description="multiaddrs to listen on; default: loopback when every bootstrap peer is on loopback, "
+        "else all interfaces",
+    )
+    announce_maddrs: list[str] | None = None
+    dht_prefix: str | None = Field(
+        default=None, description="DHT namespace; default: derived from the checkpoint"
+    )
+
+    @field_validator("dht_bootstrap", mode="before")
+    @classmethod
+    def _bootstrap_list(cls, value):
+        return _as_list(value)
+
+    def listen_maddrs(self) -> list[str]:
+        if self.host_maddrs is not None:
+            return self.host_maddrs
+        on_loopback = all("/ip4/127." in addr for addr in self.dht_bootstrap)
+        return ["/ip4/127.0.0.1/tcp/0"] if on_loopback else ["/ip4/0.0.0.0/tcp/0"]
+
+
+class NodeConfig(NetworkConfig):
+    """Everything a Far Node needs; the CLI and ``FarNode(...)`` keyword arguments fill it."""
+
+    model_id: str
+    layers: str | None = Field(default=None, description='"START:END", END exclusive')
+    num_layers: int | None = Field(default=None, gt=0)
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: str = "none"
+    adapters: list[str] = Field(default_factory=list)
+    auth: str = "open"
+    ledger: str = "null"
+    kv_cache_bytes: int = Field(
+        default=2 * 1024**3, gt=0, description="memory budget of all sessions' KV caches"
+    )
+    max_session_length: int = Field(default=8192, gt=0)
+    max_batch_size: int = Field(default=64, gt=0)
+    max_tokens_per_request: int = Field(default=16384, gt=0, description="batch x sequence of one step")
+    step_timeout: float = Field(default=60.0, gt=0, description="seconds an idle session is kept")
+    announce_period: float = Field(default=10.0, gt=0)
+    record_ttl: float = Field(default=30.0, gt=0)
+    num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_format(cls, value):
+        if value is not None:
+            parse_layers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_layers(self):
+        if self.layers is not None and self.num_layers is not None:
+            raise ValueError("give either layers or num_layers, not both")
+        return self
+
+
+class ClientConfig(NetworkConfig):
+    """Everything a client needs: the mesh, the routing policy and its patience."""
+
+    model_id: str
+    routing: str = "fewest-hops"
+    auth: str = "open"
+    device: str = "cpu"
+    step_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one step of a node")
+    max_retries: int = Field(default=3, ge=0)
+    adapter: str | None = None
+
+
+class NodeRecord(BaseModel):
+    """What a Far Node announces in the DHT; records read from the DHT are validated against it."""
+
+    model_config = ConfigDict(extra="ignore")
+    peer_id: str = Field(min_length=1, max_length=128)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    throughput: float = Field(ge=0, description="tokens per second through the whole span, one-token steps")
+    cache_tokens_left: int = Field(ge=0)
+    state: NodeState = "online"
+    version: str = __version__
+    model_type: str = ""
+    dtype: str = ""
+    quantization: str = "none"
+    adapters: list[str] = Field(default_factory=list, max_length=256)
+    addrs: list[str] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _range_is_ordered(self):
+        if self.end <= self.start:
+            raise ValueError("end must be greater than start")
+        return self

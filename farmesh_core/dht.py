@@ -1,0 +1,67 @@
+"""Declare and look up which Far Node serves which layers.
+
+Every node of one model stores its :class:`NodeRecord` under one DHT key (``farmesh:<prefix>``),
+with its peer id as the subkey, so a single ``get`` returns the whole Far Mesh Network of a model.
+Records are refreshed periodically and expire on their own if a node dies.
+"""
+
+import logging
+
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+from pydantic import ValidationError
+
+from farmesh_core.config import NetworkConfig, NodeRecord
+
+logger = logging.getLogger(__name__)
+
+# Off by default: UPnP, AutoNAT and relays contact hosts beyond the peers you name.
+P2P_DEFAULTS = dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False, use_ipfs=False)
+
+
+def start_dht(config: NetworkConfig, client_mode: bool = False) -> DHT:
+    """Start a DHT peer (in its own process) joined to ``config.dht_bootstrap``."""
+    return DHT(
+        initial_peers=config.dht_bootstrap or None,
+        host_maddrs=config.listen_maddrs(),
+        announce_maddrs=config.announce_maddrs,
+        client_mode=client_mode,
+        start=True,
+        **P2P_DEFAULTS,
+    )
+
+
+def mesh_key(prefix: str) -> str:
+    return f"farmesh:{prefix}"
+
+
+def declare_node(dht: DHT, prefix: str, record: NodeRecord, ttl: float) -> None:
+    """Store (or refresh) this node's record; it expires after ``ttl`` seconds unless refreshed."""
+    dht.store(
+        mesh_key(prefix),
+        subkey=record.peer_id,
+        value=record.model_dump(mode="json"),
+        expiration_time=get_dht_time() + ttl,
+        return_future=False,
+    )
+
+
+def fetch_node_records(dht: DHT, prefix: str, online_only: bool = True) -> list[NodeRecord]:
+    """All valid records of the model's nodes; malformed ones are logged and skipped."""
+    found = dht.get(mesh_key(prefix), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for subkey, item in found.value.items():
+        try:
+            record = NodeRecord.model_validate(item.value)
+        except ValidationError as e:
+            logger.warning("Ignoring a malformed node record under %r: %s", subkey, e.errors()[:1])
+            continue
+        if record.peer_id != subkey:
+            logger.warning("Ignoring a node record whose peer id does not match its subkey %r", subkey)
+            continue
+        if online_only and record.state != "online":
+            continue
+        records.append(record)
+    return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))

@@ -1,0 +1,239 @@
+"""The RPC handlers of a Far Node: every network input is validated before any compute.
+
+A refused request gets an error reply naming the problem; the node, and every other session, keep
+going. Small steps (one-token decoding) run inline on the event loop, which is the fastest path;
+large ones run in a worker thread so they do not stall other sessions' messages.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from farmesh_core.config import NodeConfig
+from farmesh_core.errors import RequestError
+from farmesh_core.extensions import AuthProvider, PaymentLedger, UsageEvent
+from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
+from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.wire import (
+    ErrorReply,
+    InferenceStep,
+    OpenSession,
+    SpanCall,
+    chunked_messages,
+    decode_meta,
+    deserialize_tensor,
+    encode_meta,
+    receive_chunked,
+    serialize_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+INLINE_TOKENS = 32  # steps with at most this many tokens run on the event loop
+
+
+def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=encode_meta(ErrorReply(error=str(error)[:4000])))
+
+
+class NodeHandlers:
+    """Serves one LayerSpan to the Far Mesh Network."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        span: LayerSpan,
+        auth: AuthProvider,
+        ledger: PaymentLedger,
+        peer_id: str = "",
+    ):
+        self.config, self.span, self.auth, self.ledger, self.peer_id = config, span, auth, ledger, peer_id
+        self.budget = KVCacheBudget(config.kv_cache_bytes)
+        self.active_sessions = 0
+        self.record_json = b"{}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- validation --------------------------------------------------------------------------
+    def _check_layers(self, start: int, end: int, adapter: str | None) -> None:
+        if not (self.span.start <= start < end <= self.span.end):
+            raise RequestError(
+                f"layers {start}:{end} are not within this node's span {self.span.start}:{self.span.end}"
+            )
+        if adapter is not None and adapter not in self.config.adapters:
+            raise RequestError(
+                f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapters})"
+            )
+
+    def _check_hidden(self, proto: runtime_pb2.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        hidden = deserialize_tensor(
+            proto, max_numel=self.config.max_tokens_per_request * self.span.hidden_size
+        )
+        if hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size or hidden.shape[1] == 0:
+            raise RequestError(
+                f"hidden states must have shape [batch, seq>0, {self.span.hidden_size}], got {list(hidden.shape)}"
+            )
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise RequestError(f"batch of {hidden.shape[0]} in a session opened for {batch_size}")
+        if not 0 < hidden.shape[0] <= self.config.max_batch_size:
+            raise RequestError(
+                f"batch of {hidden.shape[0]} exceeds the limit of {self.config.max_batch_size}"
+            )
+        if hidden.shape[0] * hidden.shape[1] > self.config.max_tokens_per_request:
+            raise RequestError(f"a step may carry at most {self.config.max_tokens_per_request} tokens")
+        if not torch.isfinite(hidden).all():
+            raise RequestError("hidden states contain NaN or infinity")
+        return hidden
+
+    async def _compute(self, tokens: int, fn, *args):
+        if tokens <= INLINE_TOKENS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _record_usage(
+        self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began
+    ):
+        event = UsageEvent(
+            node=self.peer_id, client=client, session=session, start=start, end=end,
+            prefill_tokens=tokens if prefill else 0, decode_tokens=0 if prefill else tokens,
+            compute_s=time.perf_counter() - began,
+        )  # fmt: skip
+        try:
+            self.ledger.record(event)
+        except Exception:
+            logger.exception("The payment ledger failed to record a usage event")
+
+    # ---- inference sessions ------------------------------------------------------------------
+    @asynccontextmanager
+    async def _session(self, request: OpenSession, context: P2PContext):
+        self._check_layers(request.start, request.end, request.adapter)
+        if request.max_length > self.config.max_session_length:
+            raise RequestError(f"max_length {request.max_length} exceeds {self.config.max_session_length}")
+        if request.batch_size > self.config.max_batch_size:
+            raise RequestError(f"batch_size {request.batch_size} exceeds {self.config.max_batch_size}")
+        client = self.auth.verify(request.credentials, str(context.remote_id))
+        nbytes = (
+            request.batch_size * request.max_length * self.span.kv_bytes_per_token(request.start, request.end)
+        )
+        await self.budget.allocate(nbytes, request.alloc_timeout)
+        cache = SessionCache(request.max_length)
+        self.active_sessions += 1
+        try:
+            yield client, cache
+        finally:
+            self.active_sessions -= 1
+            cache.release()
+            await self.budget.release(nbytes)
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        logger.debug("Inference stream opened by %s", context.remote_id)
+        try:
+            first = await asyncio.wait_for(anext(requests), self.config.step_timeout)
+            step = decode_meta(first.metadata, InferenceStep)
+            if step.open is None:
+                raise RequestError("the first message of an inference stream must open the session")
+            opened = step.open
+            async with self._session(opened, context) as (client, cache):
+                request = first
+                while True:
+                    if len(request.tensors) != 1:
+                        raise RequestError("each inference step carries exactly one tensor")
+                    hidden = self._check_hidden(request.tensors[0], opened.batch_size)
+                    q_len = hidden.shape[1]
+                    if step.position > cache.length:
+                        raise RequestError(
+                            f"step at position {step.position} skips past {cache.length} cached tokens"
+                        )
+                    if step.position + q_len > opened.max_length:
+                        raise RequestError(
+                            f"position {step.position}+{q_len} exceeds max_length {opened.max_length}"
+                        )
+                    began = time.perf_counter()
+                    tokens = hidden.shape[0] * q_len
+                    out = await self._compute(
+                        tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position
+                    )
+                    yield runtime_pb2.ExpertResponse(tensors=[serialize_tensor(out)])
+                    self._record_usage(
+                        client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began
+                    )
+                    try:
+                        request = await asyncio.wait_for(anext(requests), self.config.step_timeout)
+                    except StopAsyncIteration:
+                        return
+                    step = decode_meta(request.metadata, InferenceStep)
+                    if step.open is not None:
+                        raise RequestError("the session is already open")
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            yield error_response(RequestError(f"no step within {self.config.step_timeout} s; session closed"))
+        except RequestError as e:
+            logger.info("Refused an inference request from %s: %s", context.remote_id, e)
+            yield error_response(e)
+
+    # ---- forward / backward ------------------------------------------------------------------
+    def _max_call_bytes(self, tensors: int) -> int:
+        return tensors * self.config.max_tokens_per_request * self.span.hidden_size * 4 + 4096
+
+    async def _span_call(self, requests, context: P2PContext, tensors: int):
+        call, protos = await asyncio.wait_for(
+            receive_chunked(requests, SpanCall, self._max_call_bytes(tensors), tensors),
+            self.config.step_timeout,
+        )
+        if len(protos) != tensors:
+            raise RequestError(f"expected {tensors} tensors, got {len(protos)}")
+        self._check_layers(call.start, call.end, call.adapter)
+        client = self.auth.verify(call.credentials, str(context.remote_id))
+        hidden = [self._check_hidden(p) for p in protos]
+        if tensors == 2 and hidden[0].shape != hidden[1].shape:
+            raise RequestError("the output gradient must have the same shape as the hidden states")
+        return call, client, hidden
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            call, client, (hidden,) = await self._span_call(requests, context, tensors=1)
+            began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
+            out = await self._compute(tokens, self.span.forward, hidden, call.start, call.end)
+            self._record_usage(client, "", call.start, call.end, tokens, True, began)
+        except (RequestError, TimeoutError) as e:
+            yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
+            return
+        for message in chunked_messages(None, [out], runtime_pb2.ExpertResponse):
+            yield message
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            call, client, (hidden, grad_output) = await self._span_call(requests, context, tensors=2)
+            began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
+            grad_input = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.span.backward, hidden, grad_output, call.start, call.end
+            )
+            self._record_usage(client, "", call.start, call.end, tokens, True, began)
+        except (RequestError, TimeoutError) as e:
+            yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
+            return
+        for message in chunked_messages(None, [grad_input], runtime_pb2.ExpertResponse):
+            yield message
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=self.record_json)
+
+    def cache_tokens_left(self) -> int:
+        per_token = self.span.kv_bytes_per_token(self.span.start, self.span.end)
+        return max(0, self.budget.free_bytes // max(per_token, 1))

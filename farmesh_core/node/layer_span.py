@@ -1,0 +1,80 @@
+"""The layers a node serves, loaded from the checkpoint and called directly (no model-level forward)."""
+
+import logging
+import time
+
+import torch
+from transformers import PretrainedConfig
+
+from farmesh_core.architecture import ArchitectureAdapter
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.node.kv_cache import SessionCache
+
+logger = logging.getLogger(__name__)
+
+
+class LayerSpan:
+    """Layers ``start:end`` of one model; runs any contiguous sub-range of them."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        adapter: ArchitectureAdapter,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: str,
+        prepare_layer=None,
+        progress=None,
+    ):
+        self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
+        self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
+        self.hidden_size = adapter.hidden_size(self.config)
+        self.layers = {}
+        for index in range(start, end):
+            layer = adapter.load_layer(checkpoint, self.config, index, dtype, device)
+            if prepare_layer is not None:
+                layer = prepare_layer(layer, index) or layer
+            self.layers[index] = layer
+            if progress is not None:
+                progress(index - start + 1, end - start)
+        self.context = adapter.build_span_context(self.config, device)
+
+    def kv_bytes_per_token(self, start: int, end: int) -> int:
+        return (end - start) * self.adapter.kv_bytes_per_token(self.config, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, hidden: torch.Tensor, start: int, end: int, cache: SessionCache | None = None, position: int = 0
+    ) -> torch.Tensor:
+        """Run layers ``start:end`` on ``hidden`` [batch, seq, hidden] whose first token is at ``position``."""
+        hidden = hidden.to(self.device, self.dtype)
+        if cache is not None:
+            cache.begin_step(position)
+        kwargs = self.adapter.prepare(self.context, hidden, position)
+        for index in range(start, end):
+            hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+        if cache is not None:
+            cache.end_step(hidden.shape[1])
+        return hidden
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Gradient of ``<forward(hidden), grad_output>`` w.r.t. ``hidden``; layer weights get no gradient."""
+        with torch.enable_grad():
+            hidden = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            kwargs = self.adapter.prepare(self.context, hidden, 0)
+            out = hidden
+            for index in range(start, end):
+                out = self.adapter.run_layer(self.layers[index], out, None, kwargs)
+            (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.dtype))
+        return grad_input
+
+    def measure_throughput(self, steps: int = 8) -> float:
+        """One-token steps per second through the whole span (what a decoding client gets)."""
+        cache = SessionCache(max_length=steps + 1)
+        hidden = torch.zeros(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        self.forward(hidden, self.start, self.end, cache, 0)
+        began = time.perf_counter()
+        for position in range(1, steps + 1):
+            self.forward(hidden, self.start, self.end, cache, position)
+        return steps / (time.perf_counter() - began)

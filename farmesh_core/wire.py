@@ -1,0 +1,211 @@
+"""What travels between clients and Far Nodes: the RPC interface, message schemas, tensor codec.
+
+The client and the node never import each other; they meet here. Metadata is JSON validated by
+pydantic (never a recursive decoder of untrusted bytes); tensors are raw little-endian buffers whose
+size is checked against their declared shape and dtype before anything is allocated.
+"""
+
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import AsyncIterator, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from farmesh_core.errors import RequestError
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+MAX_METADATA_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
+ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_DIMS = 4
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpenSession(_Message):
+    """First message of an inference stream: which layers, how long, how many sequences."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    alloc_timeout: float = Field(default=0.0, ge=0, le=600)
+    adapter: str | None = Field(default=None, max_length=256)
+    credentials: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+class InferenceStep(_Message):
+    """Metadata of every message of an inference stream; ``open`` only on the first."""
+
+    position: int = Field(ge=0, description="index of the first token of this step in the session")
+    open: OpenSession | None = None
+
+
+class ErrorReply(_Message):
+    """The node's answer to a request it refused; the stream ends after it."""
+
+    error: str = Field(max_length=4096)
+
+
+def raise_if_error(response: runtime_pb2.ExpertResponse, peer_id: str) -> None:
+    """Responses carry metadata only when they are refusals; turn one into a RequestError."""
+    if response.metadata:
+        reply = decode_meta(response.metadata, ErrorReply)
+        raise RequestError(f"node {peer_id} refused the request: {reply.error}")
+
+
+class SpanCall(_Message):
+    """Metadata of a forward or backward call (no session, no cache)."""
+
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    adapter: str | None = Field(default=None, max_length=256)
+    credentials: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+def encode_meta(meta: BaseModel) -> bytes:
+    return meta.model_dump_json().encode()
+
+
+def decode_meta(raw: bytes, model: type[M]) -> M:
+    if len(raw) > MAX_METADATA_BYTES:
+        raise RequestError(f"metadata of {len(raw)} bytes exceeds the limit of {MAX_METADATA_BYTES}")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors()
+        )
+        raise RequestError(f"invalid {model.__name__}: {problems}") from None
+
+
+def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in ALLOWED_DTYPES:
+        raise TypeError(f"cannot send {tensor.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    return runtime_pb2.Tensor(buffer=flat.cpu().numpy().tobytes(), size=tensor.shape, dtype=dtype)
+
+
+def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) -> torch.Tensor:
+    """Rebuild a tensor after checking dtype, rank and that the buffer matches the declared shape."""
+    dtype = ALLOWED_DTYPES.get(proto.dtype)
+    if dtype is None:
+        raise RequestError(
+            f"tensor dtype {proto.dtype!r} is not allowed (use one of {', '.join(ALLOWED_DTYPES)})"
+        )
+    if proto.compression != runtime_pb2.CompressionType.NONE:
+        raise RequestError("compressed tensors are not accepted")
+    shape = tuple(proto.size)
+    if not 1 <= len(shape) <= MAX_DIMS:
+        raise RequestError(f"tensor of rank {len(shape)} is not allowed (1 to {MAX_DIMS} dimensions)")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if max_numel is not None and numel > max_numel:
+        raise RequestError(f"tensor of shape {list(shape)} exceeds the limit of {max_numel} elements")
+    itemsize = torch.finfo(dtype).bits // 8
+    if numel * itemsize != len(proto.buffer):
+        raise RequestError(
+            f"tensor buffer has {len(proto.buffer)} bytes, shape {list(shape)} needs {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(proto.buffer, dtype=dtype).view(shape)
+
+
+def chunked_messages(
+    meta: BaseModel | None, tensors: Iterable[torch.Tensor], message_type: type = runtime_pb2.ExpertRequest
+) -> Iterator:
+    """Split tensors into messages of at most CHUNK_BYTES; the first message carries ``meta`` if any.
+
+    Each message carries one part of one tensor; the first part says how many parts follow.
+    """
+    first = True
+    for tensor in tensors:
+        proto = serialize_tensor(tensor)
+        buffer = memoryview(proto.buffer)
+        parts = max(1, -(-len(buffer) // CHUNK_BYTES))
+        for i in range(parts):
+            part = runtime_pb2.Tensor(buffer=buffer[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES].tobytes())
+            if i == 0:
+                part.size.extend(proto.size)
+                part.dtype, part.chunks = proto.dtype, parts
+            yield message_type(
+                tensors=[part], metadata=encode_meta(meta) if first and meta is not None else b""
+            )
+            first = False
+
+
+async def receive_chunked(
+    messages: AsyncIterator, meta_type: type[M] | None, max_bytes: int, max_tensors: int
+) -> tuple[M | None, list[runtime_pb2.Tensor]]:
+    """Reassemble what ``chunked_messages`` sent, refusing as soon as ``max_bytes`` is exceeded.
+
+    Without ``meta_type`` (responses), metadata on a message means the peer refused the request.
+    """
+    meta, tensors, received, pending = None, [], 0, 0
+    async for message in messages:
+        if meta_type is None:
+            raise_if_error(message, "the remote peer")
+        elif meta is None:
+            meta = decode_meta(message.metadata, meta_type)
+        if len(message.tensors) != 1:
+            raise RequestError("each message must carry exactly one tensor part")
+        part = message.tensors[0]
+        received += len(part.buffer)
+        if received > max_bytes:
+            raise RequestError(f"request exceeds the limit of {max_bytes} bytes")
+        if pending == 0:
+            if len(tensors) == max_tensors:
+                raise RequestError(f"too many tensors (at most {max_tensors})")
+            if part.chunks < 1:
+                raise RequestError("the first part of a tensor must say how many parts it has")
+            tensors.append(runtime_pb2.Tensor(size=part.size, dtype=part.dtype, buffer=part.buffer))
+            pending = part.chunks - 1
+        else:
+            tensors[-1].buffer += part.buffer
+            pending -= 1
+        if pending == 0 and len(tensors) == max_tensors:
+            break
+    if (meta is None and meta_type is not None) or pending or not tensors:
+        raise RequestError("the stream ended early")
+    return meta, tensors
+
+
+class FarNodeRPC(ServicerBase):
+    """The RPCs of a Far Node. The node registers its handlers under these names; clients get stubs."""
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session: InferenceStep metadata + hidden states in, hidden states of the span out, per step."""
+        raise RequestError("not served here")
+        yield  # pragma: no cover
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """SpanCall metadata + hidden states (chunked) in, the span's output (chunked) out; no cache."""
+        raise RequestError("not served here")
+        yield  # pragma: no cover
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """SpanCall metadata + hidden states + output gradient in, gradient w.r.t. the input out."""
+        raise RequestError("not served here")
+        yield  # pragma: no cover
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        """The node's current NodeRecord as JSON."""
+        raise RequestError("not served here")

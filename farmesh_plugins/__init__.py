@@ -1,0 +1,1 @@
+"""Built-in FarMesh plugins, registered exactly like third-party ones."""
