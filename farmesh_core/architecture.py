@@ -106,9 +106,7 @@ class ArchitectureAdapter:
             kwargs["position_embeddings"] = context(hidden, position_ids)
         return kwargs
 
-    def run_layer(
-        self, layer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]
-    ) -> torch.Tensor:
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         out = layer(hidden, cache=cache, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
@@ -116,9 +114,7 @@ class ArchitectureAdapter:
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:
         return self.final_norm_class(config.hidden_size, eps=config.rms_norm_eps)
 
-    def load_client_head(
-        self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype
-    ) -> ClientHead:
+    def load_client_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
         """Load only the embeddings, final norm and LM head."""
         norm_names = checkpoint.names_with_prefix(self.final_norm_prefix)
         tied = getattr(config, "tie_word_embeddings", False) or self.lm_head_name not in checkpoint.weight_map

@@ -62,9 +62,7 @@ class Checkpoint:
         index_path = os.path.join(self.path, INDEX_FILE)
         if os.path.exists(index_path):
             with open(index_path) as f:
-                return {
-                    name: os.path.join(self.path, file) for name, file in json.load(f)["weight_map"].items()
-                }
+                return {name: os.path.join(self.path, file) for name, file in json.load(f)["weight_map"].items()}
         single = os.path.join(self.path, SINGLE_FILE)
         if not os.path.exists(single):
             raise ModelNotFoundError(f"{self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")

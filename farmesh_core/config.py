@@ -38,9 +38,7 @@ class NetworkConfig(BaseModel):
         "else all interfaces",
     )
     announce_maddrs: list[str] | None = None
-    dht_prefix: str | None = Field(
-        default=None, description="DHT namespace; default: derived from the checkpoint"
-    )
+    dht_prefix: str | None = Field(default=None, description="DHT namespace; default: derived from the checkpoint")
 
     @field_validator("dht_bootstrap", mode="before")
     @classmethod
@@ -66,9 +64,7 @@ class NodeConfig(NetworkConfig):
     adapters: list[str] = Field(default_factory=list)
     auth: str = "open"
     ledger: str = "null"
-    kv_cache_bytes: int = Field(
-        default=2 * 1024**3, gt=0, description="memory budget of all sessions' KV caches"
-    )
+    kv_cache_bytes: int = Field(default=2 * 1024**3, gt=0, description="memory budget of all sessions' KV caches")
     max_session_length: int = Field(default=8192, gt=0)
     max_batch_size: int = Field(default=64, gt=0)
     max_tokens_per_request: int = Field(default=16384, gt=0, description="batch x sequence of one step")

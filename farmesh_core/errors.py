@@ -29,11 +29,9 @@ class NoRouteError(FarMeshError):
         """Build the error for ``start:end``, naming the layers that no node (in ``records``) serves."""
         missing = [i for i in range(start, end) if not any(r.start <= i < r.end for r in records)]
         if not missing:
-            return cls(
-                f"Layers {start}-{end - 1} are served, but every node that serves them failed or is excluded"
-            )
+            return cls(f"Layers {start}-{end - 1} are served, but every node that serves them failed or is excluded")
         spans, first = [], missing[0]
-        for prev, cur in zip(missing, missing[1:] + [None]):
+        for prev, cur in zip(missing, missing[1:] + [None], strict=True):
             if cur != prev + 1:
                 spans.append((first, prev))
                 first = cur

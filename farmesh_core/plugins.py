@@ -65,9 +65,7 @@ def _collect(hook_name: str) -> dict[str, Any]:
 def get_architectures() -> dict[str, Any]:
     """Architecture adapters by Hugging Face ``model_type``."""
     adapters: dict[str, Any] = {}
-    load_plugins().hook.farmesh_register_architectures(
-        register=lambda a: adapters.__setitem__(a.model_type, a)
-    )
+    load_plugins().hook.farmesh_register_architectures(register=lambda a: adapters.__setitem__(a.model_type, a))
     return adapters
 
 

@@ -82,9 +82,7 @@ def decode_meta(raw: bytes, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'metadata'}: {err['msg']}" for err in e.errors())
         raise RequestError(f"invalid {model.__name__}: {problems}") from None
 
 
@@ -100,9 +98,7 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
     """Rebuild a tensor after checking dtype, rank and that the buffer matches the declared shape."""
     dtype = ALLOWED_DTYPES.get(proto.dtype)
     if dtype is None:
-        raise RequestError(
-            f"tensor dtype {proto.dtype!r} is not allowed (use one of {', '.join(ALLOWED_DTYPES)})"
-        )
+        raise RequestError(f"tensor dtype {proto.dtype!r} is not allowed (use one of {', '.join(ALLOWED_DTYPES)})")
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise RequestError("compressed tensors are not accepted")
     shape = tuple(proto.size)
@@ -115,9 +111,7 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
         raise RequestError(f"tensor of shape {list(shape)} exceeds the limit of {max_numel} elements")
     itemsize = torch.finfo(dtype).bits // 8
     if numel * itemsize != len(proto.buffer):
-        raise RequestError(
-            f"tensor buffer has {len(proto.buffer)} bytes, shape {list(shape)} needs {numel * itemsize}"
-        )
+        raise RequestError(f"tensor buffer has {len(proto.buffer)} bytes, shape {list(shape)} needs {numel * itemsize}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(proto.buffer, dtype=dtype).view(shape)
@@ -140,9 +134,7 @@ def chunked_messages(
             if i == 0:
                 part.size.extend(proto.size)
                 part.dtype, part.chunks = proto.dtype, parts
-            yield message_type(
-                tensors=[part], metadata=encode_meta(meta) if first and meta is not None else b""
-            )
+            yield message_type(tensors=[part], metadata=encode_meta(meta) if first and meta is not None else b"")
             first = False
 
 

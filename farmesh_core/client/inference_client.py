@@ -48,12 +48,8 @@ class DistributedInferenceClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def inference_session(
-        self, max_length: int, batch_size: int = 1, adapter: str | None = None
-    ) -> InferenceSession:
-        return InferenceSession(
-            self.mesh, 0, self.num_layers, max_length, batch_size, adapter or self.config.adapter
-        )
+    def inference_session(self, max_length: int, batch_size: int = 1, adapter: str | None = None) -> InferenceSession:
+        return InferenceSession(self.mesh, 0, self.num_layers, max_length, batch_size, adapter or self.config.adapter)
 
     def generate(
         self,
@@ -73,9 +69,7 @@ class DistributedInferenceClient:
         pieces = self._generate_text(prompt, max_tokens, temperature, top_p, top_k, **options)
         return pieces if stream else "".join(pieces)
 
-    def _generate_text(
-        self, prompt, max_tokens, temperature, top_p, top_k, stop=None, **options
-    ) -> Iterator[str]:
+    def _generate_text(self, prompt, max_tokens, temperature, top_p, top_k, stop=None, **options) -> Iterator[str]:
         input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         text = TextStream(self.tokenizer)
         stops = [stop] if isinstance(stop, str) else list(stop or [])

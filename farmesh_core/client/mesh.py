@@ -47,15 +47,11 @@ class MeshConnection:
             self._records_at = time.monotonic()
         return self._records
 
-    def route(
-        self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None
-    ) -> list[RouteHop]:
+    def route(self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None) -> list[RouteHop]:
         """A chain of nodes covering ``start:end`` chosen by the configured routing policy."""
         for refresh in (False, True):
             records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
-            request = RouteRequest(
-                records=records, start=start, end=end, latencies=self.latencies, avoid=set(avoid)
-            )
+            request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=set(avoid))
             try:
                 return self.policy(request)
             except NoRouteError:

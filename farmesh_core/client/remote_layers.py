@@ -109,9 +109,7 @@ class DistributedModel(nn.Module):
 
         responses = await getattr(stub, method)(requests())
         limit = 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096
-        _, (proto,) = await asyncio.wait_for(
-            receive_chunked(responses, None, limit, 1), self.mesh.config.step_timeout
-        )
+        _, (proto,) = await asyncio.wait_for(receive_chunked(responses, None, limit, 1), self.mesh.config.step_timeout)
         return deserialize_tensor(proto).clone()
 
     async def _route(self, start: int, end: int, avoid: set[str]) -> list[RouteHop]:
@@ -142,8 +140,6 @@ class DistributedModel(nn.Module):
 
     def _give_up_if_exhausted(self, hop: RouteHop, error: Exception, avoid: set[str], depth: int) -> None:
         avoid.add(hop.peer_id)
-        logger.warning(
-            "Node %s failed on layers %d:%d (%r); rerouting", hop.peer_id, hop.start, hop.end, error
-        )
+        logger.warning("Node %s failed on layers %d:%d (%r); rerouting", hop.peer_id, hop.start, hop.end, error)
         if depth >= self.mesh.config.max_retries:
             raise RemoteError(f"layers {hop.start}:{hop.end} failed {depth + 1} times: {error!r}") from error

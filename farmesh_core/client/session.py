@@ -45,9 +45,7 @@ class _HopStream:
         while (item := await self._queue.get()) is not None:
             yield item
 
-    async def step(
-        self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor, timeout: float
-    ):
+    async def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor, timeout: float):
         if self._responses is None:
             stub = await mesh.stub(self.hop.peer_id)
             self._responses = await stub.rpc_inference(self._requests())
@@ -150,18 +148,14 @@ class InferenceSession:
                 self.mesh.route, failed.hop.start, failed.hop.end, self._failed, self.adapter
             )
         except NoRouteError as e:
-            raise NoRouteError(
-                f"node {failed.hop.peer_id} failed and no other node serves its layers: {e}"
-            ) from e
+            raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node serves its layers: {e}") from e
         new_streams = [_HopStream(hop) for hop in hops]
         if failed.inputs:
             history = torch.cat([deserialize_tensor(t) for t in failed.inputs], dim=1)
             for start in range(0, history.shape[1], REPLAY_CHUNK):
                 hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
                 for stream in new_streams:
-                    out = await stream.step(
-                        self.mesh, self._meta(stream, start), hidden, self.mesh.config.step_timeout
-                    )
+                    out = await stream.step(self.mesh, self._meta(stream, start), hidden, self.mesh.config.step_timeout)
                     stream.inputs.append(hidden)
                     hidden = out
         self._streams[index : index + 1] = new_streams

@@ -88,9 +88,7 @@ class FarNode:
         self.handlers.peer_id = self.peer_id
         self._loop.run(FarNodeRPC().add_p2p_handlers(self._p2p, wrapper=self.handlers))
         self._announce("online")
-        self._announcer = threading.Thread(
-            target=self._announce_periodically, name="farmesh-announce", daemon=True
-        )
+        self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
         self._announcer.start()
         logger.info(
             "Far Node %s serves layers %d:%d of %s (%.0f tok/s) at %s",
@@ -101,9 +99,7 @@ class FarNode:
 
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM, then withdraw from the DHT and stop cleanly."""
-        previous = {
-            sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        previous = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
             self._stop.wait()

@@ -70,14 +70,10 @@ class NodeHandlers:
                 f"layers {start}:{end} are not within this node's span {self.span.start}:{self.span.end}"
             )
         if adapter is not None and adapter not in self.config.adapters:
-            raise RequestError(
-                f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapters})"
-            )
+            raise RequestError(f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapters})")
 
     def _check_hidden(self, proto: runtime_pb2.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        hidden = deserialize_tensor(
-            proto, max_numel=self.config.max_tokens_per_request * self.span.hidden_size
-        )
+        hidden = deserialize_tensor(proto, max_numel=self.config.max_tokens_per_request * self.span.hidden_size)
         if hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size or hidden.shape[1] == 0:
             raise RequestError(
                 f"hidden states must have shape [batch, seq>0, {self.span.hidden_size}], got {list(hidden.shape)}"
@@ -85,9 +81,7 @@ class NodeHandlers:
         if batch_size is not None and hidden.shape[0] != batch_size:
             raise RequestError(f"batch of {hidden.shape[0]} in a session opened for {batch_size}")
         if not 0 < hidden.shape[0] <= self.config.max_batch_size:
-            raise RequestError(
-                f"batch of {hidden.shape[0]} exceeds the limit of {self.config.max_batch_size}"
-            )
+            raise RequestError(f"batch of {hidden.shape[0]} exceeds the limit of {self.config.max_batch_size}")
         if hidden.shape[0] * hidden.shape[1] > self.config.max_tokens_per_request:
             raise RequestError(f"a step may carry at most {self.config.max_tokens_per_request} tokens")
         if not torch.isfinite(hidden).all():
@@ -99,9 +93,7 @@ class NodeHandlers:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _record_usage(
-        self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began
-    ):
+    def _record_usage(self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began):
         event = UsageEvent(
             node=self.peer_id, client=client, session=session, start=start, end=end,
             prefill_tokens=tokens if prefill else 0, decode_tokens=0 if prefill else tokens,
@@ -121,9 +113,7 @@ class NodeHandlers:
         if request.batch_size > self.config.max_batch_size:
             raise RequestError(f"batch_size {request.batch_size} exceeds {self.config.max_batch_size}")
         client = self.auth.verify(request.credentials, str(context.remote_id))
-        nbytes = (
-            request.batch_size * request.max_length * self.span.kv_bytes_per_token(request.start, request.end)
-        )
+        nbytes = request.batch_size * request.max_length * self.span.kv_bytes_per_token(request.start, request.end)
         await self.budget.allocate(nbytes, request.alloc_timeout)
         cache = SessionCache(request.max_length)
         self.active_sessions += 1
@@ -152,22 +142,16 @@ class NodeHandlers:
                     hidden = self._check_hidden(request.tensors[0], opened.batch_size)
                     q_len = hidden.shape[1]
                     if step.position > cache.length:
-                        raise RequestError(
-                            f"step at position {step.position} skips past {cache.length} cached tokens"
-                        )
+                        raise RequestError(f"step at position {step.position} skips past {cache.length} cached tokens")
                     if step.position + q_len > opened.max_length:
-                        raise RequestError(
-                            f"position {step.position}+{q_len} exceeds max_length {opened.max_length}"
-                        )
+                        raise RequestError(f"position {step.position}+{q_len} exceeds max_length {opened.max_length}")
                     began = time.perf_counter()
                     tokens = hidden.shape[0] * q_len
                     out = await self._compute(
                         tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position
                     )
                     yield runtime_pb2.ExpertResponse(tensors=[serialize_tensor(out)])
-                    self._record_usage(
-                        client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began
-                    )
+                    self._record_usage(client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began)
                     try:
                         request = await asyncio.wait_for(anext(requests), self.config.step_timeout)
                     except StopAsyncIteration:
