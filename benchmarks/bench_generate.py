@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Decode speed, time to first token and batch forward: local transformers, FarMesh 1 node, 2 nodes.
+
+Everything is measured in one run on the same machine, with the tiny Llama of the Petals baseline
+(hidden 256, 8 layers, vocab 1024), a 34-token prompt and 64 greedy tokens. Petals' figures from a
+run of ../shared/baselines/petals-bench on the same machine can be merged in with --petals DIR.
+Prints one JSON object.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from farmesh_core.checkpoint_maker import ensure_checkpoint
+from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
+
+PROMPT_TOKENS, NEW_TOKENS = 34, 64
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def token_times(iterator) -> tuple[list[int], list[float]]:
+    began, ids, times = time.perf_counter(), [], []
+    for token in iterator:
+        ids.append(int(token[0]))
+        times.append(time.perf_counter() - began)
+    return ids, times
+
+
+def decode_metrics(times: list[float]) -> dict:
+    return {"ttft_s": times[0], "steady_tok_s": (len(times) - 1) / (times[-1] - times[0])}
+
+
+class _Streamer:
+    def __init__(self):
+        self.times, self.ids, self.began, self.prompt_seen = [], [], time.perf_counter(), False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter() - self.began)
+        self.ids.append(int(value.reshape(-1)[0]))
+
+    def end(self):
+        pass
+
+
+def bench_local(model_dir: str, input_ids: torch.Tensor, runs: int) -> tuple[dict, list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results, ids = [], None
+    for _ in range(runs + 1):
+        streamer = _Streamer()
+        with torch.inference_mode():
+            model.generate(
+                input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
+            )
+        results.append(decode_metrics(streamer.times))
+        ids = streamer.ids
+    x = torch.randn(4, 128, model.config.hidden_size)
+    forward = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):
+            began = time.perf_counter()
+            model.model(inputs_embeds=x)
+            forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
+    return _collect(results[1:], forward[1:]), ids
+
+
+def _collect(results: list[dict], forward: list[float]) -> dict:
+    return {
+        "ttft_s": summary([r["ttft_s"] for r in results]),
+        "steady_tok_s": summary([r["steady_tok_s"] for r in results]),
+        "forward_4x128_tok_s": summary(forward),
+    }
+
+
+def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
+    from farmesh_core.client import DistributedInferenceClient
+
+    dht, addrs = spawn_dht()
+    extra = ["--num-threads", str(threads)] if threads else []
+    nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
+    try:
+        wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
+        with DistributedInferenceClient(model_dir, addrs) as client:
+            results, ids = [], None
+            for _ in range(runs + 1):
+                with client.inference_session(PROMPT_TOKENS + NEW_TOKENS + 1) as session:
+                    ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session))
+                results.append(decode_metrics(times))
+            x = torch.randn(4, 128, client.model_config.hidden_size)
+            forward = []
+            for _ in range(runs + 1):
+                began = time.perf_counter()
+                client.layers(x)
+                forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
+            hops = len(client.inference_session(8).route)
+        out = _collect(results[1:], forward[1:])
+        out["hops"] = hops
+        return out, ids
+    finally:
+        for proc in [*nodes, dht]:
+            stop_process(proc)
+
+
+def petals_figures(directory: str) -> dict:
+    figures = {}
+    for label in ("2servers", "1server"):
+        path = os.path.join(directory, f"{label}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            g, fw = data["generate"], data["forward"]
+            figures[label] = {
+                "steady_tok_s": g["petals_steady_tok_s"]["median"],
+                "ttft_s": g["petals_ttft_s"]["median"],
+                "forward_4x128_tok_s": fw["remote_tok_s"]["median"],
+                "local_transformers_4_34_steady_tok_s": g["local_steady_tok_s"]["median"],
+            }
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: make the baseline tiny Llama)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads per node")
+    parser.add_argument("--petals", default="/tmp/petals-base/results", help="Petals bench results dir")
+    args = parser.parse_args()
+    model_dir = args.model or ensure_checkpoint(os.path.join(tempfile.gettempdir(), "farmesh-bench-tiny-llama"))
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 1024, (1, PROMPT_TOKENS))
+
+    local, local_ids = bench_local(model_dir, input_ids, args.runs)
+    one, one_ids = bench_mesh(model_dir, input_ids, ["0:8"], args.runs, args.num_threads)
+    two, two_ids = bench_mesh(model_dir, input_ids, ["0:4", "4:8"], args.runs, args.num_threads)
+    result = {
+        "model": model_dir,
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": NEW_TOKENS,
+        "cpu_count": os.cpu_count(),
+        "local_transformers": local,
+        "farmesh_1_node": one,
+        "farmesh_2_nodes": two,
+        "tokens_equal_local": {"1_node": one_ids == local_ids, "2_nodes": two_ids == local_ids},
+        "extra_hop_ms": 1000 * (1 / two["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
+        "petals": petals_figures(args.petals),
+    }
+    petals_two = result["petals"].get("2servers")
+    if petals_two:
+        result["speedup_vs_petals_2_nodes"] = two["steady_tok_s"]["median"] / petals_two["steady_tok_s"]
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
