@@ -53,6 +53,7 @@ class FarNode:
     def start(self) -> "FarNode":
         """Load the layers, join the DHT, register the RPC handlers and announce; returns at once."""
         config = self.config
+        self._stop.clear()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         load_plugins()
@@ -99,7 +100,9 @@ class FarNode:
 
     def run(self) -> None:
         """Serve until SIGINT or SIGTERM, then withdraw from the DHT and stop cleanly."""
-        previous = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            previous = {sig: signal.signal(sig, lambda *_: self._stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
             self._stop.wait()
