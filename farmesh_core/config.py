@@ -91,7 +91,7 @@ class ClientConfig(NetworkConfig):
     """Everything a client needs: the mesh, the routing policy and its patience."""
 
     model_id: str
-    routing: str = "fewest-hops"
+    routing: str = "min-latency"
     auth: str = "open"
     device: str = "cpu"
     step_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one step of a node")
@@ -108,6 +108,7 @@ class NodeRecord(BaseModel):
     end: int = Field(gt=0)
     throughput: float = Field(ge=0, description="tokens per second through the whole span, one-token steps")
     cache_tokens_left: int = Field(ge=0)
+    load: float = Field(default=0.0, ge=0, description="sessions being served now")
     state: NodeState = "online"
     version: str = __version__
     model_type: str = ""

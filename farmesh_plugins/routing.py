@@ -1,8 +1,35 @@
-"""Built-in routing policies."""
+"""Built-in routing policies: each turns a RouteRequest into a chain of hops covering its layers."""
 
+import random
+
+from farmesh_core.config import NodeRecord
 from farmesh_core.errors import NoRouteError
 from farmesh_core.extensions import RouteHop, RouteRequest
 from farmesh_core.hookspecs import hookimpl
+
+UNKNOWN_LATENCY = 0.01  # seconds assumed for a node not measured yet
+
+
+def _usable(request: RouteRequest) -> list[NodeRecord]:
+    return [r for r in request.records if r.peer_id not in request.avoid]
+
+
+def _candidates(usable: list[NodeRecord], position: int, request: RouteRequest) -> list[NodeRecord]:
+    found = [r for r in usable if r.start <= position < r.end]
+    if not found:
+        raise NoRouteError.for_layers(position, request.end, request.records)
+    return found
+
+
+def _greedy_chain(request: RouteRequest, choose) -> list[RouteHop]:
+    """Walk from ``start`` to ``end``, letting ``choose(candidates)`` pick the node at each position."""
+    usable, hops, position = _usable(request), [], request.start
+    while position < request.end:
+        best = choose(_candidates(usable, position, request))
+        hop_end = min(best.end, request.end)
+        hops.append(RouteHop(peer_id=best.peer_id, start=position, end=hop_end))
+        position = hop_end
+    return hops
 
 
 def fewest_hops(request: RouteRequest) -> list[RouteHop]:
@@ -11,23 +38,65 @@ def fewest_hops(request: RouteRequest) -> list[RouteHop]:
     At each layer it takes the usable node that reaches furthest; ties go to the higher throughput,
     then to the lower measured latency.
     """
-    usable = [r for r in request.records if r.peer_id not in request.avoid]
-    hops: list[RouteHop] = []
-    position = request.start
-    while position < request.end:
-        candidates = [r for r in usable if r.start <= position < r.end]
-        if not candidates:
-            raise NoRouteError.for_layers(position, request.end, request.records)
-        best = max(
-            candidates,
+    return _greedy_chain(
+        request,
+        lambda found: max(
+            found,
             key=lambda r: (min(r.end, request.end), r.throughput, -request.latencies.get(r.peer_id, 0.0)),
-        )
-        hop_end = min(best.end, request.end)
-        hops.append(RouteHop(peer_id=best.peer_id, start=position, end=hop_end))
-        position = hop_end
-    return hops
+        ),
+    )
+
+
+def hop_seconds(record: NodeRecord, start: int, end: int, latencies: dict[str, float]) -> float:
+    """Expected time of one decode step through ``record`` for layers ``start:end``: round trip + compute."""
+    per_layer = 1.0 / (max(record.throughput, 1e-6) * (record.end - record.start))
+    return latencies.get(record.peer_id, UNKNOWN_LATENCY) + (end - start) * per_layer
+
+
+def min_latency(request: RouteRequest) -> list[RouteHop]:
+    """The chain with the least expected time per token, for interactive generation.
+
+    Shortest path over layer positions (like Petals' Dijkstra over spans): entering a node at layer
+    ``s`` leads to its last layer (or the end of the request), costing the measured round trip to
+    the node plus its compute time for those layers. Edges only go forward, so one pass in position
+    order finds the optimum.
+    """
+    usable = _usable(request)
+    best: dict[int, tuple[float, list[RouteHop]]] = {request.start: (0.0, [])}
+    for position in range(request.start, request.end):
+        if position not in best:
+            continue
+        cost, hops = best[position]
+        for record in (r for r in usable if r.start <= position < r.end):
+            end = min(record.end, request.end)
+            total = cost + hop_seconds(record, position, end, request.latencies)
+            if end not in best or total < best[end][0]:
+                best[end] = (total, [*hops, RouteHop(peer_id=record.peer_id, start=position, end=end)])
+    if request.end not in best:
+        raise NoRouteError.for_layers(request.start, request.end, request.records)
+    return best[request.end][1]
+
+
+def max_throughput(request: RouteRequest) -> list[RouteHop]:
+    """Spread batch work (forward/backward) across nodes in proportion to their spare throughput.
+
+    At each layer it draws a node among those serving it, weighted by announced throughput divided
+    by (1 + the node's current load), so busy nodes get less new work.
+    """
+    return _greedy_chain(
+        request,
+        lambda found: random.choices(found, weights=[max(r.throughput, 1e-6) / (1 + r.load) for r in found])[0],
+    )
+
+
+def random_route(request: RouteRequest) -> list[RouteHop]:
+    """A uniformly random node at each step: a baseline for routing experiments."""
+    return _greedy_chain(request, random.choice)
 
 
 @hookimpl
 def farmesh_register_routing_policies(register):
     register("fewest-hops", fewest_hops)
+    register("min-latency", min_latency)
+    register("max-throughput", max_throughput)
+    register("random", random_route)

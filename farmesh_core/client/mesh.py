@@ -5,6 +5,7 @@ import logging
 import time
 
 from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
 from farmesh_core.architecture import ArchitectureAdapter, adapter_for
@@ -20,6 +21,10 @@ from farmesh_core.wire import FarNodeRPC
 logger = logging.getLogger(__name__)
 
 RECORDS_MAX_AGE = 5.0  # seconds a fetched view of the mesh is reused
+LATENCY_MAX_AGE = 60.0  # seconds a measured round trip is trusted
+PING_TIMEOUT = 2.0
+UNREACHABLE = 10.0  # seconds recorded for a node that did not answer a ping
+MAX_PINGS = 64
 
 
 class MeshConnection:
@@ -36,6 +41,7 @@ class MeshConnection:
         self._records_at = 0.0
         self._connected: set[str] = set()
         self.latencies: dict[str, float] = {}
+        self._latency_at: dict[str, float] = {}
 
     def close(self) -> None:
         self.loop.stop()
@@ -51,6 +57,7 @@ class MeshConnection:
         """A chain of nodes covering ``start:end`` chosen by the configured routing policy."""
         for refresh in (False, True):
             records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
+            self.measure_latencies([r.peer_id for r in records if r.start < end and r.end > start])
             request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=set(avoid))
             try:
                 return self.policy(request)
@@ -58,6 +65,27 @@ class MeshConnection:
                 if refresh:
                     raise
         raise AssertionError("unreachable")
+
+    def measure_latencies(self, peer_ids: list[str]) -> None:
+        """Ping the nodes whose round trip is unknown or stale (at most MAX_PINGS at once, concurrently)."""
+        now = time.monotonic()
+        stale = [p for p in peer_ids if now - self._latency_at.get(p, -LATENCY_MAX_AGE) >= LATENCY_MAX_AGE]
+        if stale:
+            self.loop.run(self._ping_all(stale[:MAX_PINGS]))
+
+    async def _ping_all(self, peer_ids: list[str]) -> None:
+        await asyncio.gather(*(self._ping(p) for p in peer_ids))
+
+    async def _ping(self, peer_id: str) -> None:
+        try:
+            stub = await self.stub(peer_id)
+            began = time.perf_counter()
+            await stub.rpc_info(runtime_pb2.ExpertUID(), timeout=PING_TIMEOUT)
+            self.latencies[peer_id] = time.perf_counter() - began
+        except Exception as e:
+            logger.debug("Ping of %s failed: %r", peer_id, e)
+            self.latencies[peer_id] = UNREACHABLE
+        self._latency_at[peer_id] = time.monotonic()
 
     async def stub(self, peer_id: str):
         """An RPC stub for ``peer_id``, dialing the addresses it announced the first time."""

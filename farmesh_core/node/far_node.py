@@ -165,6 +165,7 @@ class FarNode:
             end=self.end_layer,
             throughput=self.throughput,
             cache_tokens_left=self.handlers.cache_tokens_left(),
+            load=self.handlers.active_sessions,
             state=state,
             version=__version__,
             model_type=self.span.config.model_type,
