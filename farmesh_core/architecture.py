@@ -2,8 +2,11 @@
 
 The node calls ``prepare`` once per step (positions, masks, rotary or alibi terms shared by every
 layer of the span), then ``run_layer`` for each layer with the session's KV cache. The client builds
-the embeddings, final norm and LM head with ``load_client_head``. Subclasses set class attributes
-(the layer class, weight names) and override only the calls whose convention differs.
+the embeddings (and their norm, where the family has one), final norm and LM head with
+``load_client_head``. Subclasses set class attributes (the layer class, weight names, the keyword
+that takes the cache) and override only the calls whose convention differs: ``convert_layer_state``
+for checkpoints whose tensors are laid out unlike the layer's parameters, ``build_span_context`` and
+``prepare`` for position terms other than rotary embeddings.
 """
 
 import logging
@@ -19,21 +22,36 @@ from farmesh_core.errors import UnsupportedArchitectureError
 logger = logging.getLogger(__name__)
 
 
-def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask [1, 1, q_len, past_len + q_len]: token i sees the past and tokens up to i."""
+def causal_mask(
+    q_len: int, past_len: int, dtype: torch.dtype, device: torch.device, window: int | None = None
+) -> torch.Tensor:
+    """Additive mask [1, 1, q_len, past_len + q_len]: token i sees the past and tokens up to i.
+
+    With ``window`` (sliding-window attention), a token sees only the ``window`` last positions,
+    itself included, as ``transformers``' sliding-window masks do.
+    """
     mask = torch.full((q_len, past_len + q_len), torch.finfo(dtype).min, dtype=dtype, device=device)
-    return mask.triu_(past_len + 1)[None, None]
+    mask.triu_(past_len + 1)
+    if window is not None and past_len + q_len > window:
+        too_far = torch.ones(mask.shape, dtype=torch.bool, device=device).tril_(past_len - window)
+        mask.masked_fill_(too_far, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 class ClientHead(nn.Module):
     """What a client runs locally: token embeddings in, logits out."""
 
-    def __init__(self, embeddings: nn.Module, final_norm: nn.Module, lm_head: nn.Module):
+    def __init__(
+        self, embeddings: nn.Module, final_norm: nn.Module, lm_head: nn.Module, embeddings_norm: nn.Module | None = None
+    ):
         super().__init__()
         self.embeddings, self.final_norm, self.lm_head = embeddings, final_norm, lm_head
+        self.embeddings_norm = embeddings_norm
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids)
+        """Hidden states the first layer takes: token embeddings, normalised where the family does so."""
+        hidden = self.embeddings(input_ids)
+        return hidden if self.embeddings_norm is None else self.embeddings_norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden))
@@ -46,11 +64,19 @@ class ArchitectureAdapter:
     layer_class: ClassVar[type[nn.Module]]
     rotary_class: ClassVar[type[nn.Module] | None] = None
     final_norm_class: ClassVar[type[nn.Module]]
+    # Config field holding the epsilon of the final norm (and of the embeddings norm, if any).
+    norm_eps_name: ClassVar[str] = "rms_norm_eps"
     layer_prefix: ClassVar[str] = "model.layers.{index}."
     embeddings_name: ClassVar[str] = "model.embed_tokens.weight"
+    # A norm the client applies to the token embeddings before the first layer (Bloom has one).
+    embeddings_norm_prefix: ClassVar[str | None] = None
     final_norm_prefix: ClassVar[str] = "model.norm."
     lm_head_name: ClassVar[str] = "lm_head.weight"
+    # "sdpa" lets a prefill from position 0 go without a mask (SDPA's causal kernel); other
+    # implementations get an explicit causal mask for every step of more than one token.
     attn_implementation: ClassVar[str] = "sdpa"
+    # The keyword a layer takes its KV cache by (older layers call it ``layer_past``).
+    cache_argument: ClassVar[str] = "cache"
 
     # ---- node side -------------------------------------------------------------------------
     def num_layers(self, config: PretrainedConfig) -> int:
@@ -59,11 +85,14 @@ class ArchitectureAdapter:
     def hidden_size(self, config: PretrainedConfig) -> int:
         return config.hidden_size
 
+    def kv_heads(self, config: PretrainedConfig) -> int:
+        """How many key (and value) heads a layer writes to its cache per token."""
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
     def kv_bytes_per_token(self, config: PretrainedConfig, dtype: torch.dtype) -> int:
         """KV cache bytes one token costs in one layer."""
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * heads * head_dim * torch.finfo(dtype).bits // 8
+        return 2 * self.kv_heads(config) * head_dim * torch.finfo(dtype).bits // 8
 
     def prepare_config(self, config: PretrainedConfig) -> PretrainedConfig:
         config._attn_implementation = self.attn_implementation
@@ -81,15 +110,19 @@ class ArchitectureAdapter:
         prefix = self.layer_prefix.format(index=index)
         names = checkpoint.names_with_prefix(prefix)
         state = {name[len(prefix) :]: t for name, t in checkpoint.load_tensors(names, dtype).items()}
-        layer.load_state_dict(state, strict=True, assign=True)
+        layer.load_state_dict(self.convert_layer_state(state, config), strict=True, assign=True)
         meta = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
         if meta:
             raise UnsupportedArchitectureError(f"layer {index}: tensors {meta} are not in the checkpoint")
         layer.requires_grad_(False)
         return layer.to(device).eval()
 
+    def convert_layer_state(self, state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+        """The layer's state dict from its checkpoint tensors (names relative to the layer); as is here."""
+        return state
+
     def build_span_context(self, config: PretrainedConfig, device: str) -> Any:
-        """Modules shared by all layers of a span (rotary embeddings here)."""
+        """What every step of a span needs from the config (rotary embeddings here), built once."""
         return None if self.rotary_class is None else self.rotary_class(config=config).to(device)
 
     def prepare(self, context: Any, hidden: torch.Tensor, position: int) -> dict[str, Any]:
@@ -98,38 +131,47 @@ class ArchitectureAdapter:
         position_ids = torch.arange(position, position + q_len, device=hidden.device)[None]
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         # q_len == 1 needs no mask; a prefill from position 0 lets SDPA use its causal kernel, as
-        # transformers does. Only a chunk after a cached prefix needs an explicit mask.
-        kwargs["attention_mask"] = (
-            causal_mask(q_len, position, hidden.dtype, hidden.device) if q_len > 1 and position > 0 else None
-        )
+        # transformers does. Only a chunk after a cached prefix (or any chunk, without SDPA) needs one.
+        needs_mask = q_len > 1 and (position > 0 or self.attn_implementation != "sdpa")
+        kwargs["attention_mask"] = causal_mask(q_len, position, hidden.dtype, hidden.device) if needs_mask else None
         if context is not None:
             kwargs["position_embeddings"] = context(hidden, position_ids)
         return kwargs
 
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-        out = layer(hidden, cache=cache, use_cache=cache is not None, **kwargs)
+        out = layer(hidden, **{self.cache_argument: cache}, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     # ---- client side -----------------------------------------------------------------------
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:
-        return self.final_norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        """The final norm, without weights (also the embeddings norm where ``embeddings_norm_prefix`` is set)."""
+        return self.final_norm_class(config.hidden_size, eps=getattr(config, self.norm_eps_name))
+
+    def _load_norm(
+        self, checkpoint: Checkpoint, config: PretrainedConfig, prefix: str, dtype: torch.dtype
+    ) -> nn.Module:
+        tensors = checkpoint.load_tensors(checkpoint.names_with_prefix(prefix), dtype)
+        with torch.device("meta"):
+            norm = self.build_final_norm(config)
+        norm.load_state_dict({n[len(prefix) :]: t for n, t in tensors.items()}, strict=True, assign=True)
+        return norm
 
     def load_client_head(self, checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype) -> ClientHead:
-        """Load only the embeddings, final norm and LM head."""
-        norm_names = checkpoint.names_with_prefix(self.final_norm_prefix)
+        """Load only the embeddings (and their norm, if any), final norm and LM head."""
         tied = getattr(config, "tie_word_embeddings", False) or self.lm_head_name not in checkpoint.weight_map
-        wanted = [self.embeddings_name, *norm_names] + ([] if tied else [self.lm_head_name])
+        wanted = [self.embeddings_name] + ([] if tied else [self.lm_head_name])
         tensors = checkpoint.load_tensors(wanted, dtype)
         embeddings = nn.Embedding.from_pretrained(tensors[self.embeddings_name], freeze=True)
-        with torch.device("meta"):
-            final_norm = self.build_final_norm(config)
-        final_norm.load_state_dict(
-            {n[len(self.final_norm_prefix) :]: tensors[n] for n in norm_names}, strict=True, assign=True
+        final_norm = self._load_norm(checkpoint, config, self.final_norm_prefix, dtype)
+        embeddings_norm = (
+            None
+            if self.embeddings_norm_prefix is None
+            else self._load_norm(checkpoint, config, self.embeddings_norm_prefix, dtype)
         )
         head_weight = tensors[self.embeddings_name] if tied else tensors[self.lm_head_name]
         lm_head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device="meta")
         lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
-        head = ClientHead(embeddings, final_norm, lm_head)
+        head = ClientHead(embeddings, final_norm, lm_head, embeddings_norm)
         head.requires_grad_(False)
         return head.eval()
 

@@ -23,6 +23,18 @@ TINY_LLAMA = dict(
     tie_word_embeddings=False,
 )
 
+# Small defaults per model_type; make_checkpoint's overrides change any of them. Falcon's default is
+# the multi-query architecture (transformers' own default); `new_decoder_architecture=True,
+# num_kv_heads=2` gives the new one, `alibi=True` alibi Falcon.
+TINY_CONFIGS = {
+    "llama": TINY_LLAMA,
+    "mistral": {**TINY_LLAMA, "num_key_value_heads": 4},
+    "mixtral": {**TINY_LLAMA, "intermediate_size": 344, "num_key_value_heads": 4, "num_local_experts": 4},
+    "falcon": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8),
+    # Untied: a tiny tied Bloom at initializer_range 0.1 greedily repeats its last token forever.
+    "bloom": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, tie_word_embeddings=False),
+}
+
 
 def stdlib_text() -> list[str]:
     """Some tens of KB of English from the Python standard library's docstrings (no downloads)."""
@@ -75,11 +87,14 @@ def make_checkpoint(
 ) -> str:
     """Write a seeded random ``model_type`` checkpoint and tokenizer to ``out_dir``; return ``out_dir``.
 
+    ``model_type`` is any type ``transformers`` knows; the ones in ``TINY_CONFIGS`` (llama, mistral,
+    mixtral, falcon, bloom) start from small defaults (hidden size 256, 8 layers).
+
     ``config_overrides`` change the architecture (``num_hidden_layers=4``, ``num_key_value_heads=4``...);
     ``max_shard_size`` (e.g. ``"2MB"``) writes a sharded checkpoint with an index file.
     """
     tokenizer = build_tokenizer(vocab_size)
-    fields = dict(TINY_LLAMA) if model_type == "llama" else {}
+    fields = dict(TINY_CONFIGS.get(model_type, {}))
     fields.update(config_overrides)
     config = AutoConfig.for_model(
         model_type,

@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--routing", default="min-latency", help="routing policy: min-latency, fewest-hops, max-throughput, random or a plugin's")
+    p.add_argument(
+        "--routing",
+        default="min-latency",
+        help="routing policy: min-latency, fewest-hops, max-throughput, random or a plugin's",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("status", help="which Far Nodes serve which layers, and the gaps")

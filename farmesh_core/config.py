@@ -94,7 +94,9 @@ class ClientConfig(NetworkConfig):
     routing: str = "min-latency"
     auth: str = "open"
     device: str = "cpu"
-    step_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for one step of a node")
+    step_timeout: float = Field(
+        default=10.0, gt=0, description="seconds to wait for a one-token step of a node before failing over"
+    )
     max_retries: int = Field(default=3, ge=0)
     adapter: str | None = None
 

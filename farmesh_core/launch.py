@@ -44,6 +44,18 @@ def spawn_node(model: str, bootstrap: list[str], *args: str, log_path: str | Non
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def node_peer_id(log_path: str, timeout: float = 60.0) -> str:
+    """The peer id a Far Node logged when it came online (``spawn_node(..., log_path=...)``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            for line in f:
+                if "Far Node " in line and " serves layers " in line:
+                    return line.split("Far Node ", 1)[1].split()[0]
+        time.sleep(0.1)
+    raise FarMeshError(f"no Far Node came online according to {log_path}")
+
+
 def wait_for_layers(model: str, bootstrap: list[str], num_nodes: int = 1, timeout: float = 120.0, procs=()) -> None:
     """Block until every layer of ``model`` is served and at least ``num_nodes`` nodes are online."""
     from farmesh_core.architecture import adapter_for

@@ -3,6 +3,7 @@
 import torch
 from transformers import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -21,11 +22,16 @@ class TokenChooser:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
+        prompt_length: int = 0,
+        eos_token_ids: list[int] | None = None,
     ):
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         self.greedy = temperature == 0
         self.processors = LogitsProcessorList()
+        if min_new_tokens > 0 and eos_token_ids:
+            self.processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, eos_token_ids))
         if repetition_penalty != 1.0:
             self.processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
         if not self.greedy:

@@ -103,10 +103,17 @@ class DistributedInferenceClient:
         seed: int | None = None,
         adapter: str | None = None,
         session: InferenceSession | None = None,
+        min_new_tokens: int = 0,
     ) -> Iterator[torch.Tensor]:
-        """Yield each new token id tensor [batch] as it is chosen; stops at EOS (when every row hit it)."""
-        choose = TokenChooser(temperature, top_p, top_k, repetition_penalty, seed)
+        """Yield each new token id tensor [batch] as it is chosen; stops at EOS (when every row hit it).
+
+        ``session`` continues an open session (its earlier tokens stay cached on the nodes): pass only
+        the new ``input_ids`` then.
+        """
         eos = self._eos_ids()
+        choose = TokenChooser(
+            temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, input_ids.shape[1], eos.tolist()
+        )
         own_session = session is None
         if own_session:
             session = self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0], adapter)

@@ -25,6 +25,7 @@ LATENCY_MAX_AGE = 60.0  # seconds a measured round trip is trusted
 PING_TIMEOUT = 2.0
 UNREACHABLE = 10.0  # seconds recorded for a node that did not answer a ping
 MAX_PINGS = 64
+SECONDS_PER_TOKEN = 0.01  # extra patience per token of a long step (prefill, replay, batch forward)
 
 
 class MeshConnection:
@@ -65,6 +66,10 @@ class MeshConnection:
                 if refresh:
                     raise
         raise AssertionError("unreachable")
+
+    def timeout_for(self, tokens: int) -> float:
+        """How long to wait for a step carrying ``tokens`` tokens before calling the node failed."""
+        return self.config.step_timeout + SECONDS_PER_TOKEN * tokens
 
     def measure_latencies(self, peer_ids: list[str]) -> None:
         """Ping the nodes whose round trip is unknown or stale (at most MAX_PINGS at once, concurrently)."""

@@ -109,7 +109,9 @@ class DistributedModel(nn.Module):
 
         responses = await getattr(stub, method)(requests())
         limit = 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096
-        _, (proto,) = await asyncio.wait_for(receive_chunked(responses, None, limit, 1), self.mesh.config.step_timeout)
+        _, (proto,) = await asyncio.wait_for(
+            receive_chunked(responses, None, limit, 1), self.mesh.timeout_for(tensors[0].shape[0] * tensors[0].shape[1])
+        )
         return deserialize_tensor(proto).clone()
 
     async def _route(self, start: int, end: int, avoid: set[str]) -> list[RouteHop]:

@@ -45,12 +45,17 @@ class _HopStream:
         while (item := await self._queue.get()) is not None:
             yield item
 
-    async def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor, timeout: float):
+    async def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
+        """Send one step and wait for its output, giving up after the mesh's timeout for its size."""
+        async with asyncio.timeout(mesh.timeout_for(hidden.size[0] * hidden.size[1])):
+            return await self._step(mesh, meta, hidden)
+
+    async def _step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
         if self._responses is None:
             stub = await mesh.stub(self.hop.peer_id)
             self._responses = await stub.rpc_inference(self._requests())
         self._queue.put_nowait(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)))
-        response = await asyncio.wait_for(anext(self._responses), timeout)
+        response = await anext(self._responses)
         raise_if_error(response, self.hop.peer_id)
         if len(response.tensors) != 1:
             raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
@@ -111,9 +116,7 @@ class InferenceSession:
         while index < len(self._streams):
             stream = self._streams[index]
             try:
-                out = await stream.step(
-                    self.mesh, self._meta(stream, self.position), hidden, self.mesh.config.step_timeout
-                )
+                out = await stream.step(self.mesh, self._meta(stream, self.position), hidden)
             except RequestError:
                 raise
             except (
@@ -155,7 +158,7 @@ class InferenceSession:
             for start in range(0, history.shape[1], REPLAY_CHUNK):
                 hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
                 for stream in new_streams:
-                    out = await stream.step(self.mesh, self._meta(stream, start), hidden, self.mesh.config.step_timeout)
+                    out = await stream.step(self.mesh, self._meta(stream, start), hidden)
                     stream.inputs.append(hidden)
                     hidden = out
         self._streams[index : index + 1] = new_streams

@@ -1,0 +1,243 @@
+"""DistributedModelForCausalLM: a transformers ``GenerationMixin`` model whose layers run on Far Nodes.
+
+The Petals-compatible way in: ``model.generate(input_ids, ...)`` goes through transformers' own
+generation loop (logits processors, stopping criteria, streamers) while the embeddings, final norm
+and LM head run here and the decoder layers on the mesh. Generation is stateful on the nodes: the
+KV caches live in an ``InferenceSession``, and the ``Cache`` transformers sees (``RemoteCache``) only
+counts tokens. That is also why beam search is refused: nodes cannot reorder their caches.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from farmesh_core.client.mesh import connect
+from farmesh_core.client.remote_layers import DistributedModel
+from farmesh_core.client.session import InferenceSession
+from farmesh_core.config import ClientConfig
+
+
+class RemoteCache(Cache):
+    """What transformers sees of a session's KV caches: their length, and the ids behind it.
+
+    ``tokens`` are the ids the nodes have processed (None once ``inputs_embeds`` were sent, since
+    embeddings have no ids); ``pending`` are ids a previous ``generate`` returned but never sent (its
+    last token); ``skip`` is how many leading ids of the current ``generate`` input are already cached.
+    """
+
+    def __init__(self, session: InferenceSession):
+        super().__init__(layers=[])
+        self.session = session
+        self.tokens: torch.Tensor | None = torch.zeros(session.batch_size, 0, dtype=torch.long)
+        self.pending = torch.zeros(session.batch_size, 0, dtype=torch.long)
+        self.skip = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.session.position + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.session.max_length
+
+    def record(self, input_ids: torch.Tensor | None) -> None:
+        """Remember the ids just sent (``None`` for embeddings: from then on the ids are unknown)."""
+        known = self.tokens is not None and input_ids is not None
+        self.tokens = torch.cat([self.tokens, input_ids.to(self.tokens.device)], dim=1) if known else None
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose decoder layers are served by the Far Mesh Network (Petals' class of the same name).
+
+    ``DistributedModelForCausalLM.from_pretrained(model_id, dht_bootstrap=...)``; options are
+    ``ClientConfig`` fields (``adapter=`` picks a LoRA adapter on the nodes, ``routing=``...) and
+    ``dtype=`` for the local head.
+    """
+
+    _supports_sdpa = True  # nothing attends here, but PreTrainedModel.__init__ insists on an implementation
+    main_input_name = "input_ids"
+
+    def __init__(
+        self, model_id: str, dht_bootstrap: str | list[str] | None = None, dtype: torch.dtype | None = None, **options
+    ):
+        client_config = ClientConfig(model_id=model_id, dht_bootstrap=dht_bootstrap or [], **options)
+        checkpoint, adapter, mesh = connect(client_config)
+        try:
+            super().__init__(checkpoint.config)
+            with contextlib.suppress(OSError):  # as AutoModelForCausalLM does: the checkpoint's defaults
+                self.generation_config = GenerationConfig.from_pretrained(checkpoint.path, local_files_only=True)
+            self.client_config, self.mesh = client_config, mesh
+            self.head = adapter.load_client_head(checkpoint, self.config, dtype or _config_dtype(self.config))
+            self.layers = DistributedModel.over(mesh, 0, adapter.num_layers(self.config))
+            self._active_cache: RemoteCache | None = None
+            self.eval()
+        except BaseException:
+            mesh.close()
+            raise
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, *args: Any, **kwargs: Any) -> "DistributedModelForCausalLM":
+        """Join the mesh that serves ``model_id``; only the embeddings, final norm and LM head are read."""
+        return cls(model_id, *args, **kwargs)
+
+    def close(self) -> None:
+        """Close the open session, if any, and leave the mesh (DHT peer, event loop)."""
+        if self._active_cache is not None:
+            self._active_cache.session.close()
+            self._active_cache = None
+        self.mesh.close()
+
+    def __enter__(self) -> "DistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.embeddings
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head.lm_head
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """Keep one session on the nodes across ``forward`` and ``generate`` calls (Petals semantics)."""
+        if self._active_cache is not None:
+            raise RuntimeError("an inference session is already open on this model")
+        num_layers = len(self.layers)
+        session = InferenceSession(self.mesh, 0, num_layers, max_length, batch_size, self.client_config.adapter)
+        self._active_cache = RemoteCache(session)
+        try:
+            yield session
+        finally:
+            self._active_cache = None
+            session.close()
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor | ModelOutput:
+        """transformers' ``generate`` over the open session, or over one opened for this call.
+
+        Inside ``inference_session`` the input may be the whole sequence so far (only the ids the
+        nodes have not seen are sent) or just the new ids (they continue the previous output).
+        """
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
+            raise NotImplementedError("beam search needs KV cache reordering, which Far Nodes do not offer")
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None and not bool(mask.all()):
+            raise NotImplementedError("padding (attention_mask with zeros) is not supported: the nodes mask causally")
+        if self._active_cache is not None:
+            return self._generate_in(self._active_cache, inputs, *args, **kwargs)
+        batch = inputs.shape[0] if inputs is not None else kwargs["inputs_embeds"].shape[0]
+        batch *= kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        with self.inference_session(self._session_length(inputs, kwargs), batch):
+            return self._generate_in(self._active_cache, inputs, *args, **kwargs)
+
+    def _session_length(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
+        """Tokens a one-call session must hold: the prompt plus everything it may generate."""
+        source = inputs if inputs is not None else kwargs["inputs_embeds"]
+        config = kwargs.get("generation_config") or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
+        if new_tokens is not None:
+            return source.shape[1] + new_tokens
+        if kwargs.get("max_length") is not None:
+            return max(kwargs["max_length"], source.shape[1] + 1)
+        return source.shape[1] + (config.max_length or 20)  # a default max_length means that many new tokens
+
+    def _generate_in(self, cache: RemoteCache, inputs: torch.Tensor | None, *args: Any, **kwargs: Any):
+        """Run ``GenerationMixin.generate`` on the session's whole known sequence; strip what was added."""
+        drop = cache.skip = 0
+        if inputs is None:
+            if cache.session.position > 0:
+                raise NotImplementedError("continue a session with input_ids: inputs_embeds only start one")
+        elif cache.session.position > 0:
+            seen = cache.tokens
+            if seen is not None and inputs.shape[1] >= seen.shape[1] and torch.equal(inputs[:, : seen.shape[1]], seen):
+                cache.skip = seen.shape[1]  # the full sequence: send the suffix only
+            else:  # only new ids: they follow the previous output, which also feeds the logits processors
+                history = seen if seen is not None else inputs[:, :0]
+                inputs = torch.cat([history, cache.pending, inputs], dim=1)
+                cache.skip, drop = history.shape[1], history.shape[1] + cache.pending.shape[1]
+            if inputs.shape[1] <= cache.skip:
+                raise ValueError("input_ids hold no token the session has not processed yet")
+        sent_before = cache.session.position
+        result = super().generate(inputs, *args, cache=cache, **kwargs)
+        sequences = result.sequences if isinstance(result, ModelOutput) else result
+        if inputs is not None:  # ids returned but never sent (the last generated token) come first next time
+            cache.pending = sequences[:, cache.skip + cache.session.position - sent_before :]
+        else:
+            cache.pending = sequences[:, -1:]
+        sequences = sequences[:, drop:]
+        if isinstance(result, ModelOutput):
+            result.sequences = sequences
+            return result
+        return sequences
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        next_sequence_length: int | None = None,
+        cache: RemoteCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Only what the nodes have not seen: the uncached suffix first, then one token per step."""
+        inputs: dict[str, Any] = {"cache": cache, "logits_to_keep": kwargs.get("logits_to_keep", 0)}
+        if is_first_iteration and inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        elif is_first_iteration or next_sequence_length is None:
+            inputs["input_ids"] = input_ids[:, cache.skip if cache is not None else 0 :]
+        else:
+            inputs["input_ids"] = input_ids[:, -next_sequence_length:]
+        return inputs
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: RemoteCache | None = None,
+        past_key_values: RemoteCache | None = None,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits for the given tokens: one step of the session if one is open (or ``cache`` is given),
+        else a plain differentiable forward of the whole sequence through the remote layers."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise NotImplementedError("padding (attention_mask with zeros) is not supported: the nodes mask causally")
+        cache = cache if cache is not None else past_key_values if past_key_values is not None else self._active_cache
+        if cache is not None and not isinstance(cache, RemoteCache):
+            raise TypeError(f"expected the cache this model returned (a RemoteCache), got {type(cache).__name__}")
+        if inputs_embeds is None:
+            inputs_embeds = self.head.embeddings(input_ids)
+        norm = getattr(self.head, "embeddings_norm", None)  # Bloom normalises embeddings, given ones too
+        hidden = inputs_embeds if norm is None else norm(inputs_embeds)
+        if cache is None:
+            hidden = self.layers(hidden)
+        else:
+            hidden = cache.session.step(hidden)
+            cache.record(input_ids)
+        if logits_to_keep:  # generate needs the last position only: skip the LM head on the rest
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.head.logits(hidden.to(self.head.lm_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")

@@ -1,0 +1,137 @@
+"""Failover: a node dying or stalling mid-generation costs a short pause, never the answer."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from farmesh_core.client import DistributedInferenceClient
+from farmesh_core.errors import NoRouteError
+from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
+
+NEW_TOKENS, KILL_AFTER = 64, 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from farmesh_core.checkpoint_maker import make_checkpoint
+
+    return make_checkpoint(str(tmp_path_factory.mktemp("failover") / "tiny-llama"))
+
+
+@pytest.fixture
+def mesh(model_dir, tmp_path):
+    """A DHT and three Far Nodes: 0:4, 4:8 and a spare 4:8; yields (addrs, {peer_id: process})."""
+    dht, addrs = spawn_dht()
+    procs, logs = [], []
+    try:
+        for i, span in enumerate(["0:4", "4:8", "4:8"]):
+            logs.append(str(tmp_path / f"node{i}.log"))
+            procs.append(spawn_node(model_dir, addrs, "--layers", span, log_path=logs[-1]))
+        wait_for_layers(model_dir, addrs, num_nodes=3, procs=procs)
+        yield addrs, {node_peer_id(log): proc for log, proc in zip(logs, procs, strict=True)}
+    finally:
+        for proc in [*procs, dht]:
+            stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Prompt ids and the greedy continuation of plain transformers."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    input_ids = torch.randint(3, 1024, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return input_ids, out[0, input_ids.shape[1] :].tolist()
+
+
+def generate_with_fault(client, input_ids, procs, fault) -> tuple[list[int], float, list[float]]:
+    """Generate, applying ``fault`` to the process of the 4:8 node in use after KILL_AFTER tokens.
+
+    Returns the tokens, the longest gap between two tokens after the fault, and the session's recoveries.
+    """
+    tokens, times = [], []
+    with client.inference_session(input_ids.shape[1] + NEW_TOKENS) as session:
+        victim = next(hop.peer_id for hop in session.route if hop.start == 4)
+        for token in client.generate_ids(input_ids, NEW_TOKENS, session=session, min_new_tokens=NEW_TOKENS):
+            tokens.append(int(token[0]))
+            times.append(time.perf_counter())
+            if len(tokens) == KILL_AFTER:
+                fault(procs[victim])
+        assert victim not in [hop.peer_id for hop in session.route], "the failed node is still in the chain"
+        recoveries = session.recoveries
+    pause = max(b - a for a, b in zip(times[KILL_AFTER - 1 :], times[KILL_AFTER:], strict=False))
+    return tokens, pause, recoveries
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_a_node_in_use_keeps_the_answer(mesh, model_dir, reference):
+    addrs, procs = mesh
+    input_ids, expected = reference
+    with DistributedInferenceClient(model_dir, addrs) as client:
+        tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, kill_process_group)
+    print(f"\nSIGKILL: pause after the kill {pause * 1000:.0f} ms, recovery {recoveries}")
+    assert tokens == expected
+    assert len(recoveries) == 1
+    assert pause < 5.0
+
+
+@pytest.mark.timeout(300)
+def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, reference):
+    addrs, procs = mesh
+    input_ids, expected = reference
+    stopped = []
+
+    def stall(proc):
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped.append(proc)
+
+    try:
+        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0) as client:
+            tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, stall)
+    finally:
+        for proc in stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+    print(f"\nSIGSTOP: pause after the stall {pause * 1000:.0f} ms")
+    assert tokens == expected
+    assert 2.0 <= pause < 10.0
+
+
+@pytest.mark.timeout(300)
+def test_forward_and_backward_survive_a_dead_node(mesh, model_dir):
+    addrs, procs = mesh
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with DistributedInferenceClient(model_dir, addrs, routing="fewest-hops") as client:
+        x = torch.randn(2, 8, 256, requires_grad=True)
+        client.layers(x).sum().backward()
+        for peer_id, proc in procs.items():
+            if any(r.peer_id == peer_id and r.start == 4 for r in client.mesh.records()):
+                kill_process_group(proc)
+                break
+        x2 = x.detach().clone().requires_grad_(True)
+        out = client.layers(x2)
+        out.sum().backward()
+    x3 = x.detach().clone().requires_grad_(True)
+    hidden, positions = x3, torch.arange(8)[None]
+    embeddings = model.model.rotary_emb(hidden, positions)
+    for layer in model.model.layers:
+        hidden = layer(hidden, position_ids=positions, position_embeddings=embeddings)
+    hidden.sum().backward()
+    assert torch.allclose(out, hidden, atol=1e-5)
+    assert torch.allclose(x2.grad, x3.grad, atol=1e-4)
+    assert torch.allclose(x.grad, x3.grad, atol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_no_replacement_gives_an_error_naming_the_layers(mesh, model_dir, reference):
+    addrs, procs = mesh
+    input_ids, _ = reference
+    with DistributedInferenceClient(model_dir, addrs, max_retries=1) as client:
+        first = next(peer for peer, _ in procs.items() if any(
+            r.peer_id == peer and r.start == 0 for r in client.mesh.records()))  # fmt: skip
+        kill_process_group(procs[first])
+        with pytest.raises(NoRouteError, match=r"0-3"):
+            list(client.generate_ids(input_ids, 4))
