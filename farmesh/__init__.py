@@ -4,7 +4,7 @@ Far Nodes serve ranges of a model's layers; clients generate through a chain of 
 """
 
 from farmesh_core import __version__
-from farmesh_core.client import DistributedInferenceClient, DistributedModel
+from farmesh_core.client import DistributedInferenceClient, DistributedModel, DistributedModelForCausalLM
 from farmesh_core.config import ClientConfig, NodeConfig, NodeRecord
 from farmesh_core.node import FarNode
 
@@ -12,6 +12,7 @@ __all__ = [
     "ClientConfig",
     "DistributedInferenceClient",
     "DistributedModel",
+    "DistributedModelForCausalLM",
     "FarNode",
     "NodeConfig",
     "NodeRecord",

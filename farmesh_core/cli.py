@@ -90,6 +90,12 @@ def cmd_demo(args) -> None:
     run_demo(prompt=args.prompt, max_tokens=args.max_tokens, model_dir=args.model_dir)
 
 
+def cmd_simulate(args) -> None:
+    from farmesh_core.simulate import simulate_command
+
+    simulate_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farmesh", description="FarMesh: serve and use LLMs across many machines.")
     parser.add_argument("--log-level", default=os.environ.get("FARMESH_LOG_LEVEL", "INFO"))
@@ -143,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--model-dir", default=None, help="where the demo checkpoint lives (made if missing)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "simulate", help="compare routing policies on a synthetic mesh and workload; prints JSON",
+        description="Unset options take SimulationConfig's defaults; the JSON output echoes every value used.",
+    )  # fmt: skip
+    p.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
+    p.add_argument("--nodes", type=int, help="Far Nodes in the mesh (default 1000)")
+    p.add_argument("--layers", type=int, help="layers of the model (default 80)")
+    p.add_argument("--min-span", type=int, help="fewest layers a node serves")
+    p.add_argument("--max-span", type=int, help="most layers a node serves")
+    p.add_argument("--requests", type=int, help="requests in the workload (default 10000)")
+    p.add_argument("--arrival-rate", type=float, help="requests per second (Poisson)")
+    p.add_argument("--min-tokens", type=int, help="fewest tokens a request generates")
+    p.add_argument("--max-tokens", type=int, help="most tokens a request generates")
+    p.add_argument("--forward-fraction", type=float, help="share of requests that are one forward batch")
+    p.add_argument("--capacity", type=float, help="concurrent requests that double a node's per-layer time")
+    p.add_argument("--failure-rate", type=float, help="failures per node per simulated hour")
+    p.add_argument("--retries", type=int, help="new chains a request may try after a node of its chain dies")
+    p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    p.add_argument("--plot", metavar="OUT.png", help="also save a bar chart (needs matplotlib)")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

@@ -4,7 +4,8 @@ import asyncio
 import logging
 import time
 
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.proto import runtime_pb2
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -20,11 +21,17 @@ from farmesh_core.wire import FarNodeRPC
 
 logger = logging.getLogger(__name__)
 
+# What a node that died, stalled or became unreachable looks like from the client.
+NETWORK_ERRORS = (
+    P2PHandlerError, P2PDaemonError, ControlFailure, TimeoutError, ConnectionError, OSError, StopAsyncIteration,
+)  # fmt: skip
+
 RECORDS_MAX_AGE = 5.0  # seconds a fetched view of the mesh is reused
 LATENCY_MAX_AGE = 60.0  # seconds a measured round trip is trusted
 PING_TIMEOUT = 2.0
 UNREACHABLE = 10.0  # seconds recorded for a node that did not answer a ping
 MAX_PINGS = 64
+FAILURE_MEMORY = 60.0  # seconds a node that failed is left out of new routes
 SECONDS_PER_TOKEN = 0.01  # extra patience per token of a long step (prefill, replay, batch forward)
 
 
@@ -43,6 +50,7 @@ class MeshConnection:
         self._connected: set[str] = set()
         self.latencies: dict[str, float] = {}
         self._latency_at: dict[str, float] = {}
+        self._failed_at: dict[str, float] = {}
 
     def close(self) -> None:
         self.loop.stop()
@@ -56,16 +64,23 @@ class MeshConnection:
 
     def route(self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None) -> list[RouteHop]:
         """A chain of nodes covering ``start:end`` chosen by the configured routing policy."""
+        now = time.monotonic()
+        avoid = set(avoid) | {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY}
         for refresh in (False, True):
             records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
             self.measure_latencies([r.peer_id for r in records if r.start < end and r.end > start])
-            request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=set(avoid))
+            request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=avoid)
             try:
                 return self.policy(request)
             except NoRouteError:
                 if refresh:
                     raise
         raise AssertionError("unreachable")
+
+    def report_failure(self, peer_id: str) -> None:
+        """Leave ``peer_id`` out of new routes for a while (its DHT record may outlive it)."""
+        self._failed_at[peer_id] = time.monotonic()
+        self._connected.discard(peer_id)
 
     def timeout_for(self, tokens: int) -> float:
         """How long to wait for a step carrying ``tokens`` tokens before calling the node failed."""

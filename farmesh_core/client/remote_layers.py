@@ -9,25 +9,15 @@ import asyncio
 import logging
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from torch import nn
 
-from farmesh_core.client.mesh import MeshConnection, connect
+from farmesh_core.client.mesh import NETWORK_ERRORS, MeshConnection, connect
 from farmesh_core.config import ClientConfig
 from farmesh_core.errors import RemoteError
 from farmesh_core.extensions import RouteHop
 from farmesh_core.wire import SpanCall, chunked_messages, deserialize_tensor, receive_chunked
 
 logger = logging.getLogger(__name__)
-
-_NETWORK_ERRORS = (
-    P2PHandlerError,
-    P2PDaemonError,
-    TimeoutError,
-    ConnectionError,
-    OSError,
-    StopAsyncIteration,
-)
 
 
 class _RemoteLayersFunction(torch.autograd.Function):
@@ -123,7 +113,7 @@ class DistributedModel(nn.Module):
             try:
                 output = await self._call("rpc_forward", hop, [hidden])
                 hop_inputs.append((hop, hidden))
-            except _NETWORK_ERRORS as e:
+            except NETWORK_ERRORS as e:
                 self._give_up_if_exhausted(hop, e, avoid, depth)
                 output, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
                 hop_inputs.extend(sub_inputs)
@@ -134,7 +124,7 @@ class DistributedModel(nn.Module):
         for hop, hidden in reversed(hop_inputs):
             try:
                 grad = await self._call("rpc_backward", hop, [hidden, grad])
-            except _NETWORK_ERRORS as e:
+            except NETWORK_ERRORS as e:
                 self._give_up_if_exhausted(hop, e, avoid, depth)
                 _, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
                 grad = await self._backward_chain(sub_inputs, grad, avoid, depth + 1)
@@ -142,6 +132,7 @@ class DistributedModel(nn.Module):
 
     def _give_up_if_exhausted(self, hop: RouteHop, error: Exception, avoid: set[str], depth: int) -> None:
         avoid.add(hop.peer_id)
+        self.mesh.report_failure(hop.peer_id)
         logger.warning("Node %s failed on layers %d:%d (%r); rerouting", hop.peer_id, hop.start, hop.end, error)
         if depth >= self.mesh.config.max_retries:
             raise RemoteError(f"layers {hop.start}:{hop.end} failed {depth + 1} times: {error!r}") from error

@@ -11,10 +11,9 @@ import time
 import uuid
 
 import torch
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
-from farmesh_core.client.mesh import MeshConnection
+from farmesh_core.client.mesh import NETWORK_ERRORS, MeshConnection
 from farmesh_core.errors import NoRouteError, RemoteError, RequestError
 from farmesh_core.extensions import RouteHop
 from farmesh_core.wire import (
@@ -99,7 +98,7 @@ class InferenceSession:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
         out = self.mesh.loop.run(self._step(serialize_tensor(hidden)))
         self.position += hidden.shape[1]
-        return deserialize_tensor(out)
+        return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
 
     def _meta(self, stream: _HopStream, position: int) -> InferenceStep:
         opening = None
@@ -112,25 +111,14 @@ class InferenceSession:
         return InferenceStep(position=position, open=opening)
 
     async def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
-        index, retries = 0, 0
+        index, failures = 0, 0
         while index < len(self._streams):
             stream = self._streams[index]
             try:
                 out = await stream.step(self.mesh, self._meta(stream, self.position), hidden)
-            except RequestError:
-                raise
-            except (
-                P2PHandlerError,
-                P2PDaemonError,
-                TimeoutError,
-                ConnectionError,
-                StopAsyncIteration,
-                OSError,
-            ) as e:
-                retries += 1
-                if retries > self.mesh.config.max_retries:
-                    raise RemoteError(f"gave up on layers {stream.hop.start}:{stream.hop.end} after {retries - 1} "
-                                      f"failovers: {e!r}") from e  # fmt: skip
+            except NETWORK_ERRORS as e:
+                failures += 1
+                self._give_up_if_exhausted(failures, stream.hop, e)
                 await self._replace(index, e)
                 continue
             stream.inputs.append(hidden)
@@ -138,30 +126,50 @@ class InferenceSession:
             index += 1
         return hidden
 
+    def _give_up_if_exhausted(self, failures: int, hop: RouteHop, error: Exception) -> None:
+        if failures > self.mesh.config.max_retries:
+            raise RemoteError(
+                f"layers {hop.start}:{hop.end} failed {failures} times in one step; last error: {error!r}"
+            ) from error
+
+    def _mark_failed(self, stream: _HopStream, error: Exception) -> None:
+        stream.close()
+        self._failed.add(stream.hop.peer_id)
+        self.mesh.report_failure(stream.hop.peer_id)
+        logger.warning(
+            "Node %s failed on layers %d:%d (%r)", stream.hop.peer_id, stream.hop.start, stream.hop.end, error
+        )
+
     async def _replace(self, index: int, error: Exception) -> None:
         """Swap the failed stream for a new sub-chain and rebuild its caches from the recorded inputs."""
         began = time.perf_counter()
         failed = self._streams[index]
-        failed.close()
-        self._failed.add(failed.hop.peer_id)
-        logger.warning("Node %s failed (%r); finding a replacement for layers %d:%d",
-                       failed.hop.peer_id, error, failed.hop.start, failed.hop.end)  # fmt: skip
-        try:
-            hops = await asyncio.to_thread(
-                self.mesh.route, failed.hop.start, failed.hop.end, self._failed, self.adapter
-            )
-        except NoRouteError as e:
-            raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node serves its layers: {e}") from e
-        new_streams = [_HopStream(hop) for hop in hops]
-        if failed.inputs:
-            history = torch.cat([deserialize_tensor(t) for t in failed.inputs], dim=1)
-            for start in range(0, history.shape[1], REPLAY_CHUNK):
-                hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
+        self._mark_failed(failed, error)
+        history = torch.cat([deserialize_tensor(t) for t in failed.inputs], dim=1) if failed.inputs else None
+        for attempt in range(1, self.mesh.config.max_retries + 2):
+            try:
+                hops = await asyncio.to_thread(
+                    self.mesh.route, failed.hop.start, failed.hop.end, self._failed, self.adapter
+                )
+            except NoRouteError as e:
+                raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node can take over: {e}") from e
+            new_streams = [_HopStream(hop) for hop in hops]
+            current = new_streams[0]
+            try:
+                for start in range(0, 0 if history is None else history.shape[1], REPLAY_CHUNK):
+                    hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
+                    for current in new_streams:
+                        out = await current.step(self.mesh, self._meta(current, start), hidden)
+                        current.inputs.append(hidden)
+                        hidden = out
+            except NETWORK_ERRORS as e:
+                self._mark_failed(current, e)
                 for stream in new_streams:
-                    out = await stream.step(self.mesh, self._meta(stream, start), hidden)
-                    stream.inputs.append(hidden)
-                    hidden = out
-        self._streams[index : index + 1] = new_streams
-        self.recoveries.append(time.perf_counter() - began)
-        logger.info("Replaced node %s by %s in %.3f s", failed.hop.peer_id,
-                    [h.peer_id for h in hops], self.recoveries[-1])  # fmt: skip
+                    stream.close()
+                self._give_up_if_exhausted(attempt, failed.hop, e)
+                continue
+            self._streams[index : index + 1] = new_streams
+            self.recoveries.append(time.perf_counter() - began)
+            logger.info("Replaced node %s by %s in %.3f s", failed.hop.peer_id, [h.peer_id for h in hops],
+                        self.recoveries[-1])  # fmt: skip
+            return
