@@ -60,12 +60,10 @@ def main() -> None:
         with DistributedInferenceClient(model_dir, addrs) as client:
             expected, clean_times = timed_generation(client, input_ids)
             for _ in range(args.kills):
-                killed = {}
 
                 def kill(count, session):
                     if count == KILL_AFTER:
                         victim = next(h.peer_id for h in session.route if h.start == 4)
-                        killed["at"] = time.perf_counter()
                         kill_process_group(nodes.pop(victim))
 
                 tokens, times = timed_generation(client, input_ids, kill)
@@ -81,7 +79,9 @@ def main() -> None:
             "pause_after_kill_s": {"median": statistics.median(pauses), "max": max(pauses), "all": pauses},
             "total_s_no_fault": clean_times[-1],
             "total_s_with_fault": [r["total_s"] for r in runs],
-            "median_token_gap_no_fault_s": statistics.median(b - a for a, b in zip(clean_times, clean_times[1:])),
+            "median_token_gap_no_fault_s": statistics.median(
+                b - a for a, b in zip(clean_times, clean_times[1:], strict=False)
+            ),
         }
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
