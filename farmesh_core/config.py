@@ -1,6 +1,6 @@
 """Typed configuration and the records nodes publish in the DHT (pydantic v2)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -60,15 +60,19 @@ class NodeConfig(NetworkConfig):
     num_layers: int | None = Field(default=None, gt=0)
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: str = "none"
+    quantization: str = Field(default="none", max_length=64)
     adapters: list[str] = Field(default_factory=list)
     auth: str = "open"
     ledger: str = "null"
     kv_cache_bytes: int = Field(default=2 * 1024**3, gt=0, description="memory budget of all sessions' KV caches")
+    kv_cache_peer_share: float = Field(default=0.5, gt=0, le=1, description="fraction one peer may hold")
     max_session_length: int = Field(default=8192, gt=0)
     max_batch_size: int = Field(default=64, gt=0)
     max_tokens_per_request: int = Field(default=16384, gt=0, description="batch x sequence of one step")
-    step_timeout: float = Field(default=60.0, gt=0, description="seconds an idle session is kept")
+    max_message_bytes: int = Field(
+        default=32 * 1024**2, gt=0, description="largest message accepted; refused before it is read"
+    )
+    step_timeout: float = Field(default=30.0, gt=0, description="seconds an idle session is kept")
     announce_period: float = Field(default=10.0, gt=0)
     record_ttl: float = Field(default=30.0, gt=0)
     num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
@@ -106,18 +110,18 @@ class NodeRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     peer_id: str = Field(min_length=1, max_length=128)
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
-    throughput: float = Field(ge=0, description="tokens per second through the whole span, one-token steps")
+    start: int = Field(ge=0, le=1_000_000)
+    end: int = Field(gt=0, le=1_000_000)
+    throughput: float = Field(ge=0, le=1e12, description="tokens per second through the whole span, one-token steps")
     cache_tokens_left: int = Field(ge=0)
-    load: float = Field(default=0.0, ge=0, description="sessions being served now")
+    load: float = Field(default=0.0, ge=0, le=1e9, description="sessions being served now")
     state: NodeState = "online"
-    version: str = __version__
-    model_type: str = ""
-    dtype: str = ""
-    quantization: str = "none"
-    adapters: list[str] = Field(default_factory=list, max_length=256)
-    addrs: list[str] = Field(default_factory=list, max_length=32)
+    version: str = Field(default=__version__, max_length=64)
+    model_type: str = Field(default="", max_length=64)
+    dtype: str = Field(default="", max_length=64)
+    quantization: str = Field(default="none", max_length=64)
+    adapters: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=256)
+    addrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=32)
 
     @model_validator(mode="after")
     def _range_is_ordered(self):

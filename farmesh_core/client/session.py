@@ -28,6 +28,7 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 1024  # tokens per replay step
+MAX_STEP_BYTES = 16 * 1024**2  # longer steps are split: nodes refuse messages over 32 MiB by default
 
 
 class _HopStream:
@@ -96,6 +97,10 @@ class InferenceSession:
         """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
         if self.position + hidden.shape[1] > self.max_length:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
+        per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
+        max_tokens = max(1, MAX_STEP_BYTES // per_token)
+        if hidden.shape[1] > max_tokens:
+            return torch.cat([self.step(part) for part in hidden.split(max_tokens, dim=1)], dim=1)
         out = self.mesh.loop.run(self._step(serialize_tensor(hidden)))
         self.position += hidden.shape[1]
         return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only

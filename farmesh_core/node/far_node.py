@@ -24,7 +24,6 @@ from farmesh_core.plugins import (
     load_plugins,
     pick,
 )
-from farmesh_core.wire import FarNodeRPC
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class FarNode:
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
-        self._loop.run(FarNodeRPC().add_p2p_handlers(self._p2p, wrapper=self.handlers))
+        self._loop.run(self.handlers.register(self._p2p))
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
         self._announcer.start()
@@ -125,7 +124,7 @@ class FarNode:
                     logger.warning("Could not withdraw the node record", exc_info=True)
             if self._loop is not None and self._p2p is not None:
                 try:
-                    self._loop.run(FarNodeRPC().remove_p2p_handlers(self._p2p), timeout=5)
+                    self._loop.run(self.handlers.unregister(self._p2p), timeout=5)
                 except Exception:
                     logger.debug("Could not remove handlers", exc_info=True)
             self.dht.shutdown()

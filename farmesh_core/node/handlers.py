@@ -21,8 +21,10 @@ from farmesh_core.errors import RequestError
 from farmesh_core.extensions import AuthProvider, PaymentLedger, UsageEvent
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.wire import (
     ErrorReply,
+    FarNodeRPC,
     InferenceStep,
     OpenSession,
     SpanCall,
@@ -55,13 +57,31 @@ class NodeHandlers:
         peer_id: str = "",
     ):
         self.config, self.span, self.auth, self.ledger, self.peer_id = config, span, auth, ledger, peer_id
-        self.budget = KVCacheBudget(config.kv_cache_bytes)
+        self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
         self.record_json = b"{}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    STREAM_RPCS = ("rpc_inference", "rpc_forward", "rpc_backward")
+
+    async def register(self, p2p) -> None:
+        """Serve the FarNodeRPC methods on ``p2p``; streams check each message's size before reading it."""
+        for method in self.STREAM_RPCS:
+            name = FarNodeRPC._get_handle_name(None, method)
+            await add_limited_stream_handler(
+                p2p, name, getattr(self, method), runtime_pb2.ExpertRequest, self.config.max_message_bytes
+            )
+        await p2p.add_protobuf_handler(
+            FarNodeRPC._get_handle_name(None, "rpc_info"), self.rpc_info, runtime_pb2.ExpertUID
+        )
+
+    async def unregister(self, p2p) -> None:
+        for method in self.STREAM_RPCS:
+            await p2p.remove_binary_stream_handler(FarNodeRPC._get_handle_name(None, method))
+        await p2p.remove_protobuf_handler(FarNodeRPC._get_handle_name(None, "rpc_info"))
 
     # ---- validation --------------------------------------------------------------------------
     def _check_layers(self, start: int, end: int, adapter: str | None) -> None:
@@ -113,8 +133,11 @@ class NodeHandlers:
         if request.batch_size > self.config.max_batch_size:
             raise RequestError(f"batch_size {request.batch_size} exceeds {self.config.max_batch_size}")
         client = self.auth.verify(request.credentials, str(context.remote_id))
+        if request.max_length * request.batch_size > self.config.max_session_length * self.config.max_batch_size:
+            raise RequestError("max_length x batch_size is too large for this node")
         nbytes = request.batch_size * request.max_length * self.span.kv_bytes_per_token(request.start, request.end)
-        await self.budget.allocate(nbytes, request.alloc_timeout)
+        peer = str(context.remote_id)
+        await self.budget.allocate(nbytes, request.alloc_timeout, peer)
         cache = SessionCache(request.max_length)
         self.active_sessions += 1
         try:
@@ -122,7 +145,7 @@ class NodeHandlers:
         finally:
             self.active_sessions -= 1
             cache.release()
-            await self.budget.release(nbytes)
+            await self.budget.release(nbytes, peer)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext

@@ -49,34 +49,54 @@ class SessionCache:
 
 
 class KVCacheBudget:
-    """Bytes of KV cache all sessions may hold together; a session waits (bounded) for room."""
+    """Bytes of KV cache all sessions may hold together, and the share one peer may hold.
 
-    def __init__(self, total_bytes: int):
+    A session that does not fit waits (up to the timeout its client sent) for others to finish; one
+    that could never fit is refused at once. The per-peer share keeps one peer from starving others.
+    """
+
+    def __init__(self, total_bytes: int, peer_share: float = 1.0):
         self.total_bytes = total_bytes
+        self.peer_bytes = int(total_bytes * peer_share)
         self.used_bytes = 0
+        self._used_by: dict[str, int] = {}
         self._freed = asyncio.Condition()
 
     @property
     def free_bytes(self) -> int:
         return self.total_bytes - self.used_bytes
 
-    async def allocate(self, nbytes: int, timeout: float) -> None:
-        if nbytes > self.total_bytes:
+    def used_by(self, peer: str) -> int:
+        return self._used_by.get(peer, 0)
+
+    async def allocate(self, nbytes: int, timeout: float, peer: str = "") -> None:
+        if nbytes > self.peer_bytes:
             raise RequestError(
-                f"the session needs {nbytes} bytes of KV cache, more than this node's whole budget "
-                f"({self.total_bytes}); ask for a shorter max_length or a smaller batch"
+                f"the session needs {nbytes} bytes of KV cache, more than one peer may hold on this node "
+                f"({self.peer_bytes} of {self.total_bytes}); ask for a shorter max_length or a smaller batch"
             )
+
+        def fits() -> bool:
+            return nbytes <= self.free_bytes and self.used_by(peer) + nbytes <= self.peer_bytes
+
         async with self._freed:
             try:
-                await asyncio.wait_for(self._freed.wait_for(lambda: nbytes <= self.free_bytes), timeout)
+                await asyncio.wait_for(self._freed.wait_for(fits), timeout)
             except TimeoutError:
                 raise RequestError(
-                    f"no room for {nbytes} bytes of KV cache within {timeout:.1f} s "
-                    f"({self.free_bytes} of {self.total_bytes} free); retry later or use another node"
+                    f"no room for {nbytes} bytes of KV cache within {timeout:.1f} s ({self.free_bytes} of "
+                    f"{self.total_bytes} free, this peer holds {self.used_by(peer)} of its {self.peer_bytes}); "
+                    "retry later or use another node"
                 ) from None
             self.used_bytes += nbytes
+            self._used_by[peer] = self.used_by(peer) + nbytes
 
-    async def release(self, nbytes: int) -> None:
+    async def release(self, nbytes: int, peer: str = "") -> None:
         async with self._freed:
             self.used_bytes -= nbytes
+            left = self.used_by(peer) - nbytes
+            if left > 0:
+                self._used_by[peer] = left
+            else:
+                self._used_by.pop(peer, None)
             self._freed.notify_all()

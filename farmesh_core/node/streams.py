@@ -1,0 +1,97 @@
+"""Stream RPC handlers that check a message's size before reading it.
+
+hivemind's own protobuf stream handlers read each message whole, whatever length its header
+announces, before anything can look at it. Ours read the 8-byte length header first and refuse a
+message over the limit without buffering it; garbage that is not a protobuf message gets an error
+and the stream is closed. The framing is hivemind's, so its client stubs work unchanged.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing, suppress
+
+from google.protobuf.message import DecodeError
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto.p2pd_pb2 import RPCError
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_BYTES = 64 * 1024
+
+
+class StreamProtocolError(Exception):
+    """The peer broke the framing or the size limit; the stream is closed after telling it why."""
+
+
+async def _read_message(reader: asyncio.StreamReader, message_type: type, max_bytes: int):
+    """The next message, or None at the end of the stream."""
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise StreamProtocolError("invalid message marker")
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    limit = max_bytes if marker == P2P.MESSAGE_MARKER else MAX_ERROR_BYTES
+    if length > limit:
+        raise StreamProtocolError(f"message of {length} bytes exceeds the limit of {limit} bytes")
+    data = await reader.readexactly(length)
+    if marker == P2P.ERROR_MARKER:
+        return None  # the caller's end-of-stream (or its error): either way, no more requests
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise StreamProtocolError("the message is not a valid protobuf of the expected type") from None
+
+
+async def add_limited_stream_handler(
+    p2p: P2P,
+    name: str,
+    handler: Callable[[AsyncIterator, P2PContext], AsyncIterator],
+    message_type: type,
+    max_message_bytes: int,
+    max_prefetch: int = 4,
+) -> None:
+    """Serve ``handler`` (requests stream -> responses stream) under ``name`` with a per-message limit."""
+
+    async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+        requests: asyncio.Queue = asyncio.Queue(max_prefetch)
+
+        async def iterate_requests():
+            while (request := await requests.get()) is not None:
+                yield request
+
+        async def process() -> None:
+            try:
+                async for response in handler(iterate_requests(), context):
+                    await P2P.send_protobuf(response, writer)
+            except Exception as e:
+                logger.warning("Handler %s failed for %s: %r", name, context.remote_id, e, exc_info=True)
+                with suppress(Exception):
+                    await P2P.send_protobuf(RPCError(message=f"internal error: {e!r}"[:4000]), writer)
+
+        with closing(writer):
+            processing = asyncio.create_task(process())
+            try:
+                while True:
+                    receiving = asyncio.ensure_future(_read_message(reader, message_type, max_message_bytes))
+                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                    if processing.done():
+                        receiving.cancel()
+                        return
+                    try:
+                        request = receiving.result()
+                    except (asyncio.IncompleteReadError, ConnectionError):
+                        return  # the caller closed the stream or died
+                    except StreamProtocolError as e:
+                        logger.info("Closed a %s stream from %s: %s", name, context.remote_id, e)
+                        with suppress(Exception):
+                            await P2P.send_protobuf(RPCError(message=str(e)), writer)
+                        return
+                    await requests.put(request)
+                    if request is None:
+                        await processing
+                        return
+            finally:
+                processing.cancel()
+
+    await p2p.add_binary_stream_handler(name, handle_stream)
