@@ -47,7 +47,8 @@ class _HopStream:
 
     async def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
         """Send one step and wait for its output, giving up after the mesh's timeout for its size."""
-        async with asyncio.timeout(mesh.timeout_for(hidden.size[0] * hidden.size[1])):
+        waiting_for_memory = meta.open.alloc_timeout if meta.open is not None else 0.0
+        async with asyncio.timeout(mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory):
             return await self._step(mesh, meta, hidden)
 
     async def _step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
