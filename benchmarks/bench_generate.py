@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -21,6 +22,7 @@ from farmesh_core.checkpoint_maker import ensure_checkpoint
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
 PROMPT_TOKENS, NEW_TOKENS = 34, 64
+CONCURRENT_SESSIONS = 8
 
 
 def summary(values: list[float]) -> dict:
@@ -106,16 +108,49 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
                 client.layers(x)
                 forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
             hops = len(client.inference_session(8).route)
+            concurrency = bench_concurrency(client, CONCURRENT_SESSIONS) if len(spans) == 2 else None
         out = _collect(results[1:], forward[1:])
         out["hops"] = hops
+        if concurrency:
+            out["concurrency"] = concurrency
         return out, ids
     finally:
         for proc in [*nodes, dht]:
             stop_process(proc)
 
 
+def bench_concurrency(client, sessions: int) -> dict:
+    """``sessions`` generations at once (one thread each) vs the same ones one after another."""
+    prompts = [
+        torch.randint(3, 1024, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(i)) for i in range(sessions)
+    ]
+
+    def run(prompt):
+        return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
+
+    began = time.perf_counter()
+    sequential = [run(p) for p in prompts]
+    sequential_s = time.perf_counter() - began
+    with ThreadPoolExecutor(sessions) as pool:
+        began = time.perf_counter()
+        concurrent = list(pool.map(run, prompts))
+        concurrent_s = time.perf_counter() - began
+    tokens = sessions * NEW_TOKENS
+    return {
+        "sessions": sessions,
+        "sequential_tok_s": tokens / sequential_s,
+        "concurrent_tok_s": tokens / concurrent_s,
+        "ratio": sequential_s / concurrent_s,
+        "outputs_equal": concurrent == sequential,
+    }
+
+
 def petals_figures(directory: str) -> dict:
     figures = {}
+    concurrency = os.path.join(directory, "concurrency-2servers.json")
+    if os.path.exists(concurrency):
+        with open(concurrency) as f:
+            figures["concurrency_2servers"] = json.load(f)
     for label in ("2servers", "1server"):
         path = os.path.join(directory, f"{label}.json")
         if os.path.exists(path):

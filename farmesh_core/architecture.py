@@ -138,6 +138,24 @@ class ArchitectureAdapter:
             kwargs["position_embeddings"] = context(hidden, position_ids)
         return kwargs
 
+    def prepare_decode_batch(self, context: Any, hidden: torch.Tensor, positions: list[int]) -> dict[str, Any] | None:
+        """Keyword arguments for one-token steps of several sessions at once (row i at ``positions[i]``).
+
+        Keys and values come padded to the longest session, so each row gets a mask hiding the padding.
+        Returns None where the family cannot batch this way; then each session steps alone. Families
+        that customise ``prepare`` (alibi, sliding windows) opt out unless they override this too.
+        """
+        if type(self).prepare is not ArchitectureAdapter.prepare:
+            return None
+        position_ids = torch.tensor(positions, device=hidden.device)[:, None]
+        keys = torch.arange(max(positions) + 1, device=hidden.device)
+        mask = torch.zeros(len(positions), 1, 1, keys.numel(), dtype=hidden.dtype, device=hidden.device)
+        mask.masked_fill_((keys[None, :] > position_ids)[:, None, None, :], torch.finfo(hidden.dtype).min)
+        kwargs: dict[str, Any] = {"position_ids": position_ids, "attention_mask": mask}
+        if context is not None:
+            kwargs["position_embeddings"] = context(hidden, position_ids)
+        return kwargs
+
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         out = layer(hidden, **{self.cache_argument: cache}, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out

@@ -48,6 +48,39 @@ class SessionCache:
         self._values.clear()
 
 
+class BatchedDecodeCache:
+    """Several sessions' caches seen as one batch for a one-token step of each.
+
+    Each row's new key and value go into its own session's cache; the layer gets every session's
+    prefix, zero-padded to the longest (the step's attention mask hides the padding).
+    """
+
+    def __init__(self, caches: list[SessionCache], positions: list[int]):
+        self.caches, self.positions = caches, positions
+        self.length = max(positions) + 1
+        for cache, position in zip(caches, positions, strict=True):
+            cache.begin_step(position)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = [
+            cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+            for i, cache in enumerate(self.caches)
+        ]
+        keys = key_states.new_zeros((*key_states.shape[:-2], self.length, key_states.shape[-1]))
+        values = value_states.new_zeros((*value_states.shape[:-2], self.length, value_states.shape[-1]))
+        for i, (row_keys, row_values) in enumerate(rows):
+            keys[i, ..., : row_keys.shape[-2], :] = row_keys[0]
+            values[i, ..., : row_values.shape[-2], :] = row_values[0]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length - 1
+
+    def end_step(self) -> None:
+        for cache in self.caches:
+            cache.end_step(1)
+
+
 class KVCacheBudget:
     """Bytes of KV cache all sessions may hold together, and the share one peer may hold.
 

@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 from farmesh_core.architecture import ArchitectureAdapter
 from farmesh_core.checkpoint import Checkpoint
-from farmesh_core.node.kv_cache import SessionCache
+from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,21 @@ class LayerSpan:
         if cache is not None:
             cache.end_step(hidden.shape[1])
         return hidden
+
+    @torch.inference_mode()
+    def forward_decode_batch(
+        self, hiddens: list[torch.Tensor], start: int, end: int, caches: list[SessionCache], positions: list[int]
+    ) -> list[torch.Tensor] | None:
+        """One-token steps [1, 1, hidden] of several sessions as one batch; None if the family can't."""
+        hidden = torch.cat(hiddens).to(self.device, self.dtype)
+        kwargs = self.adapter.prepare_decode_batch(self.context, hidden, positions)
+        if kwargs is None:
+            return None
+        cache = BatchedDecodeCache(caches, positions)
+        for index in range(start, end):
+            hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+        cache.end_step()
+        return list(hidden.split(1))
 
     def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Gradient of ``<forward(hidden), grad_output>`` w.r.t. ``hidden``; layer weights get no gradient."""

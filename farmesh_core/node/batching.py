@@ -1,0 +1,79 @@
+"""Continuous batching: one-token steps of different sessions that arrive together run as one batch.
+
+A step is queued and a run is scheduled for the next turn of the event loop. While a batch computes
+(inline, blocking the loop), other sessions' steps pile up in their streams; the next run takes all
+of them at once, so a busy node's throughput grows with load while an idle node adds no delay.
+Steps are served in arrival order, at most ``max_batch`` per run.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from farmesh_core.node.kv_cache import SessionCache
+from farmesh_core.node.layer_span import LayerSpan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _DecodeStep:
+    hidden: torch.Tensor
+    start: int
+    end: int
+    cache: SessionCache
+    position: int
+    future: asyncio.Future
+
+
+class DecodeBatcher:
+    """Queues one-token, one-sequence steps and runs those for the same layers together."""
+
+    def __init__(self, span: LayerSpan, max_batch: int = 32):
+        self.span, self.max_batch = span, max_batch
+        self._queue: list[_DecodeStep] = []
+        self._scheduled = False
+        self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
+
+    def submit(self, hidden: torch.Tensor, start: int, end: int, cache: SessionCache, position: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future())
+        self._queue.append(step)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._run)
+        return step.future
+
+    def _run(self) -> None:
+        self._scheduled = False
+        queue, self._queue = self._queue, []
+        groups: dict[tuple[int, int], list[_DecodeStep]] = {}
+        for step in queue:
+            if not step.future.cancelled():
+                groups.setdefault((step.start, step.end), []).append(step)
+        for (start, end), steps in groups.items():
+            for first in range(0, len(steps), self.max_batch):
+                self._compute(start, end, steps[first : first + self.max_batch])
+
+    def _compute(self, start: int, end: int, steps: list[_DecodeStep]) -> None:
+        try:
+            outputs = None
+            if len(steps) > 1:
+                outputs = self.span.forward_decode_batch(
+                    [s.hidden for s in steps], start, end, [s.cache for s in steps], [s.position for s in steps]
+                )
+            if outputs is None:
+                outputs = [self.span.forward(s.hidden, start, end, s.cache, s.position) for s in steps]
+        except Exception as e:
+            logger.exception("A decode batch of %d steps failed", len(steps))
+            for step in steps:
+                if not step.future.done():
+                    step.future.set_exception(e)
+            return
+        self.batches += 1
+        self.steps += len(steps)
+        for step, output in zip(steps, outputs, strict=True):
+            if not step.future.done():
+                step.future.set_result(output)
