@@ -8,6 +8,8 @@ requests as JSON.
 
 The model is first-order on purpose, so that one replay is a single pass over events:
 
+- requests come from ``clients`` places, each with its own round trips to the nodes (what its
+  pings measure, with some error, is what the policy gets);
 - one token through ``n`` layers of a node costs ``RTT + n * layer_seconds * (1 + load / capacity)``,
   where ``load`` is the number of other requests on the node when the request arrives, held for
   the whole request;
@@ -55,14 +57,15 @@ class SimulationConfig(BaseModel):
     max_span: int = Field(default=32, gt=0, description="most layers a node serves (clipped to the model)")
     layer_seconds: float = Field(default=0.002, gt=0, description="median time of one layer for one token, idle")
     layer_seconds_spread: float = Field(default=0.5, ge=0, description="sigma of the lognormal spread of speeds")
+    clients: int = Field(default=100, gt=0, description="client locations, each with its own round trips")
     rtt: float = Field(default=0.05, gt=0, description="median client-node round trip, seconds")
     rtt_spread: float = Field(default=0.6, ge=0, description="sigma of the lognormal spread of round trips")
     far_fraction: float = Field(default=0.05, ge=0, le=1, description="share of nodes behind a slow link")
-    far_rtt: float = Field(default=0.5, gt=0, description="round trip of the nodes behind a slow link, seconds")
-    rtt_noise: float = Field(default=0.1, ge=0, description="sigma of the client's ping error (lognormal factor)")
+    far_rtt: float = Field(default=0.5, gt=0, description="median round trip of those nodes, seconds")
+    rtt_noise: float = Field(default=0.1, ge=0, description="sigma of a client's ping error (lognormal factor)")
     capacity: float = Field(default=8.0, gt=0, description="concurrent requests that double a node's layer time")
     cache_tokens: int = Field(default=65536, gt=0, description="KV cache tokens of one node, all sessions")
-    failure_rate: float = Field(default=0.5, ge=0, description="failures per node per simulated hour")
+    failure_rate: float = Field(default=0.2, ge=0, description="failures per node per simulated hour")
     downtime: float = Field(default=300.0, gt=0, description="mean seconds a failed node stays down")
     recovery: float = Field(default=0.7, ge=0, le=1, description="probability that a failed node comes back")
     # The workload.
@@ -99,9 +102,21 @@ class SimNode:
 
     record: NodeRecord  # as announced when idle
     layer_seconds: float  # true time of one of its layers for one token, idle
-    rtt: float  # true round trip to the client
-    measured_rtt: float  # what the client's pings say
+    far: bool  # behind a slow link
     failure_seed: int  # its own random stream of failures, so that every policy meets the same ones
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    """The nodes and the network between them and the clients.
+
+    Clients sit in different places: each one has its own round trips, so a latency-driven policy
+    does not send every request of the mesh down the same chain.
+    """
+
+    nodes: list[SimNode]
+    rtt: list[list[float]]  # true round trip, [client][node index]
+    measured: list[dict[str, float]]  # what each client's pings say, by peer id: what policies get
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +124,12 @@ class Request:
     """One client request: ``tokens`` decode steps, or one forward batch of ``tokens`` tokens."""
 
     arrival: float
+    client: int
     tokens: int
     forward: bool
 
 
-def build_mesh(config: SimulationConfig) -> list[SimNode]:
+def build_mesh(config: SimulationConfig) -> Mesh:
     """Nodes with random contiguous spans; uncovered layers are filled first, like automatic placement."""
     rng = random.Random(f"farmesh-simulate/{config.seed}/mesh")
     replicas = [0] * config.layers
@@ -128,25 +144,29 @@ def build_mesh(config: SimulationConfig) -> list[SimNode]:
         for layer in range(start, start + length):
             replicas[layer] += 1
         layer_seconds = config.layer_seconds * rng.lognormvariate(0.0, config.layer_seconds_spread)
-        far = rng.random() < config.far_fraction
-        rtt = config.far_rtt if far else config.rtt * rng.lognormvariate(0.0, config.rtt_spread)
         record = NodeRecord(
             peer_id=f"node-{index:05d}", start=start, end=start + length,
             throughput=1.0 / (layer_seconds * length), cache_tokens_left=config.cache_tokens,
         )  # fmt: skip
-        measured = rtt * rng.lognormvariate(0.0, config.rtt_noise)
-        nodes.append(SimNode(record, layer_seconds, rtt, measured, rng.getrandbits(64)))
-    return nodes
+        nodes.append(SimNode(record, layer_seconds, rng.random() < config.far_fraction, rng.getrandbits(64)))
+    rtt, measured = [], []
+    medians = [config.far_rtt if node.far else config.rtt for node in nodes]
+    for _ in range(config.clients):
+        true = [median * rng.lognormvariate(0.0, config.rtt_spread) for median in medians]
+        pings = [value * rng.lognormvariate(0.0, config.rtt_noise) for value in true]
+        rtt.append(true)
+        measured.append({node.record.peer_id: ping for node, ping in zip(nodes, pings, strict=True)})
+    return Mesh(nodes, rtt, measured)
 
 
 def build_workload(config: SimulationConfig) -> list[Request]:
-    """Poisson arrivals; each request generates a uniform number of tokens (or is one forward batch)."""
+    """Poisson arrivals from random clients; each generates a uniform number of tokens (or is one forward batch)."""
     rng = random.Random(f"farmesh-simulate/{config.seed}/workload")
     now, requests = 0.0, []
     for _ in range(config.requests):
         now += rng.expovariate(config.arrival_rate)
         tokens = rng.randint(config.min_tokens, config.max_tokens)
-        requests.append(Request(now, tokens, rng.random() < config.forward_fraction))
+        requests.append(Request(now, rng.randrange(config.clients), tokens, rng.random() < config.forward_fraction))
     return requests
 
 
@@ -172,19 +192,20 @@ _NODE_UP, _FINISH, _NODE_DOWN, _ARRIVAL = range(4)
 class _Replay:
     """One policy's pass over the workload: the event loop, the mesh's state and the counters."""
 
-    def __init__(self, config: SimulationConfig, mesh: list[SimNode], policy_name: str, policy: Policy):
+    def __init__(self, config: SimulationConfig, mesh: Mesh, policy_name: str, policy: Policy):
         self.config, self.mesh, self.policy_name, self.policy = config, mesh, policy_name, policy
+        nodes = mesh.nodes
         # Records are copied so that loads written during this replay never leak into the next one.
-        self.records = [node.record.model_copy() for node in mesh]
+        self.records = [node.record.model_copy() for node in nodes]
         self.index_of = {record.peer_id: i for i, record in enumerate(self.records)}
-        self.latencies = {node.record.peer_id: node.measured_rtt for node in mesh}
-        self.alive = [True] * len(mesh)
+        self.layer_seconds = [node.layer_seconds for node in nodes]
+        self.alive = [True] * len(nodes)
         self.alive_records: list[NodeRecord] | None = None  # rebuilt after a node dies or comes back
-        self.load = [0] * len(mesh)
-        self.cache_used = [0] * len(mesh)
-        self.running: list[dict[_Attempt, None]] = [{} for _ in mesh]  # dicts keep arrival order
-        self.tokens_served = [0] * len(mesh)
-        self.failure_rngs = [random.Random(node.failure_seed) for node in mesh]
+        self.load = [0] * len(nodes)
+        self.cache_used = [0] * len(nodes)
+        self.running: list[dict[_Attempt, None]] = [{} for _ in nodes]  # dicts keep arrival order
+        self.tokens_served = [0] * len(nodes)
+        self.failure_rngs = [random.Random(node.failure_seed) for node in nodes]
         self.events: list[tuple[float, int, int, Any]] = []
         self.sequence = 0
         self.latency_per_token: list[float] = []
@@ -217,8 +238,8 @@ class _Replay:
         # model_construct: the records were validated when the mesh was built; validating a thousand
         # of them again for every request would cost more than most policies.
         route_request = RouteRequest.model_construct(
-            records=self.alive_records, start=0, end=self.config.layers, latencies=self.latencies,
-            avoid=set(attempt.avoid),
+            records=self.alive_records, start=0, end=self.config.layers,
+            latencies=self.mesh.measured[attempt.request.client], avoid=set(attempt.avoid),
         )  # fmt: skip
         began = time.perf_counter()
         try:
@@ -251,11 +272,11 @@ class _Replay:
 
     def occupy(self, now: float, attempt: _Attempt, chain: list[tuple[int, int]]) -> None:
         """Start the attempt on its chain: its speed follows the nodes' loads now; it holds them to its end."""
-        capacity, mesh, per_token = self.config.capacity, self.mesh, 0.0
+        capacity, rtt, per_token = self.config.capacity, self.mesh.rtt[attempt.request.client], 0.0
         compute_scale = attempt.tokens * self.config.forward_token_cost if attempt.request.forward else 1.0
         for index, layers in chain:
-            node = mesh[index]
-            per_token += node.rtt + layers * node.layer_seconds * (1.0 + self.load[index] / capacity) * compute_scale
+            slowdown = 1.0 + self.load[index] / capacity
+            per_token += rtt[index] + layers * self.layer_seconds[index] * slowdown * compute_scale
         attempt.started, attempt.seconds_per_token = now, per_token
         attempt.nodes = list(dict.fromkeys(index for index, _ in chain))
         for index in attempt.nodes:
@@ -363,7 +384,7 @@ def _seeded_global_random(seed: int) -> Iterator[None]:
 
 
 def simulate_policy(
-    config: SimulationConfig, mesh: list[SimNode], workload: list[Request], name: str, policy: Policy
+    config: SimulationConfig, mesh: Mesh, workload: list[Request], name: str, policy: Policy
 ) -> dict[str, Any]:
     """Replay ``workload`` through ``policy`` on ``mesh``; return its metrics and the time the replay took."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -387,13 +408,13 @@ def run_simulation(config: SimulationConfig, policies: dict[str, Policy] | None 
         registry = get_routing_policies()
         policies = {name: pick("routing policy", registry, name) for name in config.policies or sorted(registry)}
     mesh, workload = build_mesh(config), build_workload(config)
-    replicas = [sum(1 for n in mesh if n.record.start <= layer < n.record.end) for layer in range(config.layers)]
+    replicas = [sum(1 for n in mesh.nodes if n.record.start <= layer < n.record.end) for layer in range(config.layers)]
     return {
         "config": config.model_dump(),
         "mesh": {
             "replicas_per_layer_min": min(replicas),
             "replicas_per_layer_mean": _rounded(statistics.fmean(replicas)),
-            "far_nodes": sum(1 for n in mesh if n.rtt == config.far_rtt),
+            "far_nodes": sum(1 for n in mesh.nodes if n.far),
             "workload_seconds": _rounded(workload[-1].arrival),
         },
         "policies": {name: simulate_policy(config, mesh, workload, name, policy) for name, policy in policies.items()},
@@ -435,8 +456,15 @@ def _import_pyplot():
 
 
 def simulate_command(args: argparse.Namespace) -> None:
-    """``farmesh simulate``: options given on the command line override the config's defaults."""
-    options = {k: v for k, v in vars(args).items() if k in SimulationConfig.model_fields and v is not None}
+    """``farmesh simulate``: command-line options override ``--config``'s, which override the defaults."""
+    options = {}
+    if args.config:
+        try:
+            with open(args.config) as file:
+                options = json.load(file)
+        except (OSError, ValueError) as e:
+            raise SimulationError(f"Cannot read --config {args.config}: {e}") from None
+    options |= {k: v for k, v in vars(args).items() if k in SimulationConfig.model_fields and v is not None}
     try:
         config = SimulationConfig(**options)
     except ValidationError as e:
