@@ -51,10 +51,13 @@ class _HopStream:
         async with asyncio.timeout(mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory):
             return await self._step(mesh, meta, hidden)
 
-    async def _step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
+    async def open(self, mesh: MeshConnection) -> None:
         if self._responses is None:
             stub = await mesh.stub(self.hop.peer_id)
             self._responses = await stub.rpc_inference(self._requests())
+
+    async def _step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
+        await self.open(mesh)
         self._queue.put_nowait(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)))
         response = await anext(self._responses)
         raise_if_error(response, self.hop.peer_id)
@@ -117,6 +120,8 @@ class InferenceSession:
         return InferenceStep(position=position, open=opening)
 
     async def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
+        if self.position == 0:  # open every stream at once rather than one after another
+            await asyncio.gather(*(s.open(self.mesh) for s in self._streams), return_exceptions=True)
         index, failures = 0, 0
         while index < len(self._streams):
             stream = self._streams[index]
