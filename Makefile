@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_generate.py
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_generate.py --plot docs/performance.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

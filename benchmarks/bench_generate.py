@@ -166,12 +166,49 @@ def petals_figures(directory: str) -> dict:
     return figures
 
 
+def plot(result: dict, path: str) -> None:
+    """Bar charts of steady decode speed and batch forward: local transformers, FarMesh, Petals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    petals = result["petals"]
+    decode = {
+        "local\ntransformers": result["local_transformers"]["steady_tok_s"]["median"],
+        "FarMesh\n1 node": result["farmesh_1_node"]["steady_tok_s"]["median"],
+        "FarMesh\n2 nodes": result["farmesh_2_nodes"]["steady_tok_s"]["median"],
+    }
+    forward = {
+        "local": result["local_transformers"]["forward_4x128_tok_s"]["median"],
+        "FarMesh\n2 nodes": result["farmesh_2_nodes"]["forward_4x128_tok_s"]["median"],
+    }
+    if "1server" in petals:
+        decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
+    if "2servers" in petals:
+        decode["Petals\n2 servers"] = petals["2servers"]["steady_tok_s"]
+        forward["Petals\n2 servers"] = petals["2servers"]["forward_4x128_tok_s"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (title, data) in zip(
+        axes, [("steady decode, tokens/s", decode), ("forward [4x128], tokens/s", forward)], strict=True
+    ):
+        colors = ["#888" if "local" in k else "#c44" if "Petals" in k else "#36c" for k in data]
+        ax.bar(list(data), list(data.values()), color=colors)
+        ax.set_title(title)
+        for i, v in enumerate(data.values()):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    fig.suptitle(f"tiny Llama (hidden 256, 8 layers), {result['cpu_count']} CPU cores, same machine, same day")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="checkpoint dir (default: make the baseline tiny Llama)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads per node")
     parser.add_argument("--petals", default="/tmp/petals-base/results", help="Petals bench results dir")
+    parser.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     args = parser.parse_args()
     model_dir = args.model or ensure_checkpoint(os.path.join(tempfile.gettempdir(), "farmesh-bench-tiny-llama"))
     torch.manual_seed(0)
@@ -195,6 +232,8 @@ def main() -> None:
     petals_two = result["petals"].get("2servers")
     if petals_two:
         result["speedup_vs_petals_2_nodes"] = two["steady_tok_s"]["median"] / petals_two["steady_tok_s"]
+    if args.plot:
+        plot(result, args.plot)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

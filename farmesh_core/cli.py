@@ -53,17 +53,30 @@ def cmd_node(args) -> None:
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads,
-        max_session_length=args.max_session_length, **_network_options(args),
+        max_session_length=args.max_session_length, step_timeout=args.step_timeout, **_network_options(args),
+    )  # fmt: skip
+    options.update(
+        auth=args.auth, auth_key_file=args.auth_key_file, auth_revoked_file=args.auth_revoked_file,
+        ledger=args.ledger, ledger_path=args.ledger_path,
     )  # fmt: skip
     if args.kv_cache_gb is not None:
         options["kv_cache_bytes"] = int(args.kv_cache_gb * 1024**3)
+    if args.rebalance_period is not None:
+        options["rebalance_period"] = args.rebalance_period
+    if args.metrics_port is not None:
+        from farmesh_core.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port, args.metrics_host)
     FarNode(args.model, args.dht_bootstrap, **options).run()
 
 
 def cmd_generate(args) -> None:
     from farmesh_core.client import DistributedInferenceClient
 
-    client = DistributedInferenceClient(args.model, args.dht_bootstrap, routing=args.routing, **_network_options(args))
+    client = DistributedInferenceClient(
+        args.model, args.dht_bootstrap, routing=args.routing, quantization=args.quantization, auth=args.auth,
+        auth_token=args.auth_token, **_network_options(args),
+    )  # fmt: skip
     try:
         pieces = client.generate(
             args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -84,10 +97,39 @@ def cmd_status(args) -> None:
     print(json.dumps(status, indent=2) if args.json else render_status(status))
 
 
+def cmd_token(args) -> None:
+    from farmesh_plugins import auth
+
+    if args.token_command == "keygen":
+        auth.create_key_file(args.key_file)
+        print(f"Wrote a new mesh key to {args.key_file}: give it to the nodes (--auth-key-file), keep it secret.")
+    elif args.token_command == "issue":
+        print(auth.issue_token(auth.read_key_file(args.key_file), args.client, auth.parse_duration(args.expires)))
+    else:
+        print(auth.revoke(args.revoked_file, args.token))
+
+
+def cmd_usage(args) -> None:
+    from farmesh_plugins.ledgers import render_usage, usage_totals
+
+    totals = usage_totals(args.db, by_session=args.sessions)
+    print(json.dumps(totals, indent=2) if args.json else render_usage(totals))
+
+
+def cmd_coordinator(args) -> None:
+    from farmesh_core.coordinator import serve
+
+    serve(
+        args.model, args.dht_bootstrap, host=args.host, port=args.port, model_name=args.model_name,
+        max_concurrent=args.max_concurrent, log_level=args.log_level, routing=args.routing,
+        quantization=args.quantization, auth=args.auth, auth_token=args.auth_token, **_network_options(args),
+    )  # fmt: skip
+
+
 def cmd_demo(args) -> None:
     from farmesh_core.demo import run_demo
 
-    run_demo(prompt=args.prompt, max_tokens=args.max_tokens, model_dir=args.model_dir)
+    run_demo(prompt=args.prompt, max_tokens=args.max_tokens, model_dir=args.model_dir, train_only=args.train_only)
 
 
 def cmd_simulate(args) -> None:
@@ -113,13 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", help="START:END (END exclusive), e.g. 0:4")
     group.add_argument("--num-layers", type=int, help="serve this many layers where the mesh needs them")
+    p.add_argument(
+        "--rebalance-period", type=float, default=None, metavar="SECONDS",
+        help="with --num-layers: re-check the placement this often and move when the mesh gains clearly "
+        "(default 60; 0 = never move)",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--quantization", default="none")
+    p.add_argument("--quantization", default="none", help="none, int8 (CPU), bnb-int8 or nf4 (farmesh[bnb])")
+    p.add_argument("--auth", default="open", help="open (anyone) or token (private mesh, needs --auth-key-file)")
+    p.add_argument("--auth-key-file", default=None, help="the mesh's secret key (made by `farmesh token keygen`)")
+    p.add_argument("--auth-revoked-file", default=None, help="revoked token ids, one a line; re-read on change")
+    p.add_argument("--ledger", default="null", help="null, or sqlite: usage per client and session (--ledger-path)")
+    p.add_argument("--ledger-path", default=None, help="database file of the sqlite ledger")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter directories to load")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget of all sessions")
     p.add_argument("--max-session-length", type=int, default=8192)
+    p.add_argument("--step-timeout", type=float, default=30.0, help="seconds an idle session is kept open")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
     p.set_defaults(func=cmd_node)
 
     p = sub.add_parser("generate", help="generate text through the Far Mesh Network (streams to stdout)")
@@ -136,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="min-latency",
         help="routing policy: min-latency, fewest-hops, max-throughput, random or a plugin's",
     )
+    p.add_argument("--quantization", default=None, help="use only nodes with this quantization (default: any)")
+    p.add_argument("--auth", default="open", help="open, or token for a private mesh")
+    p.add_argument("--auth-token", default=None, help="the token for --auth token (default: $FARMESH_TOKEN)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("status", help="which Far Nodes serve which layers, and the gaps")
@@ -144,19 +202,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("coordinator", help="the Far Mesh Coordinator: an OpenAI-compatible HTTP API over the mesh")
+    p.add_argument("model", help="checkpoint directory or Hugging Face id in the local cache")
+    _add_network(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--max-concurrent", type=int, default=16, help="generations run at once; more wait")
+    p.add_argument("--routing", default="min-latency", help="routing policy of the sessions")
+    p.add_argument("--quantization", default=None, help="use only nodes with this quantization (default: any)")
+    p.add_argument("--auth", default="open", help="open, or token for a private mesh")
+    p.add_argument("--auth-token", default=None, help="the token for --auth token (default: $FARMESH_TOKEN)")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("token", help="keys and auth tokens of a private mesh (nodes run with --auth token)")
+    tokens = p.add_subparsers(dest="token_command", required=True)
+    t = tokens.add_parser("keygen", help="write a new secret mesh key to a file readable by you only")
+    t.add_argument("--key-file", required=True)
+    t = tokens.add_parser("issue", help="print a signed token for a client")
+    t.add_argument("--client", required=True, help="the client's name, recorded with its usage")
+    t.add_argument("--expires", default="30d", help="validity: 30d, 12h, 45m, 2w or seconds (default 30d)")
+    t.add_argument("--key-file", required=True)
+    t = tokens.add_parser("revoke", help="add a token (or its id) to a revocation list; prints the id")
+    t.add_argument("token", help="the token or its id")
+    t.add_argument("--revoked-file", required=True, help="the file the nodes read (--auth-revoked-file)")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("usage", help="usage totals per client from a node's sqlite ledger")
+    p.add_argument("--db", required=True, help="the ledger's database (the node's --ledger-path)")
+    p.add_argument("--sessions", action="store_true", help="one line per client and session")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_usage)
+
     p = sub.add_parser("demo", help="a tiny model, a DHT and two Far Nodes on loopback, then a generation")
-    p.add_argument("--prompt", default="The logging module")
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--model-dir", default=None, help="where the demo checkpoint lives (made if missing)")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--model-dir", default=None, help="where the demo checkpoint lives (trained if missing)")
+    p.add_argument("--train-only", action="store_true", help="train the demo model if missing, print its path")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "simulate", help="compare routing policies on a synthetic mesh and workload; prints JSON",
         description="Unset options take SimulationConfig's defaults; the JSON output echoes every value used.",
     )  # fmt: skip
+    p.add_argument("--config", metavar="FILE.json", help="SimulationConfig fields as JSON; options below override")
     p.add_argument("--policies", help="comma-separated policy names (default: every registered policy)")
     p.add_argument("--nodes", type=int, help="Far Nodes in the mesh (default 1000)")
     p.add_argument("--layers", type=int, help="layers of the model (default 80)")
+    p.add_argument("--clients", type=int, help="client locations, each with its own round trips to the nodes")
     p.add_argument("--min-span", type=int, help="fewest layers a node serves")
     p.add_argument("--max-span", type=int, help="most layers a node serves")
     p.add_argument("--requests", type=int, help="requests in the workload (default 10000)")
@@ -170,7 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
     p.add_argument("--plot", metavar="OUT.png", help="also save a bar chart (needs matplotlib)")
     p.set_defaults(func=cmd_simulate)
+    _accept_log_level(sub)  # `farmesh node ... --log-level DEBUG` works too
     return parser
+
+
+def _accept_log_level(subparsers) -> None:
+    """Give every subcommand (nested ones too) ``--log-level``; unset, the root's value stands."""
+    for subparser in subparsers.choices.values():
+        subparser.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR")
+        for action in subparser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_log_level(action)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from farmesh_core import __version__
 
@@ -19,6 +19,10 @@ def parse_layers(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise ValueError(f"layers {text!r}: need 0 <= START < END")
     return start, end
+
+
+def _is_loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -51,6 +55,14 @@ class NetworkConfig(BaseModel):
         on_loopback = all("/ip4/127." in addr for addr in self.dht_bootstrap)
         return ["/ip4/127.0.0.1/tcp/0"] if on_loopback else ["/ip4/0.0.0.0/tcp/0"]
 
+    def reachable_maddrs(self, addrs: list[str]) -> list[str]:
+        """The addresses worth announcing: when this peer listens beyond loopback, loopback addresses
+        are left out (another host dialing 127.0.0.1 reaches itself), unless nothing else is left.
+        Given ``announce_maddrs`` are kept as they are."""
+        if self.announce_maddrs or all(_is_loopback(addr) for addr in self.listen_maddrs()):
+            return addrs
+        return [addr for addr in addrs if not _is_loopback(addr)] or addrs
+
 
 class NodeConfig(NetworkConfig):
     """Everything a Far Node needs; the CLI and ``FarNode(...)`` keyword arguments fill it."""
@@ -63,7 +75,12 @@ class NodeConfig(NetworkConfig):
     quantization: str = Field(default="none", max_length=64)
     adapters: list[str] = Field(default_factory=list)
     auth: str = "open"
+    auth_key_file: str | None = Field(default=None, description="auth 'token': file holding the mesh's secret key")
+    auth_revoked_file: str | None = Field(
+        default=None, description="auth 'token': revoked token ids, one per line (re-read when it changes)"
+    )
     ledger: str = "null"
+    ledger_path: str | None = Field(default=None, description="ledger 'sqlite': the database file")
     kv_cache_bytes: int = Field(default=2 * 1024**3, gt=0, description="memory budget of all sessions' KV caches")
     kv_cache_peer_share: float = Field(default=0.5, gt=0, le=1, description="fraction one peer may hold")
     max_session_length: int = Field(default=8192, gt=0)
@@ -75,6 +92,15 @@ class NodeConfig(NetworkConfig):
     step_timeout: float = Field(default=30.0, gt=0, description="seconds an idle session is kept")
     announce_period: float = Field(default=10.0, gt=0)
     record_ttl: float = Field(default=30.0, gt=0)
+    rebalance_period: float = Field(
+        default=60.0, ge=0, description="seconds between placement checks of a node given num_layers; 0: never moves"
+    )
+    rebalance_gain: float = Field(
+        default=1.2, gt=1, description="a node moves when the mesh's bottleneck throughput would grow by more"
+    )
+    drain_timeout: float = Field(
+        default=300.0, ge=0, description="seconds a moving node keeps its old layers for the sessions using them"
+    )
     num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
 
     @field_validator("layers")
@@ -97,6 +123,8 @@ class ClientConfig(NetworkConfig):
     model_id: str
     routing: str = "min-latency"
     auth: str = "open"
+    auth_token: SecretStr | None = Field(default=None, description="auth 'token': default $FARMESH_TOKEN")
+    quantization: str | None = Field(default=None, description="use only nodes announcing this; None: any")
     device: str = "cpu"
     step_timeout: float = Field(
         default=10.0, gt=0, description="seconds to wait for a one-token step of a node before failing over"

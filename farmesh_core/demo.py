@@ -5,7 +5,7 @@ import os
 import sys
 import time
 
-from farmesh_core.checkpoint_maker import ensure_checkpoint
+from farmesh_core.demo_model import ensure_demo_model
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
 logger = logging.getLogger(__name__)
@@ -15,13 +15,21 @@ def cache_dir() -> str:
     return os.environ.get("FARMESH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "farmesh"))
 
 
-def run_demo(prompt: str, max_tokens: int, model_dir: str | None = None) -> None:
-    """Make the demo checkpoint if missing, start a DHT and two Far Nodes, generate, stop everything."""
+def demo_model_dir() -> str:
+    """Where the demo's trained model is cached (see ``farmesh_core.demo_model``)."""
+    return os.path.join(cache_dir(), "demo-llama-stories")
+
+
+def run_demo(prompt: str, max_tokens: int, model_dir: str | None = None, train_only: bool = False) -> None:
+    """Train the demo model if missing, start a DHT and two Far Nodes, generate, stop everything."""
     from farmesh_core.client import DistributedInferenceClient
 
-    model_dir = model_dir or os.path.join(cache_dir(), "demo-tiny-llama")
+    model_dir = model_dir or demo_model_dir()
     logger.info("Demo checkpoint: %s", model_dir)
-    ensure_checkpoint(model_dir)
+    ensure_demo_model(model_dir)
+    if train_only:
+        print(model_dir)
+        return
     processes = []
     try:
         dht, addrs = spawn_dht()

@@ -27,10 +27,16 @@ class RouteRequest(BaseModel):
 
 
 class UsageEvent(BaseModel):
-    """One served step, as a payment ledger records it."""
+    """One served step, as a payment ledger records it.
+
+    ``client`` is what the node's auth provider returned (a token's client name, or the peer id on an
+    open mesh); ``peer`` is the caller's peer id, which libp2p authenticates. ``session`` is empty for
+    forward and backward calls. Tokens of multi-token steps count as prefill, one-token steps as decode.
+    """
 
     node: str
     client: str
+    peer: str = ""
     session: str
     start: int
     end: int
@@ -50,3 +56,5 @@ class AuthProvider(Protocol):
 class PaymentLedger(Protocol):
     def record(self, event: UsageEvent) -> None:
         """Store one usage event; must be quick and must not raise."""
+
+    # Optional: ``close()``, if the ledger has it, is called once when the node stops (flush, release files).

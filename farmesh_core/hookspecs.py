@@ -31,7 +31,10 @@ def farmesh_register_quantizers(register):
     Call ``register(name, quantizer)`` where ``quantizer(layer, config) -> nn.Module`` returns the
     layer to serve (it may change ``layer`` in place and return it). The node applies the quantizer
     named by ``NodeConfig.quantization`` to each layer after its weights are loaded, and announces
-    that name in its DHT record.
+    that name in its DHT record; clients may require it (``ClientConfig.quantization``). The layer
+    returned must run under ``torch.inference_mode`` and pass gradients to its input (backward).
+    Raise :class:`~farmesh_core.errors.ConfigError` when it cannot be done here (a missing library,
+    an unsupported dtype or device): the node then stops with that message.
     """
 
 
@@ -50,10 +53,14 @@ def farmesh_register_routing_policies(register):
 def farmesh_register_auth_providers(register):
     """Register auth providers.
 
-    Call ``register(name, provider)`` with an :class:`~farmesh_core.extensions.AuthProvider`.
-    Client side, ``provider.credentials()`` returns a dict of strings attached to every request.
-    Node side, ``provider.verify(credentials, peer_id)`` returns the client's name to allow the
-    request, or raises :class:`~farmesh_core.errors.RequestError` with the reason to refuse it.
+    Call ``register(name, factory)``; ``factory(config)`` returns an
+    :class:`~farmesh_core.extensions.AuthProvider` configured from the
+    :class:`~farmesh_core.config.NodeConfig` (node side) or :class:`~farmesh_core.config.ClientConfig`
+    (client side), or raises :class:`~farmesh_core.errors.ConfigError` naming what is missing. It is
+    called once when a node starts or a client connects. Client side, ``provider.credentials()``
+    returns a dict of strings attached to every request. Node side, ``provider.verify(credentials,
+    peer_id)`` returns the client's name to allow the request, or raises
+    :class:`~farmesh_core.errors.RequestError` with the reason to refuse it.
     """
 
 
@@ -61,10 +68,12 @@ def farmesh_register_auth_providers(register):
 def farmesh_register_payment_ledgers(register):
     """Register payment ledgers.
 
-    Call ``register(name, ledger)`` with an :class:`~farmesh_core.extensions.PaymentLedger`. The node
-    calls ``ledger.record(event)`` with a :class:`~farmesh_core.extensions.UsageEvent` after every
-    step it serves (client, session, layers, tokens, compute time). ``record`` must be quick and
-    must not raise.
+    Call ``register(name, factory)``; ``factory(config)`` gets the node's
+    :class:`~farmesh_core.config.NodeConfig` when the node starts and returns a
+    :class:`~farmesh_core.extensions.PaymentLedger`. The node calls ``ledger.record(event)`` with a
+    :class:`~farmesh_core.extensions.UsageEvent` after every step it serves (node, client, peer,
+    session, layers, prefill and decode tokens, compute time), and ``ledger.close()``, if it has one,
+    when it stops. ``record`` must be quick and must not raise.
     """
 
 

@@ -55,20 +55,16 @@ class TokenChooser:
 
 
 class TextStream:
-    """Turns a growing list of token ids into text pieces, holding back incomplete characters."""
+    """The text of a growing list of token ids (decoded whole, so multi-token characters come out right)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.sent = 0
 
     def push(self, token_id: int) -> str:
+        """Add a token; return the whole text so far."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[self.sent :], len(text)
-        return piece
+        return self.text()
 
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)

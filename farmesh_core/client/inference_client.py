@@ -70,26 +70,24 @@ class DistributedInferenceClient:
         return pieces if stream else "".join(pieces)
 
     def _generate_text(self, prompt, max_tokens, temperature, top_p, top_k, stop=None, **options) -> Iterator[str]:
+        """Text pieces as tokens arrive: held back while a character or a stop string may be incomplete."""
         input_ids = self.tokenizer(prompt, return_tensors="pt").input_ids
         text = TextStream(self.tokenizer)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        emitted = ""
+        stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
+        hold_back = max((len(s) - 1 for s in stops), default=0)
+        emitted = 0
         for token in self.generate_ids(input_ids, max_tokens, temperature, top_p, top_k, **options):
-            piece = text.push(int(token[0]))
-            if not stops:
-                yield piece
-                continue
-            full = text.text()
+            full = text.push(int(token[0]))
             hit = min((full.find(s) for s in stops if s in full), default=-1)
             if hit >= 0:
-                yield full[len(emitted) : hit]
+                yield full[emitted:hit]
                 return
-            safe = len(full) - max(len(s) for s in stops)  # hold back what could start a stop string
-            if safe > len(emitted):
-                yield full[len(emitted) : safe]
-                emitted = full[:safe]
-        if stops:
-            yield text.text()[len(emitted) :]
+            safe = len(full.removesuffix("\ufffd")) - hold_back
+            if safe > emitted:
+                yield full[emitted:safe]
+                emitted = safe
+        if rest := text.text()[emitted:]:
+            yield rest
 
     @torch.inference_mode()
     def generate_ids(

@@ -41,7 +41,7 @@ class MeshConnection:
     def __init__(self, config: ClientConfig, prefix: str):
         self.config, self.prefix = config, prefix
         self.policy = pick("routing policy", get_routing_policies(), config.routing)
-        self.credentials = pick("auth provider", get_auth_providers(), config.auth).credentials()
+        self.credentials = pick("auth provider", get_auth_providers(), config.auth)(config).credentials()
         self.dht = start_dht(config, client_mode=True)
         self.loop = BackgroundLoop("farmesh-client")
         self.p2p = self.loop.run(self.dht.replicate_p2p())
@@ -68,11 +68,16 @@ class MeshConnection:
         avoid = set(avoid) | {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY}
         for refresh in (False, True):
             records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
+            if self.config.quantization is not None:  # the client requires one quantization
+                records = [r for r in records if r.quantization == self.config.quantization]
             self.measure_latencies([r.peer_id for r in records if r.start < end and r.end > start])
             request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=avoid)
             try:
                 return self.policy(request)
-            except NoRouteError:
+            except NoRouteError as e:
+                if refresh and self.config.quantization is not None:
+                    wanted = self.config.quantization
+                    raise NoRouteError(f"{e} (only nodes with quantization={wanted!r} count)") from None
                 if refresh:
                     raise
         raise AssertionError("unreachable")

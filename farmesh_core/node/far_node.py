@@ -1,11 +1,14 @@
 """FarNode: load a span of layers, serve them over hivemind P2P, announce them in the DHT."""
 
 import logging
+import random
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from farmesh_core import __version__
 from farmesh_core.architecture import adapter_for
@@ -16,7 +19,7 @@ from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.node.placement import choose_layers
+from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
 from farmesh_core.plugins import (
     get_auth_providers,
     get_payment_ledgers,
@@ -46,7 +49,9 @@ class FarNode:
         self._p2p = None
         self._stop = threading.Event()
         self._announcer: threading.Thread | None = None
-        self.start_layer = self.end_layer = 0
+        self._rebalancer: threading.Thread | None = None  # placement: see rebalance()
+        self._record_lock = threading.Lock()
+        self.start_layer = self.end_layer = self.total_layers = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "FarNode":
@@ -61,8 +66,8 @@ class FarNode:
         total = adapter.num_layers(checkpoint.config)
         self.prefix = config.dht_prefix or checkpoint.dht_prefix
         quantizer = pick("quantizer", get_quantizers(), config.quantization)
-        auth = pick("auth provider", get_auth_providers(), config.auth)
-        ledger = pick("payment ledger", get_payment_ledgers(), config.ledger)
+        auth = pick("auth provider", get_auth_providers(), config.auth)(config)
+        ledger = pick("payment ledger", get_payment_ledgers(), config.ledger)(config)
 
         self.dht = start_dht(config)
         self.start_layer, self.end_layer = self._pick_layers(total)
@@ -76,12 +81,16 @@ class FarNode:
         dtype = DTYPES.get(config.dtype) or checkpoint.config.dtype or torch.float32
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
-        self.span = LayerSpan(
-            checkpoint, adapter, self.start_layer, self.end_layer, dtype, config.device, prepare,
-            progress=lambda done, n: logger.debug("Loaded %d/%d layers", done, n),
-        )  # fmt: skip
+        # A progress bar on a terminal (disable=None: none when stderr is a file or a pipe).
+        with tqdm(total=self.end_layer - self.start_layer, desc="Loading layers", unit="layer", disable=None) as bar:
+            self.span = LayerSpan(
+                checkpoint, adapter, self.start_layer, self.end_layer, dtype, config.device, prepare,
+                progress=lambda done, n: bar.update(done - bar.n),
+            )  # fmt: skip
         self.throughput = self.span.measure_throughput()
-        self.handlers = NodeHandlers(config, self.span, auth, ledger)
+        self._span_args = (checkpoint, adapter, dtype, prepare)  # to load other layers when it moves
+        self.total_layers = total
+        self.handlers = NodeHandlers(config, SpanSwitch(self.span) if self.may_move else self.span, auth, ledger)
         self._loop = BackgroundLoop("farmesh-node")
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
@@ -90,6 +99,11 @@ class FarNode:
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
         self._announcer.start()
+        if self.may_move:
+            self._rebalancer = threading.Thread(
+                target=self._rebalance_periodically, name="farmesh-rebalance", daemon=True
+            )
+            self._rebalancer.start()
         logger.info(
             "Far Node %s serves layers %d:%d of %s (%.0f tok/s) at %s",
             self.peer_id, self.start_layer, self.end_layer, self.prefix, self.throughput,
@@ -116,6 +130,9 @@ class FarNode:
         if self._announcer is not None:
             self._announcer.join(timeout=5)
             self._announcer = None
+        if self._rebalancer is not None:
+            self._rebalancer.join(timeout=5)
+            self._rebalancer = None
         if self.dht is not None:
             if self.handlers is not None:
                 try:
@@ -131,6 +148,8 @@ class FarNode:
             self.dht = None
         if self.handlers is not None:
             self.handlers.close()
+            if hasattr(self.handlers.ledger, "close"):  # flush what the ledger still holds
+                self.handlers.ledger.close()
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
@@ -145,7 +164,10 @@ class FarNode:
     # ---- DHT ---------------------------------------------------------------------------------
     @property
     def multiaddrs(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()] if self.dht is not None else []
+        """Where others can reach this node (loopback addresses only when the mesh is on loopback)."""
+        if self.dht is None:
+            return []
+        return self.config.reachable_maddrs([str(a) for a in self.dht.get_visible_maddrs()])
 
     def _pick_layers(self, total: int) -> tuple[int, int]:
         if self.config.layers is not None:
@@ -155,7 +177,16 @@ class FarNode:
             return start, end
         if self.config.num_layers is None:
             return 0, total
-        return choose_layers(fetch_node_records(self.dht, self.prefix), total, self.config.num_layers)
+        # Nodes still loading count too, so that nodes starting together spread out (like Petals).
+        records = [r for r in fetch_node_records(self.dht, self.prefix, online_only=False) if r.state != "offline"]
+        throughput = estimate_throughput(records, self.config.num_layers)
+        start, end = choose_layers(records, total, self.config.num_layers, throughput)
+        joining = NodeRecord(
+            peer_id=str(self.dht.peer_id), start=start, end=end, throughput=throughput, cache_tokens_left=0,
+            state="joining", addrs=self.multiaddrs,
+        )  # fmt: skip
+        declare_node(self.dht, self.prefix, joining, self.config.record_ttl)
+        return start, end
 
     def record(self, state: str = "online") -> NodeRecord:
         return NodeRecord(
@@ -175,9 +206,10 @@ class FarNode:
         )
 
     def _announce(self, state: str, ttl: float | None = None) -> None:
-        record = self.record(state)
-        self.handlers.record_json = record.model_dump_json().encode()
-        declare_node(self.dht, self.prefix, record, ttl or self.config.record_ttl)
+        with self._record_lock:  # a move changes start, end and throughput together
+            record = self.record(state)
+            self.handlers.record_json = record.model_dump_json().encode()
+            declare_node(self.dht, self.prefix, record, ttl or self.config.record_ttl)
 
     def _announce_periodically(self) -> None:
         while not self._stop.wait(self.config.announce_period):
@@ -185,3 +217,70 @@ class FarNode:
                 self._announce("online")
             except Exception:
                 logger.warning("Could not refresh the node record", exc_info=True)
+
+    # ---- placement -----------------------------------------------------------------------------
+    @property
+    def may_move(self) -> bool:
+        """Whether this node rebalances: it picked its layers itself (``num_layers``) and
+        ``rebalance_period`` is not 0. Nodes given ``layers`` stay where they were put."""
+        config = self.config
+        return (
+            config.layers is None
+            and config.num_layers is not None
+            and config.num_layers < self.total_layers
+            and config.rebalance_period > 0
+        )
+
+    def _rebalance_periodically(self) -> None:
+        # Jittered (like Petals) so that nodes checking the same mesh rarely move at the same moment.
+        while not self._stop.wait(self.config.rebalance_period * random.uniform(0.5, 1.5)):
+            try:
+                self.rebalance()
+            except Exception:
+                logger.warning("Could not rebalance", exc_info=True)
+
+    def rebalance(self) -> bool:
+        """Check the mesh once and move if :func:`~farmesh_core.node.placement.rebalance_target`
+        says the mesh gains clearly; returns whether the node moved."""
+        records = [r for r in fetch_node_records(self.dht, self.prefix, online_only=False) if r.state != "offline"]
+        target = rebalance_target(records, self.peer_id, self.total_layers, self.throughput, self.config.rebalance_gain)
+        if target is None or self._stop.is_set():
+            return False
+        self.move_to(*target)
+        return True
+
+    def move_to(self, start: int, end: int) -> None:
+        """Serve layers ``start:end`` instead, without dropping sessions: load them, switch new
+        requests to them and announce, keep the old layers for the sessions that started on them
+        until those finish (or ``drain_timeout``), then release the old layers."""
+        switch = self.handlers.span
+        if not isinstance(switch, SpanSwitch):
+            raise ConfigError("only a node started with num_layers and a rebalance_period can move")
+        old_start, old_end = self.start_layer, self.end_layer
+        logger.info("Moving from layers %d:%d to %d:%d", old_start, old_end, start, end)
+        checkpoint, adapter, dtype, prepare = self._span_args
+        span = LayerSpan(checkpoint, adapter, start, end, dtype, self.config.device, prepare)
+        throughput = span.measure_throughput()
+        if self._stop.is_set():
+            return
+        with self._record_lock:
+            self._loop.run(_call(switch.switch_to, span), timeout=30)
+            self.span, self.start_layer, self.end_layer, self.throughput = span, start, end, throughput
+        self._announce("online")
+        logger.info("Far Node %s serves layers %d:%d (%.0f tok/s)", self.peer_id, start, end, throughput)
+
+        deadline = time.monotonic() + self.config.drain_timeout
+        self._stop.wait(min(1.0, self.config.drain_timeout))  # steps already accepted for the old layers
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self._loop.run(_call(lambda: switch.drained(self.handlers.active_sessions)), timeout=30):
+                break
+            self._stop.wait(0.2)
+        if self._stop.is_set():
+            return
+        self._loop.run(_call(switch.release_old), timeout=30)
+        logger.info("Released layers %d:%d", old_start, old_end)
+
+
+async def _call(fn, *args):
+    """Run ``fn`` on the node's event loop thread, where sessions open and close."""
+    return fn(*args)

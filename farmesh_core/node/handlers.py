@@ -16,9 +16,11 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from farmesh_core import metrics
 from farmesh_core.config import NodeConfig
 from farmesh_core.errors import RequestError
 from farmesh_core.extensions import AuthProvider, PaymentLedger, UsageEvent
+from farmesh_core.node.batching import DecodeBatcher
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.streams import add_limited_stream_handler
@@ -38,7 +40,7 @@ from farmesh_core.wire import (
 
 logger = logging.getLogger(__name__)
 
-INLINE_TOKENS = 32  # steps with at most this many tokens run on the event loop
+INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
 
 
 def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
@@ -61,6 +63,8 @@ class NodeHandlers:
         self.active_sessions = 0
         self.record_json = b"{}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
+        self.batcher = DecodeBatcher(span)
+        metrics.watch_node(self)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -113,9 +117,12 @@ class NodeHandlers:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _record_usage(self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began):
+    def _record_usage(
+        self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began, peer: str = ""
+    ):
+        metrics.node_step(tokens, prefill, time.perf_counter() - began)
         event = UsageEvent(
-            node=self.peer_id, client=client, session=session, start=start, end=end,
+            node=self.peer_id, client=client, peer=peer, session=session, start=start, end=end,
             prefill_tokens=tokens if prefill else 0, decode_tokens=0 if prefill else tokens,
             compute_s=time.perf_counter() - began,
         )  # fmt: skip
@@ -138,6 +145,7 @@ class NodeHandlers:
         nbytes = request.batch_size * request.max_length * self.span.kv_bytes_per_token(request.start, request.end)
         peer = str(context.remote_id)
         await self.budget.allocate(nbytes, request.alloc_timeout, peer)
+        metrics.node_request("inference")
         cache = SessionCache(request.max_length)
         self.active_sessions += 1
         try:
@@ -170,11 +178,17 @@ class NodeHandlers:
                         raise RequestError(f"position {step.position}+{q_len} exceeds max_length {opened.max_length}")
                     began = time.perf_counter()
                     tokens = hidden.shape[0] * q_len
-                    out = await self._compute(
-                        tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position
-                    )
+                    if tokens == 1:
+                        out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position)
+                    else:
+                        out = await self._compute(
+                            tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position
+                        )
                     yield runtime_pb2.ExpertResponse(tensors=[serialize_tensor(out)])
-                    self._record_usage(client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began)
+                    self._record_usage(
+                        client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began,
+                        peer=str(context.remote_id),
+                    )  # fmt: skip
                     try:
                         request = await asyncio.wait_for(anext(requests), self.config.step_timeout)
                     except StopAsyncIteration:
@@ -213,9 +227,10 @@ class NodeHandlers:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             call, client, (hidden,) = await self._span_call(requests, context, tensors=1)
+            metrics.node_request("forward")
             began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
             out = await self._compute(tokens, self.span.forward, hidden, call.start, call.end)
-            self._record_usage(client, "", call.start, call.end, tokens, True, began)
+            self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
             return
@@ -227,11 +242,12 @@ class NodeHandlers:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
             call, client, (hidden, grad_output) = await self._span_call(requests, context, tensors=2)
+            metrics.node_request("backward")
             began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
             grad_input = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.span.backward, hidden, grad_output, call.start, call.end
             )
-            self._record_usage(client, "", call.start, call.end, tokens, True, began)
+            self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
             return

@@ -1,0 +1,207 @@
+"""Generation and remote layers through a real mesh: a DHT and two Far Nodes (layers 0:4 and 4:8).
+
+Every check compares against plain transformers on the same checkpoint: greedy tokens identical,
+hidden states within 1e-5. Each test runs for multi-head attention and for grouped-query attention.
+"""
+
+import pytest
+import torch
+
+from farmesh import DistributedInferenceClient, DistributedModel
+from tests.helpers import (
+    NUM_LAYERS,
+    PROMPT,
+    hf_greedy_ids,
+    hf_greedy_text,
+    hf_hidden_states,
+    hf_model,
+    hf_sampled_ids,
+    hf_tokenizer,
+    prompt_ids,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def mesh(request):
+    return request.getfixturevalue({"mha": "llama_mesh", "gqa": "gqa_mesh"}[request.param])
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+        yield client
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- text generation -----------------------------------------------------------------------------
+def test_greedy_generate_equals_transformers(client, mesh):
+    """64 greedy tokens through two nodes decode to exactly transformers' greedy text."""
+    expected = hf_greedy_text(mesh.model_dir, PROMPT, 64)
+    assert len(hf_greedy_ids(mesh.model_dir, PROMPT, 64)) == 64, "the reference should not stop early at EOS"
+    assert client.generate(PROMPT, max_tokens=64) == expected
+
+
+def test_temperature_zero_is_greedy(client, mesh):
+    """``temperature=0`` is greedy even when top_k and top_p are given."""
+    assert client.generate(PROMPT, max_tokens=16, temperature=0, top_k=5, top_p=0.5) == hf_greedy_text(
+        mesh.model_dir, PROMPT, 16
+    )
+
+
+def test_greedy_token_ids_equal_transformers(client, mesh):
+    """``generate_ids`` yields transformers' greedy token ids, one tensor [batch] per step."""
+    steps = list(client.generate_ids(prompt_ids(mesh.model_dir), 64))
+    assert all(step.shape == (1,) for step in steps)
+    assert torch.cat(steps).tolist() == list(hf_greedy_ids(mesh.model_dir, PROMPT, 64))
+
+
+def test_stream_pieces_join_to_the_same_text(client, mesh):
+    """``stream=True`` yields text pieces as tokens arrive; together they are the greedy text."""
+    pieces = list(client.generate(PROMPT, max_tokens=64, stream=True))
+    assert all(isinstance(piece, str) for piece in pieces)
+    assert len([p for p in pieces if p]) > 10, "the text should arrive in many pieces, not at the end"
+    assert "".join(pieces) == hf_greedy_text(mesh.model_dir, PROMPT, 64)
+
+
+def test_text_ending_inside_a_character_is_not_cut(client, mesh):
+    """When the last token stops inside a multi-byte UTF-8 character, the text still equals transformers'
+    decoded text: what the stream held back waiting for the rest of the character is not lost."""
+    ids, tokenizer = hf_greedy_ids(mesh.model_dir, PROMPT, 64), hf_tokenizer(mesh.model_dir)
+    cuts = [n for n in range(1, 65) if tokenizer.decode(list(ids[:n]), skip_special_tokens=True).endswith("\ufffd")]
+    assert cuts, "the reference text should stop inside a character somewhere in 64 tokens"
+    expected = hf_greedy_text(mesh.model_dir, PROMPT, cuts[0])
+    assert client.generate(PROMPT, max_tokens=cuts[0]) == expected
+    assert "".join(client.generate(PROMPT, max_tokens=cuts[0], stream=True)) == expected
+
+
+def test_each_prompt_of_a_batch_generates_like_transformers(client, mesh):
+    """A batch of two equally long prompts runs in one session; each row is transformers' greedy output."""
+    first, second = prompt_ids(mesh.model_dir, PROMPT), prompt_ids(mesh.model_dir, "The json module")
+    assert first.shape == second.shape
+    steps = list(client.generate_ids(torch.cat([first, second]), 24))
+    got = torch.stack(steps, dim=1)
+    assert got[0].tolist() == list(hf_greedy_ids(mesh.model_dir, PROMPT, 24))
+    assert got[1].tolist() == list(hf_greedy_ids(mesh.model_dir, "The json module", 24))
+
+
+def test_generation_goes_through_a_chain_of_two_nodes(client):
+    """The session's route has one hop per node, covering layers 0:4 then 4:8."""
+    with client.inference_session(max_length=8) as session:
+        route = session.route
+        assert [(hop.start, hop.end) for hop in route] == [(0, 4), (4, NUM_LAYERS)]
+        assert route[0].peer_id != route[1].peer_id
+
+
+def test_session_steps_equal_local_layers(client, mesh):
+    """A session fed a prefill and then single tokens returns what the local layers return."""
+    states = hf_hidden_states(mesh.model_dir, seed=3, batch=1, seq=6)
+    final_norm = hf_model(mesh.model_dir).model.norm
+    with client.inference_session(max_length=6) as session:
+        outputs = [session.step(states[0][:, :4]), session.step(states[0][:, 4:5]), session.step(states[0][:, 5:6])]
+    assert session.position == 6
+    assert_close(final_norm(torch.cat(outputs, dim=1)), states[-1])
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+def test_sampling_with_the_same_seed_repeats(client):
+    """Sampling (temperature 0.8, top-k 50) with one seed gives the same, non-empty text twice."""
+    first = client.generate(PROMPT, max_tokens=32, temperature=0.8, top_k=50, seed=1234)
+    second = client.generate(PROMPT, max_tokens=32, temperature=0.8, top_k=50, seed=1234)
+    assert first and first == second
+
+
+def test_seeded_sampling_draws_what_transformers_draws(client, mesh):
+    """With the same seed, the client samples exactly the tokens transformers' ``generate`` samples:
+    the same logits processors (temperature, top-k, top-p) and the same draw."""
+    sampling = dict(temperature=0.8, top_k=50, top_p=0.9)
+    expected = hf_sampled_ids(mesh.model_dir, PROMPT, 32, seed=77, **sampling)
+    assert expected != list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
+    got = torch.cat(list(client.generate_ids(prompt_ids(mesh.model_dir), 32, seed=77, **sampling))).tolist()
+    assert got == expected
+
+
+def test_sampling_with_another_seed_differs(client):
+    """Another seed samples other tokens."""
+    first = client.generate(PROMPT, max_tokens=32, temperature=0.8, top_k=50, seed=1)
+    second = client.generate(PROMPT, max_tokens=32, temperature=0.8, top_k=50, seed=2)
+    assert first != second
+
+
+def test_sampling_differs_from_greedy(client, mesh):
+    """A high temperature really samples: the text is not the greedy one."""
+    sampled = client.generate(PROMPT, max_tokens=32, temperature=1.5, top_p=0.95, seed=5)
+    assert sampled != hf_greedy_text(mesh.model_dir, PROMPT, 32)
+
+
+# ---- remote layers -------------------------------------------------------------------------------
+def test_distributed_model_forward_equals_local_layers(mesh):
+    """``DistributedModel(model_id, dht_bootstrap)`` runs all 8 layers remotely like transformers does."""
+    states = hf_hidden_states(mesh.model_dir)
+    layers = DistributedModel(mesh.model_dir, mesh.addrs)
+    try:
+        assert len(layers) == NUM_LAYERS
+        with torch.no_grad():
+            out = layers(states[0])
+        assert out.shape == (2, 16, 256)
+        assert_close(hf_model(mesh.model_dir).model.norm(out), states[-1])
+    finally:
+        layers.close()
+
+
+def test_first_node_slice_equals_local_layers(client, mesh):
+    """``layers[0:4]`` is the first node's span: its output is transformers' input of layer 4."""
+    states = hf_hidden_states(mesh.model_dir)
+    with torch.no_grad():
+        assert_close(client.layers[0:4](states[0]), states[4])
+
+
+def test_slice_across_two_nodes(client, mesh):
+    """``layers[2:6]`` runs layers 2-3 on one node and 4-5 on the other."""
+    states = hf_hidden_states(mesh.model_dir)
+    with torch.no_grad():
+        assert_close(client.layers[2:6](states[2]), states[6])
+
+
+def test_single_layer(client, mesh):
+    """``layers[3]`` and ``layers[-1]`` are single remote layers."""
+    states = hf_hidden_states(mesh.model_dir)
+    assert len(client.layers[3]) == 1 and len(client.layers[2:6]) == 4
+    with torch.no_grad():
+        assert_close(client.layers[3](states[3]), states[4])
+        last = client.layers[-1](states[NUM_LAYERS - 1])
+    assert_close(hf_model(mesh.model_dir).model.norm(last), states[-1])
+
+
+def test_slice_of_a_slice(client, mesh):
+    """Indexing a slice counts from the slice's own start: ``layers[2:6][1:3]`` is layers 3:5."""
+    states = hf_hidden_states(mesh.model_dir)
+    with torch.no_grad():
+        assert_close(client.layers[2:6][1:3](states[3]), states[5])
+
+
+def test_bad_layer_indices_raise_index_error(client):
+    """Out-of-range indices, empty and strided slices are refused like a Python sequence would."""
+    for bad in (NUM_LAYERS, -NUM_LAYERS - 1, slice(4, 4), slice(0, 8, 2)):
+        with pytest.raises(IndexError):
+            client.layers[bad]
+
+
+def test_gradient_through_remote_layers_equals_local(client, mesh):
+    """Backward through ``layers[0:4]`` gives the input gradient that transformers' layers give."""
+    x = hf_hidden_states(mesh.model_dir)[0].clone()
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+
+    remote_x = x.clone().requires_grad_(True)
+    (client.layers[0:4](remote_x) * weights).sum().backward()
+
+    local_x = x.clone().requires_grad_(True)
+    states = hf_model(mesh.model_dir).model(inputs_embeds=local_x, output_hidden_states=True).hidden_states
+    (states[4] * weights).sum().backward()
+
+    assert remote_x.grad is not None and remote_x.grad.abs().sum() > 0
+    torch.testing.assert_close(remote_x.grad, local_x.grad, atol=1e-4, rtol=1e-4)

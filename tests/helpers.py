@@ -1,0 +1,145 @@
+"""Helpers shared by the tests: plain-transformers references and meshes of real processes.
+
+Every mesh is a real ``farmesh dht`` process plus real ``farmesh node`` processes on 127.0.0.1 with
+port 0, started through :mod:`farmesh_core.launch` and stopped by PID.
+"""
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from farmesh_core.launch import kill_process_group, spawn_dht, spawn_node, wait_for_layers
+
+PROMPT = "The logging module"
+HIDDEN_SIZE = 256  # TINY_LLAMA
+NUM_LAYERS = 8
+
+
+# ---- plain transformers, the definition of correct -----------------------------------------------
+@cache
+def hf_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@cache
+def hf_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def prompt_ids(model_dir: str, prompt: str = PROMPT) -> torch.Tensor:
+    return hf_tokenizer(model_dir)(prompt, return_tensors="pt").input_ids
+
+
+REFERENCE_TOKENS = 64
+
+
+@cache
+def _hf_greedy_run(model_dir: str, prompt: str, max_new_tokens: int) -> tuple[int, ...]:
+    ids = prompt_ids(model_dir, prompt)
+    with torch.no_grad():
+        out = hf_model(model_dir).generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tuple(out[0, ids.shape[1] :].tolist())
+
+
+def hf_greedy_ids(model_dir: str, prompt: str = PROMPT, max_new_tokens: int = REFERENCE_TOKENS) -> tuple[int, ...]:
+    """The new token ids of transformers' greedy ``generate``.
+
+    Greedy decoding of N tokens is the first N tokens of a longer greedy run, so one run of
+    REFERENCE_TOKENS per prompt serves every shorter request."""
+    return _hf_greedy_run(model_dir, prompt, max(max_new_tokens, REFERENCE_TOKENS))[:max_new_tokens]
+
+
+def hf_sampled_ids(model_dir: str, prompt: str, max_new_tokens: int, seed: int, **sampling) -> list[int]:
+    """The new token ids of transformers' sampling ``generate`` after ``torch.manual_seed(seed)``."""
+    ids = prompt_ids(model_dir, prompt)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        out = hf_model(model_dir).generate(ids, max_new_tokens=max_new_tokens, do_sample=True, **sampling)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def hf_greedy_text(model_dir: str, prompt: str = PROMPT, max_new_tokens: int = REFERENCE_TOKENS) -> str:
+    """The decoded new text of transformers' greedy ``generate`` (special tokens skipped)."""
+    ids = list(hf_greedy_ids(model_dir, prompt, max_new_tokens))
+    return hf_tokenizer(model_dir).decode(ids, skip_special_tokens=True)
+
+
+@cache
+def hf_hidden_states(model_dir: str, seed: int = 0, batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, ...]:
+    """A random input [batch, seq, hidden] and what each decoder layer of transformers makes of it.
+
+    ``states[i]`` is the input of layer ``i`` (``states[0]`` the random input); ``states[-1]`` is the
+    final norm of the last layer's output, as transformers reports it.
+    """
+    x = torch.randn(batch, seq, HIDDEN_SIZE, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return hf_model(model_dir).model(inputs_embeds=x, output_hidden_states=True).hidden_states
+
+
+# ---- meshes of real processes --------------------------------------------------------------------
+@dataclass
+class Mesh:
+    """A DHT process and Far Node processes serving one checkpoint on loopback."""
+
+    model_dir: str
+    addrs: list[str]
+    dht: subprocess.Popen
+    nodes: list[subprocess.Popen]
+    layers: list[str]
+    logs: list[Path] = field(default_factory=list)
+
+    def assert_alive(self) -> None:
+        for proc, layers in zip(self.nodes, self.layers, strict=True):
+            assert proc.poll() is None, f"the node serving {layers} died (exit code {proc.returncode})"
+        assert self.dht.poll() is None, "the DHT process died"
+
+
+class MeshLauncher:
+    """Starts meshes and remembers every process it started, so ``stop_all`` can stop them by PID."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.dhts: list[subprocess.Popen] = []
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, model_dir: str, *layers: str, node_args: tuple[str, ...] = ()) -> Mesh:
+        dht, addrs = spawn_dht()
+        self.dhts.append(dht)
+        nodes, logs = [], []
+        for span in layers:
+            log = self.log_dir / f"node{len(self.nodes)}-{span.replace(':', '_')}.log"
+            proc = spawn_node(model_dir, addrs, "--layers", span, *node_args, log_path=str(log))
+            self.nodes.append(proc)
+            nodes.append(proc)
+            logs.append(log)
+        try:
+            wait_for_layers(model_dir, addrs, num_nodes=len(nodes), timeout=120, procs=nodes)
+        except Exception as e:
+            tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+            raise RuntimeError(f"the mesh did not come up: {e}\n{tails}") from e
+        return Mesh(model_dir, addrs, dht, nodes, list(layers), logs)
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """SIGTERM every node by PID at once (each withdraws from the DHT and stops), then the DHTs;
+        after ``timeout`` SIGKILL each process group (the p2p daemons included) whatever is left."""
+        for group in (self.nodes, self.dhts):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in group:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+                kill_process_group(proc)
+            group.clear()
