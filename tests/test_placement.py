@@ -164,6 +164,9 @@ class FakeSpan:
             cache.end_step(1)
         return self.name
 
+    def forward_decode_batch(self, hiddens, start, end, caches, positions):
+        return [self.forward(h, start, end, c, p) for h, c, p in zip(hiddens, caches, positions, strict=True)]
+
     def backward(self, hidden, grad_output, start, end):
         return self.name
 
@@ -200,3 +203,18 @@ def test_span_switch_counts_unseen_sessions_as_old():
     switch.switch_to(FakeSpan("new", 4, 8))
     assert not switch.drained(active_sessions=1)  # a session of the old span that has not stepped since
     assert switch.drained(active_sessions=0)
+
+
+def test_span_switch_batches_decode_steps_only_within_one_span():
+    old, new = FakeSpan("old", 0, 4), FakeSpan("new", 0, 4)
+    switch = SpanSwitch(old)
+    running = SessionCache(16)
+    switch.forward(None, 0, 4, running, 0)
+    switch.switch_to(new)
+    fresh = SessionCache(16)
+    switch.forward(None, 0, 4, fresh, 0)
+    # Sessions on different spans: no batch (the node's batcher then steps them one by one).
+    assert switch.forward_decode_batch([None, None], 0, 4, [running, fresh], [1, 1]) is None
+    assert switch.forward_decode_batch([None, None], 0, 4, [fresh, SessionCache(16)], [1, 0]) == ["new", "new"]
+    switch.release_old()
+    assert switch.forward_decode_batch([None, None], 0, 4, [running, fresh], [2, 2]) == ["new", "new"]

@@ -181,5 +181,13 @@ class SpanSwitch:
     def forward(self, hidden, start: int, end: int, cache=None, position: int = 0):
         return self._span_for(start, end, cache).forward(hidden, start, end, cache, position)
 
+    def forward_decode_batch(self, hiddens, start: int, end: int, caches, positions):
+        """One-token steps of several sessions (the node's decode batcher) as one batch when they are
+        all on the same span; None otherwise, and the batcher runs them one by one through ``forward``."""
+        spans = {id(span): span for span in (self._span_for(start, end, cache) for cache in caches)}
+        if len(spans) != 1:
+            return None
+        return next(iter(spans.values())).forward_decode_batch(hiddens, start, end, caches, positions)
+
     def backward(self, hidden, grad_output, start: int, end: int):
         return self._span_for(start, end, None).backward(hidden, grad_output, start, end)
