@@ -167,8 +167,6 @@ async def receive_chunked(
         else:
             tensors[-1].buffer += part.buffer
             pending -= 1
-        if pending == 0 and len(tensors) == max_tensors:
-            break
     if (meta is None and meta_type is not None) or pending or not tensors:
         raise RequestError("the stream ended early")
     return meta, tensors

@@ -159,7 +159,9 @@ def bnb_int8_quantization(layer: nn.Module, config) -> nn.Module:
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             has_fp16_weights=False, threshold=6.0, device="meta",
         )  # fmt: skip
-        quantized.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        # Int8Params quantizes when it moves from the CPU to a device: a layer already on a GPU goes via the CPU
+        weight = linear.weight.data.cpu()
+        quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return quantized.to(device)  # bitsandbytes quantizes the weight when it moves to the device

@@ -34,22 +34,25 @@ def sharded_llama(tmp_path_factory) -> str:
 
 # ---- meshes of real processes --------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def session_launcher(tmp_path_factory):
-    launcher = MeshLauncher(tmp_path_factory.mktemp("session-mesh-logs"))
+def mesh_factory(tmp_path_factory):
+    """Start a mesh: ``mesh_factory(model_dir, "0:4", "4:8")`` returns a Mesh (bootstrap addrs, DHT and
+    node processes). Every process it started is stopped by PID at the end of the session, even after
+    failures; node logs are kept in the session's tmp dir and quoted if a mesh does not come up."""
+    launcher = MeshLauncher(tmp_path_factory.mktemp("mesh-logs"))
     try:
-        yield launcher
+        yield launcher.start
     finally:
         launcher.stop_all()
 
 
 @pytest.fixture(scope="session")
-def llama_mesh(session_launcher, tiny_llama) -> Mesh:
+def llama_mesh(mesh_factory, tiny_llama) -> Mesh:
     """Two Far Nodes (layers 0:4 and 4:8) of the tiny Llama, shared by the e2e modules (the bad
     requests of test_bad_requests.py go to these nodes too, and every module after it relies on them)."""
-    return session_launcher.start(tiny_llama, "0:4", "4:8")
+    return mesh_factory(tiny_llama, "0:4", "4:8")
 
 
 @pytest.fixture(scope="session")
-def gqa_mesh(session_launcher, gqa_llama) -> Mesh:
+def gqa_mesh(mesh_factory, gqa_llama) -> Mesh:
     """Two Far Nodes (layers 0:4 and 4:8) of the GQA Llama."""
-    return session_launcher.start(gqa_llama, "0:4", "4:8")
+    return mesh_factory(gqa_llama, "0:4", "4:8")

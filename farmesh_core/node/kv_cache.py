@@ -114,7 +114,8 @@ class KVCacheBudget:
 
         async with self._freed:
             try:
-                await asyncio.wait_for(self._freed.wait_for(fits), timeout)
+                if not fits():  # (wait_for with a zero timeout would not even look)
+                    await asyncio.wait_for(self._freed.wait_for(fits), timeout)
             except TimeoutError:
                 raise RequestError(
                     f"no room for {nbytes} bytes of KV cache within {timeout:.1f} s ({self.free_bytes} of "

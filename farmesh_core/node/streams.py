@@ -18,6 +18,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_BYTES = 64 * 1024
+DISCARD_SECONDS = 1.0  # how long a finished stream waits for the caller to stop sending
 
 
 class StreamProtocolError(Exception):
@@ -40,6 +41,18 @@ async def _read_message(reader: asyncio.StreamReader, message_type: type, max_by
         return message_type.FromString(data)
     except DecodeError:
         raise StreamProtocolError("the message is not a valid protobuf of the expected type") from None
+
+
+async def _discard_rest(reader: asyncio.StreamReader) -> None:
+    """Read (and drop) what the caller is still sending, briefly, before the stream is closed.
+
+    Closing a socket with unread data resets the connection, and the reset can destroy the reply
+    the caller has not read yet: it would see a broken stream instead of the node's error.
+    """
+    with suppress(Exception):
+        async with asyncio.timeout(DISCARD_SECONDS):
+            while await reader.read(64 * 1024):
+                pass
 
 
 async def add_limited_stream_handler(
@@ -77,6 +90,8 @@ async def add_limited_stream_handler(
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
                         receiving.cancel()
+                        await asyncio.gather(receiving, return_exceptions=True)  # frees the reader
+                        await _discard_rest(reader)
                         return
                     try:
                         request = receiving.result()
@@ -86,6 +101,7 @@ async def add_limited_stream_handler(
                         logger.info("Closed a %s stream from %s: %s", name, context.remote_id, e)
                         with suppress(Exception):
                             await P2P.send_protobuf(RPCError(message=str(e)), writer)
+                        await _discard_rest(reader)
                         return
                     await requests.put(request)
                     if request is None:

@@ -104,10 +104,13 @@ def proto(tensor: torch.Tensor, **changes) -> runtime_pb2.Tensor:
     return result
 
 
-def send(raw: MeshConnection, peer: str, method: str, messages: list, timeout: float = 30, linger: float = 0) -> list:
+def send(
+    raw: MeshConnection, peer: str, method: str, messages: list, replies: int, timeout: float = 30, linger: float = 0
+) -> list:
     """Send ``messages`` on one ``method`` stream; return the responses, raising the node's refusal.
 
-    ``linger``: seconds the request stream stays open after the last message (a slow client)."""
+    ``replies``: how many responses an accepted request gets; fewer, without a refusal, means the
+    reply was lost. ``linger``: seconds the request stream stays open after the last message."""
 
     async def call():
         stub = await raw.stub(peer)
@@ -127,17 +130,21 @@ def send(raw: MeshConnection, peer: str, method: str, messages: list, timeout: f
                 f"the node closed the stream before the client had finished sending (at least its end-of-stream "
                 f"marker), and the client lost the node's reply: {e!r}"
             ) from e
+        if len(responses) < replies:
+            raise AssertionError(f"the stream ended after {len(responses)} of {replies} replies, without a refusal")
         return responses
 
     return raw.loop.run(asyncio.wait_for(call(), timeout))
 
 
 def inference(raw, peer, *messages) -> list:
-    return send(raw, peer, "rpc_inference", list(messages))
+    """An inference stream: one reply per step."""
+    return send(raw, peer, "rpc_inference", list(messages), replies=len(messages))
 
 
 def forward(raw, peer, *messages, linger: float = 0) -> list:
-    return send(raw, peer, "rpc_forward", list(messages), linger=linger)
+    """A forward call: one reply (the output fits one message here)."""
+    return send(raw, peer, "rpc_forward", list(messages), replies=1, linger=linger)
 
 
 def span_call(start: int = 0, end: int = 4) -> SpanCall:
@@ -396,7 +403,7 @@ def test_bad_forward_request_is_refused(case, raw, node_a, client, mesh):
 def test_backward_with_a_gradient_of_another_shape_is_refused(raw, node_a, client, mesh):
     """The output gradient of a backward call must have the hidden states' shape."""
     with pytest.raises(REFUSED, match="the output gradient must have the same shape"):
-        send(raw, node_a, "rpc_backward", chunked(span_call(), hidden(seq=4), hidden(seq=3)))
+        send(raw, node_a, "rpc_backward", chunked(span_call(), hidden(seq=4), hidden(seq=3)), replies=1)
     assert_still_serving(client, mesh)
 
 
@@ -420,7 +427,7 @@ def test_forward_stream_ends_cleanly_when_the_client_ends_it_late(raw, node_a):
 def test_refusal_arrives_when_the_request_stream_ends_late(raw, node_a):
     """The same slow client sending a bad request gets the node's clear error, not a broken connection."""
     with pytest.raises(REFUSED, match="invalid InferenceStep"):
-        send(raw, node_a, "rpc_inference", [message(b"garbage", hidden())], linger=0.5)
+        send(raw, node_a, "rpc_inference", [message(b"garbage", hidden())], replies=1, linger=0.5)
 
 
 # ---- other sessions are untouched ----------------------------------------------------------------
@@ -454,7 +461,7 @@ def test_generation_runs_correctly_while_bad_requests_arrive(raw, node_a, client
                 accepted.append(i)
             except REFUSED:
                 refused.append(i)
-            except AssertionError:  # the reply was lost: test_forward_stream_ends_cleanly... covers it
+            except AssertionError:  # the refusal was lost: test_forward_stream_ends_cleanly... covers why
                 lost.append(i)
             i += 1
 

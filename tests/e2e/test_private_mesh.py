@@ -173,9 +173,13 @@ def test_the_private_node_refuses_bad_tokens_with_a_clear_error(mesh, tmp_path, 
     with client_for(mesh, quantization="int8", **options) as client:
         with pytest.raises(RequestError, match=refusal):
             client.generate(PROMPT, max_tokens=2)
-        with pytest.raises(RequestError, match=refusal):  # forward calls too
-            client.layers(torch.zeros(1, 2, 256))
     mesh.assert_alive()
+
+
+def test_forward_calls_without_a_token_are_refused_with_a_clear_error(mesh):
+    with client_for(mesh, quantization="int8", auth="open", max_retries=0) as client:
+        with pytest.raises(RequestError, match="this mesh is private: send an auth token"):
+            client.layers(torch.zeros(1, 2, 256))
 
 
 def test_generate_cli_with_a_token_from_the_environment(mesh):
