@@ -53,7 +53,8 @@ def cmd_node(args) -> None:
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads,
-        max_session_length=args.max_session_length, step_timeout=args.step_timeout, **_network_options(args),
+        max_session_length=args.max_session_length, step_timeout=args.step_timeout,
+        max_message_bytes=args.max_message_bytes, **_network_options(args),
     )  # fmt: skip
     options.update(
         auth=args.auth, auth_key_file=args.auth_key_file, auth_revoked_file=args.auth_revoked_file,
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget of all sessions")
     p.add_argument("--max-session-length", type=int, default=8192)
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds an idle session is kept open")
+    p.add_argument("--max-message-bytes", type=int, default=32 * 1024**2, help="larger messages are refused unread")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
