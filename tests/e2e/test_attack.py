@@ -248,7 +248,7 @@ def test_node_survives_malformed_requests_and_serves_an_honest_session(target):
         assert all(r in ("closed", "error: ") or r.startswith("error") for r in results)
         assert all(r != "hang" for r in idle), "idle streams must be closed by the node's step timeout"
         errors = [r for r in results if r.startswith("error")]
-        assert len(errors) >= 0.9 * len(results), "almost every malformed request gets an explicit error"
+        assert len(errors) >= 0.8 * len(results), "most malformed requests get an explicit error, the rest are dropped"
         assert honest == [expected] * 3
         # the node still serves correctly after the attack, and its memory came back
         assert [int(t[0]) for t in client.generate_ids(input_ids, 48, min_new_tokens=48)] == expected
