@@ -76,7 +76,7 @@ def cmd_generate(args) -> None:
 
     client = DistributedInferenceClient(
         args.model, args.dht_bootstrap, routing=args.routing, quantization=args.quantization, auth=args.auth,
-        auth_token=args.auth_token, **_network_options(args),
+        auth_token=args.auth_token, adapter=args.adapter, **_network_options(args),
     )  # fmt: skip
     try:
         pieces = client.generate(
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-revoked-file", default=None, help="revoked token ids, one a line; re-read on change")
     p.add_argument("--ledger", default="null", help="null, or sqlite: usage per client and session (--ledger-path)")
     p.add_argument("--ledger-path", default=None, help="database file of the sqlite ledger")
-    p.add_argument("--adapters", nargs="*", default=[], help="LoRA adapter directories to load")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA dirs (farmesh-lora), named by basename")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget of all sessions")
     p.add_argument("--max-session-length", type=int, default=8192)
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds an idle session is kept open")
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="routing policy: min-latency, fewest-hops, max-throughput, random or a plugin's",
     )
     p.add_argument("--quantization", default=None, help="use only nodes with this quantization (default: any)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter name (a node's --adapters basename); default: none")
     p.add_argument("--auth", default="open", help="open, or token for a private mesh")
     p.add_argument("--auth-token", default=None, help="the token for --auth token (default: $FARMESH_TOKEN)")
     p.set_defaults(func=cmd_generate)

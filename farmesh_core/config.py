@@ -1,5 +1,6 @@
 """Typed configuration and the records nodes publish in the DHT (pydantic v2)."""
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -19,6 +20,12 @@ def parse_layers(text: str) -> tuple[int, int]:
     if not 0 <= start < end:
         raise ValueError(f"layers {text!r}: need 0 <= START < END")
     return start, end
+
+
+def adapter_name(path: str) -> str:
+    """The name a node serves a LoRA adapter directory under (``NodeConfig.adapters``), in its DHT
+    record and on the wire: the directory's basename (``/ckpt/math-lora/`` is ``"math-lora"``)."""
+    return os.path.basename(os.path.normpath(path))
 
 
 def _is_loopback(maddr: str) -> bool:
@@ -73,7 +80,7 @@ class NodeConfig(NetworkConfig):
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantization: str = Field(default="none", max_length=64)
-    adapters: list[str] = Field(default_factory=list)
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapter directories (farmesh-lora)")
     auth: str = "open"
     auth_key_file: str | None = Field(default=None, description="auth 'token': file holding the mesh's secret key")
     auth_revoked_file: str | None = Field(
@@ -102,6 +109,11 @@ class NodeConfig(NetworkConfig):
         default=300.0, ge=0, description="seconds a moving node keeps its old layers for the sessions using them"
     )
     num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The names of ``adapters`` (see :func:`adapter_name`), as the node announces and accepts them."""
+        return [adapter_name(path) for path in self.adapters]
 
     @field_validator("layers")
     @classmethod

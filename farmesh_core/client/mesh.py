@@ -78,6 +78,8 @@ class MeshConnection:
                 if refresh and self.config.quantization is not None:
                     wanted = self.config.quantization
                     raise NoRouteError(f"{e} (only nodes with quantization={wanted!r} count)") from None
+                if refresh and adapter is not None:
+                    raise NoRouteError(f"{e} (only nodes with LoRA adapter {adapter!r} count)") from None
                 if refresh:
                     raise
         raise AssertionError("unreachable")

@@ -26,10 +26,11 @@ class _DecodeStep:
     cache: SessionCache
     position: int
     future: asyncio.Future
+    adapter_name: str | None = None
 
 
 class DecodeBatcher:
-    """Queues one-token, one-sequence steps and runs those for the same layers together."""
+    """Queues one-token, one-sequence steps and runs those for the same layers and LoRA adapter together."""
 
     def __init__(self, span: LayerSpan, max_batch: int = 32):
         self.span, self.max_batch = span, max_batch
@@ -37,9 +38,17 @@ class DecodeBatcher:
         self._scheduled = False
         self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
 
-    def submit(self, hidden: torch.Tensor, start: int, end: int, cache: SessionCache, position: int) -> asyncio.Future:
+    def submit(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: SessionCache,
+        position: int,
+        adapter_name: str | None = None,
+    ) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future())
+        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future(), adapter_name)
         self._queue.append(step)
         if not self._scheduled:
             self._scheduled = True
@@ -49,23 +58,24 @@ class DecodeBatcher:
     def _run(self) -> None:
         self._scheduled = False
         queue, self._queue = self._queue, []
-        groups: dict[tuple[int, int], list[_DecodeStep]] = {}
+        groups: dict[tuple[int, int, str | None], list[_DecodeStep]] = {}
         for step in queue:
             if not step.future.cancelled():
-                groups.setdefault((step.start, step.end), []).append(step)
-        for (start, end), steps in groups.items():
+                groups.setdefault((step.start, step.end, step.adapter_name), []).append(step)
+        for (start, end, adapter_name), steps in groups.items():
             for first in range(0, len(steps), self.max_batch):
-                self._compute(start, end, steps[first : first + self.max_batch])
+                self._compute(start, end, steps[first : first + self.max_batch], adapter_name)
 
-    def _compute(self, start: int, end: int, steps: list[_DecodeStep]) -> None:
+    def _compute(self, start: int, end: int, steps: list[_DecodeStep], adapter_name: str | None = None) -> None:
         try:
             outputs = None
             if len(steps) > 1:
                 outputs = self.span.forward_decode_batch(
-                    [s.hidden for s in steps], start, end, [s.cache for s in steps], [s.position for s in steps]
-                )
+                    [s.hidden for s in steps], start, end, [s.cache for s in steps], [s.position for s in steps],
+                    adapter_name,
+                )  # fmt: skip
             if outputs is None:
-                outputs = [self.span.forward(s.hidden, start, end, s.cache, s.position) for s in steps]
+                outputs = [self.span.forward(s.hidden, start, end, s.cache, s.position, adapter_name) for s in steps]
         except Exception as e:
             logger.exception("A decode batch of %d steps failed", len(steps))
             for step in steps:

@@ -87,6 +87,8 @@ class FarNode:
                 checkpoint, adapter, self.start_layer, self.end_layer, dtype, config.device, prepare,
                 progress=lambda done, n: bar.update(done - bar.n),
             )  # fmt: skip
+        if config.adapters and not self.span.switchable:
+            raise ConfigError("adapters need a plugin that loads them into the layers: pip install farmesh-lora")
         self.throughput = self.span.measure_throughput()
         self._span_args = (checkpoint, adapter, dtype, prepare)  # to load other layers when it moves
         self.total_layers = total
@@ -201,7 +203,7 @@ class FarNode:
             model_type=self.span.config.model_type,
             dtype=str(self.span.dtype).removeprefix("torch."),
             quantization=self.config.quantization,
-            adapters=self.config.adapters,
+            adapters=self.config.adapter_names,
             addrs=self.multiaddrs,
         )
 

@@ -93,8 +93,8 @@ class NodeHandlers:
             raise RequestError(
                 f"layers {start}:{end} are not within this node's span {self.span.start}:{self.span.end}"
             )
-        if adapter is not None and adapter not in self.config.adapters:
-            raise RequestError(f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapters})")
+        if adapter is not None and adapter not in self.config.adapter_names:
+            raise RequestError(f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapter_names})")
 
     def _check_hidden(self, proto: runtime_pb2.Tensor, batch_size: int | None = None) -> torch.Tensor:
         hidden = deserialize_tensor(proto, max_numel=self.config.max_tokens_per_request * self.span.hidden_size)
@@ -179,11 +179,14 @@ class NodeHandlers:
                     began = time.perf_counter()
                     tokens = hidden.shape[0] * q_len
                     if tokens == 1:
-                        out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position)
+                        out = await self.batcher.submit(
+                            hidden, opened.start, opened.end, cache, step.position, opened.adapter
+                        )
                     else:
                         out = await self._compute(
-                            tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position
-                        )
+                            tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position,
+                            opened.adapter,
+                        )  # fmt: skip
                     yield runtime_pb2.ExpertResponse(tensors=[serialize_tensor(out)])
                     self._record_usage(
                         client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began,
@@ -229,7 +232,7 @@ class NodeHandlers:
             call, client, (hidden,) = await self._span_call(requests, context, tensors=1)
             metrics.node_request("forward")
             began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
-            out = await self._compute(tokens, self.span.forward, hidden, call.start, call.end)
+            out = await self._compute(tokens, self.span.forward, hidden, call.start, call.end, None, 0, call.adapter)
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
@@ -245,7 +248,7 @@ class NodeHandlers:
             metrics.node_request("backward")
             began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
             grad_input = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.span.backward, hidden, grad_output, call.start, call.end
+                self._executor, self.span.backward, hidden, grad_output, call.start, call.end, call.adapter
             )
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:

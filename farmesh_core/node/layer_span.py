@@ -1,7 +1,9 @@
 """The layers a node serves, loaded from the checkpoint and called directly (no model-level forward)."""
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 
 import torch
 from transformers import PretrainedConfig
@@ -39,43 +41,80 @@ class LayerSpan:
             if progress is not None:
                 progress(index - start + 1, end - start)
         self.context = adapter.build_span_context(self.config, device)
+        # Layers that a farmesh_prepare_layer hook (farmesh-lora) gave a ``farmesh_set_adapter(name)``
+        # method: every request runs them with its adapter active (None: the base model), see _using.
+        self.switchable = [layer for layer in self.layers.values() if hasattr(layer, "farmesh_set_adapter")]
+        self._adapter_lock = threading.Lock()
+        self._active_adapter: str | None = None
+
+    @contextmanager
+    def _using(self, adapter_name: str | None):
+        """Run the body with LoRA adapter ``adapter_name`` active in every switchable layer. The
+        switch is span-wide state, so steps (event loop and compute thread) hold a lock meanwhile."""
+        if not self.switchable:
+            yield
+            return
+        with self._adapter_lock:
+            if adapter_name != self._active_adapter:
+                for layer in self.switchable:
+                    layer.farmesh_set_adapter(adapter_name)
+                self._active_adapter = adapter_name
+            yield
 
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         return (end - start) * self.adapter.kv_bytes_per_token(self.config, self.dtype)
 
     @torch.inference_mode()
     def forward(
-        self, hidden: torch.Tensor, start: int, end: int, cache: SessionCache | None = None, position: int = 0
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache: SessionCache | None = None,
+        position: int = 0,
+        adapter_name: str | None = None,
     ) -> torch.Tensor:
-        """Run layers ``start:end`` on ``hidden`` [batch, seq, hidden] whose first token is at ``position``."""
+        """Run layers ``start:end`` on ``hidden`` [batch, seq, hidden] whose first token is at ``position``,
+        with LoRA adapter ``adapter_name`` (None: the base model)."""
         hidden = hidden.to(self.device, self.dtype)
         if cache is not None:
             cache.begin_step(position)
         kwargs = self.adapter.prepare(self.context, hidden, position)
-        for index in range(start, end):
-            hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+        with self._using(adapter_name):
+            for index in range(start, end):
+                hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
         if cache is not None:
             cache.end_step(hidden.shape[1])
         return hidden
 
     @torch.inference_mode()
     def forward_decode_batch(
-        self, hiddens: list[torch.Tensor], start: int, end: int, caches: list[SessionCache], positions: list[int]
+        self,
+        hiddens: list[torch.Tensor],
+        start: int,
+        end: int,
+        caches: list[SessionCache],
+        positions: list[int],
+        adapter_name: str | None = None,
     ) -> list[torch.Tensor] | None:
-        """One-token steps [1, 1, hidden] of several sessions as one batch; None if the family can't."""
+        """One-token steps [1, 1, hidden] of several sessions (all with adapter ``adapter_name``) as one
+        batch; None if the family can't."""
         hidden = torch.cat(hiddens).to(self.device, self.dtype)
         kwargs = self.adapter.prepare_decode_batch(self.context, hidden, positions)
         if kwargs is None:
             return None
         cache = BatchedDecodeCache(caches, positions)
-        for index in range(start, end):
-            hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+        with self._using(adapter_name):
+            for index in range(start, end):
+                hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
         cache.end_step()
         return list(hidden.split(1))
 
-    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def backward(
+        self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int, adapter_name: str | None = None
+    ) -> torch.Tensor:
         """Gradient of ``<forward(hidden), grad_output>`` w.r.t. ``hidden``; layer weights get no gradient."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self._using(adapter_name):
             hidden = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
             kwargs = self.adapter.prepare(self.context, hidden, 0)
             out = hidden

@@ -178,16 +178,19 @@ class SpanSwitch:
             )
         return span
 
-    def forward(self, hidden, start: int, end: int, cache=None, position: int = 0):
-        return self._span_for(start, end, cache).forward(hidden, start, end, cache, position)
+    def forward(self, hidden, start: int, end: int, cache=None, position: int = 0, adapter_name=None):
+        lora = () if adapter_name is None else (adapter_name,)  # a LoRA adapter (farmesh-lora), if any
+        return self._span_for(start, end, cache).forward(hidden, start, end, cache, position, *lora)
 
-    def forward_decode_batch(self, hiddens, start: int, end: int, caches, positions):
+    def forward_decode_batch(self, hiddens, start: int, end: int, caches, positions, adapter_name=None):
         """One-token steps of several sessions (the node's decode batcher) as one batch when they are
         all on the same span; None otherwise, and the batcher runs them one by one through ``forward``."""
         spans = {id(span): span for span in (self._span_for(start, end, cache) for cache in caches)}
         if len(spans) != 1:
             return None
-        return next(iter(spans.values())).forward_decode_batch(hiddens, start, end, caches, positions)
+        lora = () if adapter_name is None else (adapter_name,)
+        return next(iter(spans.values())).forward_decode_batch(hiddens, start, end, caches, positions, *lora)
 
-    def backward(self, hidden, grad_output, start: int, end: int):
-        return self._span_for(start, end, None).backward(hidden, grad_output, start, end)
+    def backward(self, hidden, grad_output, start: int, end: int, adapter_name=None):
+        lora = () if adapter_name is None else (adapter_name,)
+        return self._span_for(start, end, None).backward(hidden, grad_output, start, end, *lora)
