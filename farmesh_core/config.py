@@ -142,7 +142,12 @@ class ClientConfig(NetworkConfig):
         default=10.0, gt=0, description="seconds to wait for a one-token step of a node before failing over"
     )
     max_retries: int = Field(default=3, ge=0)
-    adapter: str | None = None
+    adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_by_name(cls, value):
+        return adapter_name(value) if value else None
 
 
 class NodeRecord(BaseModel):

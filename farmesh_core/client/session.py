@@ -14,6 +14,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from farmesh_core.client.mesh import NETWORK_ERRORS, MeshConnection
+from farmesh_core.config import adapter_name
 from farmesh_core.errors import NoRouteError, RemoteError, RequestError
 from farmesh_core.extensions import RouteHop
 from farmesh_core.wire import (
@@ -77,6 +78,8 @@ class InferenceSession:
         adapter: str | None = None,
     ):  # fmt: skip
         self.mesh, self.start, self.end = mesh, start, end
+        # An adapter may be named by its directory too, as the node was given it: nodes know basenames.
+        adapter = adapter_name(adapter) if adapter else None
         self.max_length, self.batch_size, self.adapter = max_length, batch_size, adapter
         self.position = 0
         self.recoveries: list[float] = []  # seconds each failover took

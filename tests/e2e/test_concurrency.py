@@ -7,24 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from farmesh_core.client import DistributedInferenceClient
-from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
 SESSIONS, NEW_TOKENS = 6, 32
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    from farmesh_core.checkpoint_maker import make_checkpoint
-
-    model_dir = make_checkpoint(str(tmp_path_factory.mktemp("concurrency") / "tiny-llama"))
-    dht, addrs = spawn_dht()
-    nodes = [spawn_node(model_dir, addrs, "--layers", span) for span in ("0:4", "4:8")]
-    try:
-        wait_for_layers(model_dir, addrs, num_nodes=2, procs=nodes)
-        yield model_dir, addrs
-    finally:
-        for proc in [*nodes, dht]:
-            stop_process(proc)
+def mesh(llama_mesh):
+    """The shared two-node mesh (layers 0:4 and 4:8) of the tiny Llama."""
+    return llama_mesh.model_dir, llama_mesh.addrs
 
 
 @pytest.mark.timeout(300)
