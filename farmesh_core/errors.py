@@ -29,7 +29,8 @@ class NoRouteError(FarMeshError):
         """Build the error for ``start:end``, naming the layers that no node (in ``records``) serves."""
         missing = [i for i in range(start, end) if not any(r.start <= i < r.end for r in records)]
         if not missing:
-            return cls(f"Layers {start}-{end - 1} are served, but every node that serves them failed or is excluded")
+            layers = f"Layer {start} is" if end - start == 1 else f"Layers {start}-{end - 1} are"
+            return cls(f"{layers} served, but every node that serves them failed or is excluded")
         spans, first = [], missing[0]
         for prev, cur in zip(missing, missing[1:] + [None], strict=True):
             if cur != prev + 1:
