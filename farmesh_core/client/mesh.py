@@ -63,25 +63,33 @@ class MeshConnection:
         return self._records
 
     def route(self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None) -> list[RouteHop]:
-        """A chain of nodes covering ``start:end`` chosen by the configured routing policy."""
+        """A chain of nodes covering ``start:end`` chosen by the configured routing policy.
+
+        Nodes in ``avoid`` are never used. Nodes that failed recently (``report_failure``) are left
+        out too, unless no chain exists without them: then they get another chance.
+        """
         now = time.monotonic()
-        avoid = set(avoid) | {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY}
-        for refresh in (False, True):
+        remembered = {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY} - set(avoid)
+        attempts = [(False, set(avoid) | remembered), (True, set(avoid) | remembered)]
+        if remembered:
+            attempts.append((True, set(avoid)))
+        for attempt, (refresh, excluded) in enumerate(attempts, start=1):
             records = [r for r in self.records(refresh) if adapter is None or adapter in r.adapters]
             if self.config.quantization is not None:  # the client requires one quantization
                 records = [r for r in records if r.quantization == self.config.quantization]
             self.measure_latencies([r.peer_id for r in records if r.start < end and r.end > start])
-            request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=avoid)
+            request = RouteRequest(records=records, start=start, end=end, latencies=self.latencies, avoid=excluded)
             try:
                 return self.policy(request)
             except NoRouteError as e:
-                if refresh and self.config.quantization is not None:
+                if attempt < len(attempts):
+                    continue
+                if self.config.quantization is not None:
                     wanted = self.config.quantization
                     raise NoRouteError(f"{e} (only nodes with quantization={wanted!r} count)") from None
-                if refresh and adapter is not None:
+                if adapter is not None:
                     raise NoRouteError(f"{e} (only nodes with LoRA adapter {adapter!r} count)") from None
-                if refresh:
-                    raise
+                raise
         raise AssertionError("unreachable")
 
     def report_failure(self, peer_id: str) -> None:
