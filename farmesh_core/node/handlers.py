@@ -120,11 +120,12 @@ class NodeHandlers:
     def _record_usage(
         self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began, peer: str = ""
     ):
-        metrics.node_step(tokens, prefill, time.perf_counter() - began)
+        elapsed = time.perf_counter() - began
+        metrics.node_step(tokens, prefill, elapsed)
         event = UsageEvent(
             node=self.peer_id, client=client, peer=peer, session=session, start=start, end=end,
             prefill_tokens=tokens if prefill else 0, decode_tokens=0 if prefill else tokens,
-            compute_s=time.perf_counter() - began,
+            compute_s=elapsed,
         )  # fmt: skip
         try:
             self.ledger.record(event)
@@ -228,33 +229,35 @@ class NodeHandlers:
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            call, client, (hidden,) = await self._span_call(requests, context, tensors=1)
-            metrics.node_request("forward")
-            began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
-            out = await self._compute(tokens, self.span.forward, hidden, call.start, call.end, None, 0, call.adapter)
-            self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
-        except (RequestError, TimeoutError) as e:
-            yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
-            return
-        for message in chunked_messages(None, [out], runtime_pb2.ExpertResponse):
+        async for message in self._serve_span_call(requests, context, backward=False):
             yield message
 
     async def rpc_backward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for message in self._serve_span_call(requests, context, backward=True):
+            yield message
+
+    async def _serve_span_call(self, requests, context: P2PContext, backward: bool):
+        """Forward (hidden states in, output out) or backward (hidden states and output gradient in,
+        input gradient out) through the layers the call names; no session, no cache."""
         try:
-            call, client, (hidden, grad_output) = await self._span_call(requests, context, tensors=2)
-            metrics.node_request("backward")
-            began, tokens = time.perf_counter(), hidden.shape[0] * hidden.shape[1]
-            grad_input = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.span.backward, hidden, grad_output, call.start, call.end, call.adapter
-            )
+            call, client, tensors = await self._span_call(requests, context, tensors=2 if backward else 1)
+            metrics.node_request("backward" if backward else "forward")
+            began, tokens = time.perf_counter(), tensors[0].shape[0] * tensors[0].shape[1]
+            if backward:
+                out = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.span.backward, *tensors, call.start, call.end, call.adapter
+                )
+            else:
+                out = await self._compute(
+                    tokens, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter
+                )
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
             return
-        for message in chunked_messages(None, [grad_input], runtime_pb2.ExpertResponse):
+        for message in chunked_messages(None, [out], runtime_pb2.ExpertResponse):
             yield message
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
