@@ -1,7 +1,8 @@
 """How the core builds and calls one family's layers; adapters only say how their family differs.
 
 The node calls ``prepare`` once per step (positions, masks, rotary or alibi terms shared by every
-layer of the span), then ``run_layer`` for each layer with the session's KV cache. The client builds
+layer of the span), then ``run_layer`` for each layer with the session's KV cache (or, in inference
+steps, the bit-identical and faster call ``lean_layer`` made of the layer, if any). The client builds
 the embeddings (and their norm, where the family has one), final norm and LM head with
 ``load_client_head``. Subclasses set class attributes (the layer class, weight names, the keyword
 that takes the cache) and override only the calls whose convention differs: ``convert_layer_state``
@@ -10,6 +11,7 @@ for checkpoints whose tensors are laid out unlike the layer's parameters, ``buil
 """
 
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -18,8 +20,12 @@ from transformers import PretrainedConfig
 
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
+from farmesh_core.lean_layer import lean_llama_layer
 
 logger = logging.getLogger(__name__)
+
+# One layer's inference step: (hidden, cache or None, the keyword arguments of ``prepare``) -> hidden.
+LayerCall = Callable[[torch.Tensor, Any, dict[str, Any]], torch.Tensor]
 
 
 def causal_mask(
@@ -159,6 +165,18 @@ class ArchitectureAdapter:
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         out = layer(hidden, **{self.cache_argument: cache}, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def lean_layer(self, layer: nn.Module) -> LayerCall | None:
+        """A faster stand-in for ``run_layer(layer, ...)`` in inference steps, bit-identical to it, or None.
+
+        Here a :class:`~farmesh_core.lean_layer.LeanLlamaLayer` for unmodified Llama layers, which takes
+        the masks of this class's ``prepare``; a family with its own ``prepare`` or ``run_layer`` opts out
+        unless it overrides this too.
+        """
+        base = ArchitectureAdapter
+        if type(self).prepare is not base.prepare or type(self).run_layer is not base.run_layer:
+            return None
+        return lean_llama_layer(layer)
 
     # ---- client side -----------------------------------------------------------------------
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:

@@ -52,7 +52,7 @@ def cmd_node(args) -> None:
 
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
-        layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads,
+        layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, lean_layers=args.lean_layers,
         max_session_length=args.max_session_length, step_timeout=args.step_timeout,
         max_message_bytes=args.max_message_bytes, **_network_options(args),
     )  # fmt: skip
@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds an idle session is kept open")
     p.add_argument("--max-message-bytes", type=int, default=32 * 1024**2, help="larger messages are refused unread")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
+    p.add_argument(
+        "--no-lean-layers", dest="lean_layers", action="store_false",
+        help="run every layer through its transformers modules (by default, inference steps of unmodified "
+        "Llama layers are plain torch calls: the same results, faster on CPU)",
+    )  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
     p.set_defaults(func=cmd_node)

@@ -80,6 +80,11 @@ class NodeConfig(NetworkConfig):
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantization: str = Field(default="none", max_length=64)
+    lean_layers: bool = Field(
+        default=True,
+        description="run inference steps of unmodified Llama layers as plain torch calls (bit-identical, "
+        "faster on CPU); False: always through the transformers modules",
+    )
     adapters: list[str] = Field(default_factory=list, description="LoRA adapter directories (farmesh-lora)")
     auth: str = "open"
     auth_key_file: str | None = Field(default=None, description="auth 'token': file holding the mesh's secret key")

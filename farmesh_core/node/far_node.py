@@ -85,7 +85,7 @@ class FarNode:
         with tqdm(total=self.end_layer - self.start_layer, desc="Loading layers", unit="layer", disable=None) as bar:
             self.span = LayerSpan(
                 checkpoint, adapter, self.start_layer, self.end_layer, dtype, config.device, prepare,
-                progress=lambda done, n: bar.update(done - bar.n),
+                progress=lambda done, n: bar.update(done - bar.n), lean_layers=config.lean_layers,
             )  # fmt: skip
         if config.adapters and not self.span.switchable:
             raise ConfigError("adapters need a plugin that loads them into the layers: pip install farmesh-lora")
@@ -261,7 +261,9 @@ class FarNode:
         old_start, old_end = self.start_layer, self.end_layer
         logger.info("Moving from layers %d:%d to %d:%d", old_start, old_end, start, end)
         checkpoint, adapter, dtype, prepare = self._span_args
-        span = LayerSpan(checkpoint, adapter, start, end, dtype, self.config.device, prepare)
+        span = LayerSpan(
+            checkpoint, adapter, start, end, dtype, self.config.device, prepare, lean_layers=self.config.lean_layers
+        )
         throughput = span.measure_throughput()
         if self._stop.is_set():
             return

@@ -4,11 +4,12 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from transformers import PretrainedConfig
 
-from farmesh_core.architecture import ArchitectureAdapter
+from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
 
@@ -28,6 +29,8 @@ class LayerSpan:
         device: str,
         prepare_layer=None,
         progress=None,
+        *,
+        lean_layers: bool = True,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
@@ -44,6 +47,15 @@ class LayerSpan:
         # Layers that a farmesh_prepare_layer hook (farmesh-lora) gave a ``farmesh_set_adapter(name)``
         # method: every request runs them with its adapter active (None: the base model), see _using.
         self.switchable = [layer for layer in self.layers.values() if hasattr(layer, "farmesh_set_adapter")]
+        # How inference steps (no autograd) call each layer: the adapter's lean call where it has one for
+        # the layer as prepared (not quantized, no LoRA: see ArchitectureAdapter.lean_layer), else run_layer.
+        self.step_calls: dict[int, LayerCall] = {}
+        self.lean_count = 0
+        for index, layer in self.layers.items():
+            lean = adapter.lean_layer(layer) if lean_layers and not hasattr(layer, "farmesh_set_adapter") else None
+            self.step_calls[index] = partial(adapter.run_layer, layer) if lean is None else lean
+            self.lean_count += lean is not None
+        logger.debug("layers %d:%d: %d of them run lean", start, end, self.lean_count)
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
 
@@ -82,7 +94,7 @@ class LayerSpan:
         kwargs = self.adapter.prepare(self.context, hidden, position)
         with self._using(adapter_name):
             for index in range(start, end):
-                hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+                hidden = self.step_calls[index](hidden, cache, kwargs)
         if cache is not None:
             cache.end_step(hidden.shape[1])
         return hidden
@@ -106,7 +118,7 @@ class LayerSpan:
         cache = BatchedDecodeCache(caches, positions)
         with self._using(adapter_name):
             for index in range(start, end):
-                hidden = self.adapter.run_layer(self.layers[index], hidden, cache, kwargs)
+                hidden = self.step_calls[index](hidden, cache, kwargs)
         cache.end_step()
         return list(hidden.split(1))
 

@@ -1,0 +1,150 @@
+"""Llama decoder layers called without their ``nn.Module`` machinery, for the node's inference steps.
+
+On a CPU, a one-token step of a layer spends much of its time in Python rather than arithmetic: the
+module calls of ``LlamaDecoderLayer`` and its twelve submodules (hooks, decorators, keyword plumbing)
+and the checks of transformers' attention function. :class:`LeanLlamaLayer` makes the same torch
+calls on the same weights in the same order as transformers' layer with SDPA attention, so its
+outputs are bit-identical. A layer that differs in any way (quantized or LoRA linears, biases,
+another activation or attention implementation, hooks) is not eligible: :func:`lean_llama_layer`
+returns None and the node calls the module as usual. Autograd (the backward pass) always uses the module.
+"""
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv, use_gqa_in_sdpa
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    apply_rotary_pos_emb,
+)
+from transformers.utils import is_torch_npu_available
+
+logger = logging.getLogger(__name__)
+
+_SILU = type(ACT2FN["silu"])
+_LINEARS = (
+    *(f"self_attn.{name}_proj" for name in "qkvo"),
+    *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
+)
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``: computed in float32, scaled in the input's dtype."""
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(dtype)
+
+
+class LeanLlamaLayer:
+    """``LlamaDecoderLayer.forward`` in eval mode as plain torch calls on the layer's own weights (no copies).
+
+    ``lean(hidden, cache, kwargs)`` is ``adapter.run_layer(layer, hidden, cache, kwargs)`` with the keyword
+    arguments of ``ArchitectureAdapter.prepare`` or ``prepare_decode_batch`` (``attention_mask``,
+    ``position_embeddings``) and a cache with the transformers ``update`` protocol, or None.
+    """
+
+    def __init__(self, layer: LlamaDecoderLayer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer_idx, self.head_dim, self.scaling = attn.layer_idx, attn.head_dim, attn.scaling
+        self.groups, self.is_causal = attn.num_key_value_groups, attn.is_causal
+        self.q, self.k, self.v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
+        self.o = attn.o_proj.weight
+        self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+    def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        # LlamaAttention.forward
+        x = _rms_norm(hidden, self.norm1, self.eps1)
+        input_shape = x.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = F.linear(x, self.q).view(hidden_shape).transpose(1, 2)
+        key = F.linear(x, self.k).view(hidden_shape).transpose(1, 2)
+        value = F.linear(x, self.v).view(hidden_shape).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out = self._sdpa(query, key, value, kwargs["attention_mask"])
+        out = out.reshape(*input_shape, -1).contiguous()
+        hidden = hidden + F.linear(out, self.o)
+        # LlamaMLP.forward
+        x = _rms_norm(hidden, self.norm2, self.eps2)
+        return hidden + F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+    def _sdpa(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """transformers' ``sdpa_attention_forward`` in eval mode, without its checks (nor its Ascend NPU branch)."""
+        q_len = query.shape[2]
+        gqa = {}
+        if self.groups > 1:
+            if use_gqa_in_sdpa(mask, key, value):
+                gqa["enable_gqa"] = True
+            elif q_len == 1:
+                query, mask = pack_gqa(query, self.groups), pack_gqa(mask, self.groups)
+            else:
+                key, value = repeat_kv(key, self.groups), repeat_kv(value, self.groups)
+        is_causal = q_len > 1 and mask is None and self.is_causal
+        if is_causal and key.shape[2] > q_len:
+            key, value = key[:, :, :q_len, :], value[:, :, :q_len, :]
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=is_causal, **gqa
+        )
+        out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+        return out.transpose(1, 2).contiguous()
+
+
+def lean_llama_layer(layer: nn.Module) -> LeanLlamaLayer | None:
+    """A :class:`LeanLlamaLayer` of ``layer`` if it computes exactly what a stock ``LlamaDecoderLayer`` in
+    eval mode with SDPA attention computes, else None.
+
+    The caller must also feed it transformers' own masks: the base adapter's ``prepare`` gives them, a
+    family's own ``prepare`` (sliding windows, alibi) may not.
+    """
+    reason = _ineligible(layer)
+    if reason is not None:
+        logger.debug("layer %s keeps the module path: %s", type(layer).__name__, reason)
+        return None
+    return LeanLlamaLayer(layer)
+
+
+def _ineligible(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot run lean, or None."""
+    if not isinstance(layer, LlamaDecoderLayer) or type(layer).forward is not LlamaDecoderLayer.forward:
+        return "not a LlamaDecoderLayer"
+    modules = dict(layer.named_modules())
+    submodules = {
+        "self_attn": LlamaAttention.forward,
+        "mlp": LlamaMLP.forward,
+        "input_layernorm": LlamaRMSNorm.forward,
+        "post_attention_layernorm": LlamaRMSNorm.forward,
+    }
+    for name, forward in submodules.items():
+        module = modules.get(name)
+        if getattr(type(module), "forward", None) is not forward:
+            return f"{name} is {type(module).__name__}"
+    for name in _LINEARS:
+        if type(modules.get(name)) is not nn.Linear or modules[name].bias is not None:
+            return f"{name} is not an nn.Linear without bias"
+    if type(layer.mlp.act_fn) is not _SILU:
+        return f"activation {type(layer.mlp.act_fn).__name__}"
+    if layer.self_attn.config._attn_implementation != "sdpa":
+        return f"attention implementation {layer.self_attn.config._attn_implementation!r}"
+    if is_torch_npu_available():
+        return "transformers converts attention masks on Ascend NPUs"
+    if any(module.training for module in modules.values()):
+        return "in training mode"
+    hooked = [name or "layer" for name, module in modules.items() if module._forward_hooks or module._forward_pre_hooks]
+    if hooked:
+        return f"forward hooks on {', '.join(hooked)}"
+    return None

@@ -1,0 +1,207 @@
+"""Lean layers (farmesh_core/lean_layer.py): the node's inference steps through unmodified Llama layers,
+as plain torch calls, give bit for bit what the transformers modules give, in every kind of step a
+node runs (prefill, a chunk after a prefix, one-token steps, batched decoding of sessions at different
+positions, a batch of sequences, a forward without cache), for multi-head and grouped-query attention,
+and equal transformers' own model. Layers that are not stock Llama layers (int8-quantized, LoRA,
+hooked, Mistral's sliding window) keep the module path and stay correct."""
+
+import pytest
+import torch
+
+from farmesh_core.architecture import adapter_for
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.checkpoint_maker import make_checkpoint
+from farmesh_core.cli import build_parser
+from farmesh_core.config import NodeConfig
+from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
+from farmesh_core.node.kv_cache import SessionCache
+from farmesh_core.node.layer_span import LayerSpan
+from farmesh_plugins.quantization import int8_quantization
+from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids
+
+STEPS = 20
+
+
+def load_span(model_dir: str, prepare_layer=None, lean_layers: bool = True) -> LayerSpan:
+    checkpoint = Checkpoint(model_dir)
+    adapter = adapter_for(checkpoint.config)
+    return LayerSpan(checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer, lean_layers=lean_layers)
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape
+    assert torch.equal(actual, expected), f"max difference {(actual - expected).abs().max().item()}"
+
+
+@torch.inference_mode()
+def greedy(span: LayerSpan, model_dir: str, input_ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy decoding as a node serves it: the prompt, then one-token steps against a SessionCache."""
+    checkpoint = Checkpoint(model_dir)
+    head = span.adapter.load_client_head(checkpoint, checkpoint.config, torch.float32)
+    cache, tokens, step_input = SessionCache(input_ids.shape[1] + new_tokens), [], input_ids
+    for _ in range(new_tokens):
+        hidden = span.forward(head.embed(step_input), 0, NUM_LAYERS, cache, cache.length)
+        tokens.append(int(head.logits(hidden[:, -1]).argmax(-1)))
+        step_input = torch.tensor([[tokens[-1]]])
+    return tokens
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def model_dir(request):
+    return request.getfixturevalue({"mha": "tiny_llama", "gqa": "gqa_llama"}[request.param])
+
+
+@pytest.fixture(scope="module")
+def spans(model_dir) -> tuple[LayerSpan, LayerSpan]:
+    """The same layers twice: with lean layers (the default) and through the transformers modules."""
+    return load_span(model_dir), load_span(model_dir, lean_layers=False)
+
+
+# ---- bit-identical to the transformers modules, step by step -------------------------------------
+def test_every_llama_layer_runs_lean_unless_turned_off(spans):
+    lean, modules = spans
+    assert lean.lean_count == NUM_LAYERS
+    assert all(isinstance(call, LeanLlamaLayer) for call in lean.step_calls.values())
+    assert modules.lean_count == 0
+
+
+def test_prefill_then_chunk_then_decode_steps(spans):
+    """A 7-token prefill from position 0 (SDPA's causal path), a 5-token chunk after it (explicit mask),
+    then 20 one-token steps: every output is identical (each step reads the keys and values cached by
+    the steps before it)."""
+    caches = [SessionCache(64), SessionCache(64)]
+
+    def step(hidden: torch.Tensor, position: int) -> torch.Tensor:
+        lean, modules = (
+            span.forward(hidden, 0, NUM_LAYERS, cache, position) for span, cache in zip(spans, caches, strict=True)
+        )
+        assert_equal(lean, modules)
+        return lean
+
+    step(randn(1, 7, HIDDEN_SIZE, seed=0), 0)
+    step(randn(1, 5, HIDDEN_SIZE, seed=1), 7)
+    hidden = randn(1, 1, HIDDEN_SIZE, seed=2)
+    for position in range(12, 12 + STEPS):
+        hidden = step(hidden, position)
+    assert caches[0].length == caches[1].length == 12 + STEPS
+
+
+def test_a_batch_of_sequences(spans):
+    """Two sequences in one session (batch 2): a prefill, then one-token steps."""
+    caches = [SessionCache(32), SessionCache(32)]
+    hidden, position = randn(2, 6, HIDDEN_SIZE, seed=3), 0
+    for _ in range(6):
+        lean, modules = (
+            span.forward(hidden, 0, NUM_LAYERS, c, position) for span, c in zip(spans, caches, strict=True)
+        )
+        assert_equal(lean, modules)
+        hidden, position = lean[:, -1:], position + hidden.shape[1]
+
+
+def test_batched_decoding_of_sessions_at_different_positions(spans):
+    """``forward_decode_batch`` of three sessions with 3, 8 and 5 cached tokens (a mask per row hides
+    the padding), for several steps."""
+    lengths = [3, 8, 5]
+    caches = {span: [SessionCache(32) for _ in lengths] for span in spans}
+    for span in spans:
+        for i, (cache, length) in enumerate(zip(caches[span], lengths, strict=True)):
+            span.forward(randn(1, length, HIDDEN_SIZE, seed=10 + i), 0, NUM_LAYERS, cache, 0)
+    hiddens = [randn(1, 1, HIDDEN_SIZE, seed=20 + i) for i in range(len(lengths))]
+    for step in range(4):
+        positions = [length + step for length in lengths]
+        lean, modules = (span.forward_decode_batch(hiddens, 0, NUM_LAYERS, caches[span], positions) for span in spans)
+        for a, b in zip(lean, modules, strict=True):
+            assert_equal(a, b)
+        hiddens = lean
+
+
+def test_forward_without_cache_and_a_sub_range(spans):
+    """A forward of a batch with no cache (the forward RPC), through all layers and through 2:5."""
+    hidden = randn(2, 16, HIDDEN_SIZE, seed=4)
+    for start, end in [(0, NUM_LAYERS), (2, 5)]:
+        lean, modules = (span.forward(hidden, start, end) for span in spans)
+        assert_equal(lean, modules)
+
+
+# ---- equal to transformers' own model ------------------------------------------------------------
+def test_forward_equals_transformers_model(spans, model_dir):
+    """The lean span's forward is transformers' ``LlamaModel`` layer by layer, bit for bit (its last
+    hidden state is after the final norm: layers 0:7 are compared)."""
+    states = hf_hidden_states(model_dir)
+    lean, _ = spans
+    for start, end in [(0, 4), (4, NUM_LAYERS - 1)]:
+        assert_equal(lean.forward(states[start], start, end), states[end])
+
+
+def test_greedy_generation_equals_transformers(spans, model_dir):
+    """64 greedy tokens stepped through the lean span are transformers' ``generate``, token for token."""
+    lean, _ = spans
+    assert greedy(lean, model_dir, prompt_ids(model_dir), 64) == list(hf_greedy_ids(model_dir, PROMPT, 64))
+
+
+# ---- layers that keep the module path ------------------------------------------------------------
+def test_int8_layers_keep_the_module_path(tiny_llama):
+    config = NodeConfig(model_id=tiny_llama, quantization="int8")
+    span = load_span(tiny_llama, lambda layer, index: int8_quantization(layer, config))
+    assert span.lean_count == 0
+    hidden = randn(1, 4, HIDDEN_SIZE, seed=5)
+    assert torch.isfinite(span.forward(hidden, 0, NUM_LAYERS, SessionCache(8), 0)).all()
+
+
+def test_hooked_or_training_layers_are_not_eligible(tiny_llama):
+    span = load_span(tiny_llama, lean_layers=False)
+    layer = span.layers[0]
+    assert lean_llama_layer(layer) is not None
+    handle = layer.mlp.register_forward_hook(lambda module, args, out: out)
+    assert lean_llama_layer(layer) is None
+    handle.remove()
+    layer.train()
+    assert lean_llama_layer(layer) is None
+    layer.eval()
+
+
+def test_lora_layers_keep_the_module_path(tiny_llama, tmp_path):
+    """Layers with LoRA adapters (farmesh-lora) switch adapters per request: they run as modules; with
+    no adapter active they give what the lean base layers give."""
+    from farmesh_lora import farmesh_prepare_layer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(base_model, lora)
+    adapter_dir = str(tmp_path / "lora")
+    peft_model.save_pretrained(adapter_dir)
+    config = NodeConfig(model_id=tiny_llama, adapters=[adapter_dir])
+    span = load_span(tiny_llama, lambda layer, index: farmesh_prepare_layer(layer=layer, index=index, config=config))
+    assert span.switchable and span.lean_count == 0
+    hidden = randn(1, 5, HIDDEN_SIZE, seed=6)
+    base = load_span(tiny_llama).forward(hidden, 0, NUM_LAYERS)
+    assert_equal(span.forward(hidden, 0, NUM_LAYERS), base)
+    assert not torch.equal(span.forward(hidden, 0, NUM_LAYERS, adapter_name="lora"), base)
+
+
+def test_mistral_sliding_window_keeps_the_module_path(tmp_path):
+    """Mistral's adapter builds its own masks (sliding window): no lean layers, and past the window
+    its greedy tokens are still transformers'."""
+    model_dir = make_checkpoint(str(tmp_path / "mistral"), "mistral", num_hidden_layers=NUM_LAYERS, sliding_window=12)
+    span = load_span(model_dir)
+    assert span.lean_count == 0
+    prompt = torch.randint(3, 1024, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = hf_model(model_dir).generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert greedy(span, model_dir, prompt, 16) == out[0, prompt.shape[1] :].tolist()
+
+
+def test_node_option_turns_lean_layers_off():
+    """``farmesh node --no-lean-layers`` (NodeConfig.lean_layers=False) is the way back to the modules."""
+    args = ["node", "MODEL", "--dht-bootstrap", "/ip4/127.0.0.1/tcp/1"]
+    assert build_parser().parse_args(args).lean_layers is True
+    assert build_parser().parse_args([*args, "--no-lean-layers"]).lean_layers is False
+    assert NodeConfig(model_id="MODEL").lean_layers is True
