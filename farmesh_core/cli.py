@@ -53,6 +53,7 @@ def cmd_node(args) -> None:
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, lean_layers=args.lean_layers,
+        direct_lane=args.direct_lane,
         max_session_length=args.max_session_length, step_timeout=args.step_timeout,
         max_message_bytes=args.max_message_bytes, **_network_options(args),
     )  # fmt: skip
@@ -179,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-lean-layers", dest="lean_layers", action="store_false",
         help="run every layer through its transformers modules (by default, inference steps of unmodified "
         "Llama layers are plain torch calls: the same results, faster on CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-direct-lane", dest="direct_lane", action="store_false",
+        help="serve over P2P only (by default a plain TCP port serves ticket holders too: faster, not encrypted)",
     )  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")

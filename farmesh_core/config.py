@@ -62,6 +62,14 @@ class NetworkConfig(BaseModel):
         on_loopback = all("/ip4/127." in addr for addr in self.dht_bootstrap)
         return ["/ip4/127.0.0.1/tcp/0"] if on_loopback else ["/ip4/0.0.0.0/tcp/0"]
 
+    def listen_host(self) -> str:
+        """The IP address of the first listen multiaddr (where the direct lane listens too)."""
+        for maddr in self.listen_maddrs():
+            parts = maddr.split("/")
+            if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                return parts[2]
+        return "127.0.0.1"
+
     def reachable_maddrs(self, addrs: list[str]) -> list[str]:
         """The addresses worth announcing: when this peer listens beyond loopback, loopback addresses
         are left out (another host dialing 127.0.0.1 reaches itself), unless nothing else is left.
@@ -114,6 +122,11 @@ class NodeConfig(NetworkConfig):
         default=300.0, ge=0, description="seconds a moving node keeps its old layers for the sessions using them"
     )
     num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
+    direct_lane: bool = Field(
+        default=True,
+        description="also serve sessions over a plain TCP port (one TCP round trip per hop instead of two P2P "
+        "daemons; authenticated by a ticket obtained over P2P, not encrypted)",
+    )
 
     @property
     def adapter_names(self) -> list[str]:
@@ -147,6 +160,7 @@ class ClientConfig(NetworkConfig):
         default=10.0, gt=0, description="seconds to wait for a one-token step of a node before failing over"
     )
     max_retries: int = Field(default=3, ge=0)
+    direct_lane: bool = Field(default=True, description="use nodes' direct lanes where they offer one")
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
 
     @field_validator("adapter")
@@ -172,6 +186,7 @@ class NodeRecord(BaseModel):
     quantization: str = Field(default="none", max_length=64)
     adapters: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=256)
     addrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=32)
+    direct_lane: bool = Field(default=False, description="the node serves a direct lane (see rpc_direct_ticket)")
 
     @model_validator(mode="after")
     def _range_is_ordered(self):

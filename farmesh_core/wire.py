@@ -5,12 +5,13 @@ pydantic (never a recursive decoder of untrusted bytes); tensors are raw little-
 size is checked against their declared shape and dtype before anything is allocated.
 """
 
+import asyncio
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import AsyncIterator, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
+from typing import AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +23,7 @@ MAX_METADATA_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_DIMS = 4
+MAX_ERROR_BYTES = 64 * 1024
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -70,6 +72,44 @@ class SpanCall(_Message):
     end: int = Field(gt=0)
     adapter: str | None = Field(default=None, max_length=256)
     credentials: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+class DirectHello(_Message):
+    """First frame on a connection to a node's direct lane: which stream RPC, and who is calling.
+
+    ``ticket`` is what the node answered this peer's ``rpc_direct_ticket`` over P2P (authenticated
+    there), so the lane knows the caller as P2P would have.
+    """
+
+    method: Literal["rpc_inference", "rpc_forward", "rpc_backward"]
+    peer_id: str = Field(min_length=1, max_length=128)
+    ticket: str = Field(min_length=1, max_length=128)
+
+
+class DirectTicket(_Message):
+    """A node's answer to ``rpc_direct_ticket``: the port of its direct lane and the caller's ticket."""
+
+    port: int = Field(ge=1, le=65535)
+    ticket: str = Field(min_length=1, max_length=128)
+
+
+class StreamProtocolError(Exception):
+    """The peer broke the stream framing or the size limit."""
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool, bytes]:
+    """One message in hivemind's stream framing (marker, 8-byte length, payload) as (is_error, payload).
+
+    The length is checked before the payload is read, so an oversized message is never buffered.
+    """
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise StreamProtocolError("invalid message marker")
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    limit = max_bytes if marker == P2P.MESSAGE_MARKER else MAX_ERROR_BYTES
+    if length > limit:
+        raise StreamProtocolError(f"message of {length} bytes exceeds the limit of {limit} bytes")
+    return marker == P2P.ERROR_MARKER, await reader.readexactly(length)
 
 
 def encode_meta(meta: BaseModel) -> bytes:
@@ -198,4 +238,8 @@ class FarNodeRPC(ServicerBase):
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         """The node's current NodeRecord as JSON."""
+        raise RequestError("not served here")
+
+    async def rpc_direct_ticket(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        """A DirectTicket (JSON) letting the calling peer use the node's direct lane."""
         raise RequestError("not served here")

@@ -11,19 +11,21 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from farmesh_core.architecture import ArchitectureAdapter, adapter_for
 from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.client.direct_lane import DirectStub
 from farmesh_core.config import ClientConfig, NodeRecord
 from farmesh_core.dht import fetch_node_records, start_dht
 from farmesh_core.errors import NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.extensions import RouteHop, RouteRequest
 from farmesh_core.plugins import get_auth_providers, get_routing_policies, load_plugins, pick
-from farmesh_core.wire import FarNodeRPC
+from farmesh_core.wire import DirectTicket, FarNodeRPC
 
 logger = logging.getLogger(__name__)
 
 # What a node that died, stalled or became unreachable looks like from the client.
 NETWORK_ERRORS = (
     P2PHandlerError, P2PDaemonError, ControlFailure, TimeoutError, ConnectionError, OSError, StopAsyncIteration,
+    asyncio.IncompleteReadError,
 )  # fmt: skip
 
 RECORDS_MAX_AGE = 5.0  # seconds a fetched view of the mesh is reused
@@ -51,6 +53,7 @@ class MeshConnection:
         self.latencies: dict[str, float] = {}
         self._latency_at: dict[str, float] = {}
         self._failed_at: dict[str, float] = {}
+        self._tickets: dict[str, tuple[str, DirectTicket]] = {}  # peer -> (host, ticket) of its direct lane
 
     def close(self) -> None:
         self.loop.stop()
@@ -96,6 +99,7 @@ class MeshConnection:
         """Leave ``peer_id`` out of new routes for a while (its DHT record may outlive it)."""
         self._failed_at[peer_id] = time.monotonic()
         self._connected.discard(peer_id)
+        self._tickets.pop(peer_id, None)
 
     def timeout_for(self, tokens: int) -> float:
         """How long to wait for a step carrying ``tokens`` tokens before calling the node failed."""
@@ -121,11 +125,39 @@ class MeshConnection:
             logger.debug("Ping of %s failed: %r", peer_id, e)
             self.latencies[peer_id] = UNREACHABLE
         self._latency_at[peer_id] = time.monotonic()
+        if self.latencies[peer_id] < UNREACHABLE:
+            try:
+                await self._get_ticket(peer_id, stub)
+            except Exception as e:
+                logger.info("No direct lane to %s (%r); using P2P", peer_id, e)
+
+    async def _get_ticket(self, peer_id: str, stub) -> None:
+        """Ask a node that offers a direct lane for this client's ticket to it (over P2P)."""
+        record = self._record(peer_id)
+        if not self.config.direct_lane or peer_id in self._tickets or record is None or not record.direct_lane:
+            return
+        host = _direct_host(record.addrs)
+        if host is None:
+            return
+        response = await stub.rpc_direct_ticket(runtime_pb2.ExpertUID(), timeout=PING_TIMEOUT)
+        ticket = DirectTicket.model_validate_json(response.serialized_info)
+        self._tickets[peer_id] = (host, ticket)
+
+    def direct_lane(self, peer_id: str) -> tuple[str, int] | None:
+        """The (host, port) of ``peer_id``'s direct lane if this client holds a ticket for it."""
+        if peer_id not in self._tickets:
+            return None
+        host, ticket = self._tickets[peer_id]
+        return host, ticket.port
+
+    def _record(self, peer_id: str) -> NodeRecord | None:
+        return next((r for r in self._records if r.peer_id == peer_id), None)
 
     async def stub(self, peer_id: str):
-        """An RPC stub for ``peer_id``, dialing the addresses it announced the first time."""
+        """An RPC stub for ``peer_id``: over its direct lane where this client holds a ticket, else
+        P2P, dialing the addresses it announced the first time."""
         if peer_id not in self._connected:
-            record = next((r for r in self._records if r.peer_id == peer_id), None)
+            record = self._record(peer_id)
             if record is not None and record.addrs:
                 try:
                     addrs = [Multiaddr(a.split("/p2p/")[0]) for a in record.addrs]
@@ -133,7 +165,21 @@ class MeshConnection:
                 except Exception as e:
                     logger.debug("Could not dial %s at %s: %s", peer_id, record.addrs, e)
             self._connected.add(peer_id)
-        return FarNodeRPC.get_stub(self.p2p, PeerID.from_base58(peer_id))
+        p2p_stub = FarNodeRPC.get_stub(self.p2p, PeerID.from_base58(peer_id))
+        if peer_id not in self._tickets:
+            return p2p_stub
+        host, ticket = self._tickets[peer_id]
+        hello = {"peer_id": str(self.p2p.peer_id), "ticket": ticket.ticket}
+        return DirectStub(host, ticket.port, hello, p2p_stub, lambda: self._tickets.pop(peer_id, None))
+
+
+def _direct_host(addrs: list[str]) -> str | None:
+    """The IP address of a node's first announced IPv4/IPv6 multiaddr (its direct lane listens there)."""
+    for addr in addrs:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return parts[2]
+    return None
 
 
 def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, MeshConnection]:

@@ -205,6 +205,7 @@ class FarNode:
             quantization=self.config.quantization,
             adapters=self.config.adapter_names,
             addrs=self.multiaddrs,
+            direct_lane=self.handlers.direct_lane is not None,
         )
 
     def _announce(self, state: str, ttl: float | None = None) -> None:

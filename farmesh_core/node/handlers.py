@@ -21,6 +21,7 @@ from farmesh_core.config import NodeConfig
 from farmesh_core.errors import RequestError
 from farmesh_core.extensions import AuthProvider, PaymentLedger, UsageEvent
 from farmesh_core.node.batching import DecodeBatcher
+from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.streams import add_limited_stream_handler
@@ -64,6 +65,7 @@ class NodeHandlers:
         self.record_json = b"{}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
         self.batcher = DecodeBatcher(span)
+        self.direct_lane: DirectLane | None = None
         metrics.watch_node(self)
 
     def close(self) -> None:
@@ -72,20 +74,33 @@ class NodeHandlers:
     STREAM_RPCS = ("rpc_inference", "rpc_forward", "rpc_backward")
 
     async def register(self, p2p) -> None:
-        """Serve the FarNodeRPC methods on ``p2p``; streams check each message's size before reading it."""
+        """Serve the FarNodeRPC methods on ``p2p`` (and on the direct lane, unless it is off); streams
+        check each message's size before reading it."""
+        servers = {}
         for method in self.STREAM_RPCS:
             name = FarNodeRPC._get_handle_name(None, method)
-            await add_limited_stream_handler(
+            servers[method] = await add_limited_stream_handler(
                 p2p, name, getattr(self, method), runtime_pb2.ExpertRequest, self.config.max_message_bytes
             )
         await p2p.add_protobuf_handler(
             FarNodeRPC._get_handle_name(None, "rpc_info"), self.rpc_info, runtime_pb2.ExpertUID
         )
+        if self.config.direct_lane:
+            self.direct_lane = DirectLane(servers, self.config.listen_host())
+            await self.direct_lane.start()
+            await p2p.add_protobuf_handler(
+                FarNodeRPC._get_handle_name(None, "rpc_direct_ticket"),
+                self.direct_lane.rpc_direct_ticket,
+                runtime_pb2.ExpertUID,
+            )
 
     async def unregister(self, p2p) -> None:
         for method in self.STREAM_RPCS:
             await p2p.remove_binary_stream_handler(FarNodeRPC._get_handle_name(None, method))
         await p2p.remove_protobuf_handler(FarNodeRPC._get_handle_name(None, "rpc_info"))
+        if self.direct_lane is not None:
+            await self.direct_lane.stop()
+            await p2p.remove_protobuf_handler(FarNodeRPC._get_handle_name(None, "rpc_direct_ticket"))
 
     # ---- validation --------------------------------------------------------------------------
     def _check_layers(self, start: int, end: int, adapter: str | None) -> None:

@@ -8,34 +8,24 @@ and the stream is closed. The framing is hivemind's, so its client stubs work un
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing, suppress
 
 from google.protobuf.message import DecodeError
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto.p2pd_pb2 import RPCError
+
+from farmesh_core.wire import StreamProtocolError, read_frame
 
 logger = logging.getLogger(__name__)
 
-MAX_ERROR_BYTES = 64 * 1024
 DISCARD_SECONDS = 1.0  # how long a finished stream waits for the caller to stop sending
-
-
-class StreamProtocolError(Exception):
-    """The peer broke the framing or the size limit; the stream is closed after telling it why."""
 
 
 async def _read_message(reader: asyncio.StreamReader, message_type: type, max_bytes: int):
     """The next message, or None at the end of the stream."""
-    marker = await reader.readexactly(1)
-    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
-        raise StreamProtocolError("invalid message marker")
-    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-    limit = max_bytes if marker == P2P.MESSAGE_MARKER else MAX_ERROR_BYTES
-    if length > limit:
-        raise StreamProtocolError(f"message of {length} bytes exceeds the limit of {limit} bytes")
-    data = await reader.readexactly(length)
-    if marker == P2P.ERROR_MARKER:
+    is_error, data = await read_frame(reader, max_bytes)
+    if is_error:
         return None  # the caller's end-of-stream (or its error): either way, no more requests
     try:
         return message_type.FromString(data)
@@ -55,18 +45,19 @@ async def _discard_rest(reader: asyncio.StreamReader) -> None:
                 pass
 
 
-async def add_limited_stream_handler(
-    p2p: P2P,
+def limited_stream_handler(
     name: str,
     handler: Callable[[AsyncIterator, P2PContext], AsyncIterator],
     message_type: type,
     max_message_bytes: int,
+    local_id: PeerID,
     max_prefetch: int = 4,
-) -> None:
-    """Serve ``handler`` (requests stream -> responses stream) under ``name`` with a per-message limit."""
+) -> Callable[[PeerID, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """Serve ``handler`` (requests stream -> responses stream) on one open stream from ``remote_id``,
+    with a per-message limit. P2P streams and the node's direct lane both run it."""
 
-    async def handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=stream_info.peer_id)
+    async def handle_stream(remote_id: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        context = P2PContext(handle_name=name, local_id=local_id, remote_id=remote_id)
         requests: asyncio.Queue = asyncio.Queue(max_prefetch)
 
         async def iterate_requests():
@@ -110,4 +101,21 @@ async def add_limited_stream_handler(
             finally:
                 processing.cancel()
 
-    await p2p.add_binary_stream_handler(name, handle_stream)
+    return handle_stream
+
+
+async def add_limited_stream_handler(
+    p2p: P2P,
+    name: str,
+    handler: Callable[[AsyncIterator, P2PContext], AsyncIterator],
+    message_type: type,
+    max_message_bytes: int,
+) -> Callable[[PeerID, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """Serve ``handler`` under ``name`` on ``p2p``; returns the per-stream server for other transports."""
+    serve = limited_stream_handler(name, handler, message_type, max_message_bytes, p2p.peer_id)
+
+    async def handle_p2p_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve(stream_info.peer_id, reader, writer)
+
+    await p2p.add_binary_stream_handler(name, handle_p2p_stream)
+    return serve

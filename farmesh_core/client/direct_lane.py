@@ -1,0 +1,81 @@
+"""The client end of a node's direct lane (see ``farmesh_core.node.direct_lane``).
+
+``DirectStub`` has the stream methods of a hivemind stub, so sessions and forward/backward calls use
+it unchanged. When the lane cannot be reached the call goes over P2P instead.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
+
+from hivemind.p2p import P2P, P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from farmesh_core.wire import DirectHello, StreamProtocolError, read_frame
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+MAX_RESPONSE_BYTES = 64 * 1024**2
+
+
+class DirectStub:
+    """``rpc_inference``/``rpc_forward``/``rpc_backward`` of one node over its direct lane; other
+    methods (and calls whose connection fails) go to ``p2p_stub``."""
+
+    def __init__(self, host: str, port: int, hello: dict[str, str], p2p_stub, on_unreachable: Callable[[], None]):
+        self.host, self.port, self._hello, self._p2p_stub = host, port, hello, p2p_stub
+        self._on_unreachable = on_unreachable
+
+    def __getattr__(self, name: str):
+        return getattr(self._p2p_stub, name)
+
+    async def rpc_inference(self, requests: AsyncIterator) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await self._call("rpc_inference", requests)
+
+    async def rpc_forward(self, requests: AsyncIterator) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await self._call("rpc_forward", requests)
+
+    async def rpc_backward(self, requests: AsyncIterator) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        return await self._call("rpc_backward", requests)
+
+    async def _call(self, method: str, requests: AsyncIterator) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as e:
+            logger.info("Direct lane %s:%d unreachable (%r); using P2P", self.host, self.port, e)
+            self._on_unreachable()
+            return await getattr(self._p2p_stub, method)(requests)
+        hello = DirectHello(method=method, **self._hello).model_dump_json().encode()
+        writer.write(P2P.MESSAGE_MARKER)
+        writer.write(len(hello).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + hello)
+
+        async def write_requests() -> None:
+            async for request in requests:
+                await P2P.send_protobuf(request, writer)
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+
+        writing = asyncio.create_task(write_requests())
+        return self._responses(reader, writer, writing)
+
+    async def _responses(self, reader, writer, writing: asyncio.Task) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        with closing(writer):
+            try:
+                while True:
+                    try:
+                        is_error, data = await read_frame(reader, MAX_RESPONSE_BYTES)
+                    except asyncio.IncompleteReadError as e:
+                        if e.partial:
+                            raise ConnectionError("the node closed the direct lane mid-message") from None
+                        break  # the node ended the stream
+                    except StreamProtocolError as e:
+                        raise ConnectionError(f"the node broke the stream framing: {e}") from None
+                    if is_error:
+                        message = RPCError.FromString(data).message
+                        raise P2PHandlerError(f"Failed to call handler at {self.host}:{self.port}: {message}")
+                    yield runtime_pb2.ExpertResponse.FromString(data)
+                await writing
+            finally:
+                writing.cancel()

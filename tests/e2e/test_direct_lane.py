@@ -1,0 +1,174 @@
+"""The direct lane: sessions and forward calls over a node's plain TCP port, beside P2P.
+
+Outputs over the lane equal transformers' (and P2P's); the lane is reached only with a ticket
+obtained over P2P; garbage on the port is refused without harm; malformed requests over the lane
+get the same refusals as over P2P; a node without a lane, or a lane that cannot be reached, leaves
+clients on P2P.
+"""
+
+import asyncio
+import socket
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+
+from farmesh import DistributedInferenceClient
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.client.direct_lane import DirectStub
+from farmesh_core.client.mesh import MeshConnection
+from farmesh_core.config import ClientConfig
+from farmesh_core.wire import DirectHello, chunked_messages
+from tests.e2e.test_bad_requests import BAD_INFERENCE, REFUSED, assert_still_serving, forward, inference, span_call
+from tests.helpers import PROMPT, hf_greedy_ids, hf_hidden_states, prompt_ids
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def mesh(llama_mesh):
+    return llama_mesh
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def raw(mesh):
+    """A bare connection holding tickets for both nodes' direct lanes."""
+    connection = MeshConnection(ClientConfig(model_id=mesh.model_dir, dht_bootstrap=mesh.addrs),
+                                Checkpoint(mesh.model_dir).dht_prefix)  # fmt: skip
+    try:
+        connection.measure_latencies([r.peer_id for r in connection.records(refresh=True)])
+        yield connection
+    finally:
+        connection.close()
+
+
+def peer_of(raw: MeshConnection, start: int) -> str:
+    (record,) = [r for r in raw.records() if r.start == start]
+    return record.peer_id
+
+
+def test_sessions_use_the_direct_lane_and_match_transformers(client, mesh):
+    expected = list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
+    with client.inference_session(64) as session:
+        tokens = [int(t[0]) for t in client.generate_ids(prompt_ids(mesh.model_dir), TOKENS, session=session)]
+        route = session.route
+    assert tokens == expected
+    assert len(route) == 2
+    for hop in route:
+        host, port = client.mesh.direct_lane(hop.peer_id)
+        assert host == "127.0.0.1" and port > 0
+        assert all(r.direct_lane for r in client.mesh.records() if r.peer_id == hop.peer_id)
+
+
+def test_p2p_only_client_gets_the_same_tokens(mesh):
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs, direct_lane=False) as p2p_client:
+        tokens = [int(t[0]) for t in p2p_client.generate_ids(prompt_ids(mesh.model_dir), TOKENS)]
+        assert all(p2p_client.mesh.direct_lane(r.peer_id) is None for r in p2p_client.mesh.records())
+    assert tokens == list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
+
+
+def test_forward_over_the_direct_lane_matches_transformers(client, mesh):
+    states = hf_hidden_states(mesh.model_dir, seed=3)
+    out = client.layers(states[0])
+    torch.testing.assert_close(client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INFERENCE))
+def test_malformed_requests_over_the_direct_lane_are_refused(raw, client, mesh, case):
+    peer = peer_of(raw, 0)
+    assert isinstance(asyncio.run_coroutine_threadsafe(raw.stub(peer), raw.loop.loop).result(10), DirectStub)
+    build, error = BAD_INFERENCE[case]
+    with pytest.raises(REFUSED, match=error):
+        inference(raw, peer, *build())
+    assert_still_serving(client, mesh)
+
+
+def test_honest_forward_call_over_the_direct_lane(raw):
+    (response,) = forward(raw, peer_of(raw, 0), *chunked_messages(span_call(), [torch.randn(1, 4, 256)]))
+    assert len(response.tensors) == 1 and list(response.tensors[0].size) == [1, 4, 256]
+
+
+def _lane_exchange(host: str, port: int, payload: bytes) -> bytes:
+    """Send ``payload`` on a new connection to the lane; what the node answers before closing."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+
+
+def _frame(payload: bytes) -> bytes:
+    return P2P.MESSAGE_MARKER + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        _frame(b"not json"),
+        _frame(b"\x00" * 5000),  # over the hello's size limit
+        b"\x00" + (2**62).to_bytes(8, "big"),  # announces an enormous hello
+        _frame(
+            DirectHello(method="rpc_inference", peer_id="12D3KooWForged", ticket="0" * 64).model_dump_json().encode()
+        ),
+        b"",
+    ],
+    ids=["http", "not-json", "oversized", "huge-length", "forged-ticket", "empty"],
+)
+def test_lane_refuses_connections_without_a_valid_ticket(raw, client, mesh, payload):
+    host, port = raw.direct_lane(peer_of(raw, 0))
+    assert _lane_exchange(host, port, payload) == b""  # closed without serving anything
+    assert_still_serving(client, mesh)
+
+
+def test_ticket_of_one_peer_does_not_open_the_lane_for_another(raw, client, mesh):
+    """A ticket is bound to the peer id it was issued to: claiming another id with it is refused."""
+    peer = peer_of(raw, 0)
+    host, port = raw.direct_lane(peer)
+    ticket = raw._tickets[peer][1].ticket
+    hello = DirectHello(method="rpc_inference", peer_id=peer, ticket=ticket)  # the node's own id, not ours
+    assert _lane_exchange(host, port, _frame(hello.model_dump_json().encode())) == b""
+    assert_still_serving(client, mesh)
+
+
+def test_unreachable_lane_falls_back_to_p2p(raw):
+    """A lane that refuses connections: the call goes over P2P and the ticket is dropped."""
+    peer = peer_of(raw, 0)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        dropped = []
+
+        async def call():
+            p2p_stub = (await raw.stub(peer))._p2p_stub
+            stub = DirectStub("127.0.0.1", port, {"peer_id": str(raw.p2p.peer_id), "ticket": "x"}, p2p_stub,
+                              lambda: dropped.append(True))  # fmt: skip
+            responses = await stub.rpc_forward(_requests(chunked_messages(span_call(), [torch.randn(1, 3, 256)])))
+            return [r async for r in responses]
+
+        (response,) = raw.loop.run(call())
+    assert list(response.tensors[0].size) == [1, 3, 256] and dropped == [True]
+
+
+async def _requests(messages):
+    for item in messages:
+        yield item
+
+
+def test_node_without_a_lane_serves_over_p2p(mesh_factory, tiny_llama):
+    mesh = mesh_factory(tiny_llama, "0:8", node_args=("--no-direct-lane",))
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+        tokens = [int(t[0]) for t in client.generate_ids(prompt_ids(mesh.model_dir), TOKENS)]
+        (record,) = client.mesh.records()
+        assert not record.direct_lane and client.mesh.direct_lane(record.peer_id) is None
+    assert tokens == list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
