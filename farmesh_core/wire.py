@@ -13,6 +13,7 @@ from typing import AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind need
 import torch
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from farmesh_core.errors import RequestError
@@ -110,6 +111,18 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool
     if length > limit:
         raise StreamProtocolError(f"message of {length} bytes exceeds the limit of {limit} bytes")
     return marker == P2P.ERROR_MARKER, await reader.readexactly(length)
+
+
+async def send_frame(message, writer: asyncio.StreamWriter) -> None:
+    """Write ``message`` (a protobuf; an RPCError goes as an error) in hivemind's stream framing.
+
+    One write per message (``P2P.send_protobuf`` makes three): on a TCP_NODELAY socket, each write
+    is a packet and a wake-up of the reader.
+    """
+    marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
+    payload = message.SerializeToString()
+    writer.write(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
+    await writer.drain()
 
 
 def encode_meta(meta: BaseModel) -> bytes:

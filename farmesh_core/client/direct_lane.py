@@ -1,19 +1,21 @@
 """The client end of a node's direct lane (see ``farmesh_core.node.direct_lane``).
 
-``DirectStub`` has the stream methods of a hivemind stub, so sessions and forward/backward calls use
-it unchanged. When the lane cannot be reached the call goes over P2P instead.
+``DirectStub`` has the stream methods of a hivemind stub, so forward/backward calls use it unchanged;
+when the lane cannot be reached the call goes over P2P instead. Inference sessions use
+``DirectConnection``: blocking sockets in the calling thread, the shortest path for one-token steps.
 """
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import closing
+from contextlib import closing, suppress
 
 from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from farmesh_core.wire import DirectHello, StreamProtocolError, read_frame
+from farmesh_core.wire import DirectHello, StreamProtocolError, read_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +51,12 @@ class DirectStub:
             self._on_unreachable()
             return await getattr(self._p2p_stub, method)(requests)
         hello = DirectHello(method=method, **self._hello).model_dump_json().encode()
-        writer.write(P2P.MESSAGE_MARKER)
-        writer.write(len(hello).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + hello)
+        writer.write(P2P.MESSAGE_MARKER + len(hello).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + hello)
 
         async def write_requests() -> None:
             async for request in requests:
-                await P2P.send_protobuf(request, writer)
-            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+                await send_frame(request, writer)
+            await send_frame(P2P.END_OF_STREAM, writer)
 
         writing = asyncio.create_task(write_requests())
         return self._responses(reader, writer, writing)
@@ -79,3 +80,46 @@ class DirectStub:
                 await writing
             finally:
                 writing.cancel()
+
+
+class DirectConnection:
+    """One inference stream over a node's direct lane, driven with blocking calls from the caller's
+    thread: a one-token step then costs one send and one receive, with no event loop in between."""
+
+    def __init__(self, host: str, port: int, hello: DirectHello):
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = self.sock.makefile("rb")
+        self._send(P2P.MESSAGE_MARKER, hello.model_dump_json().encode())
+
+    def _send(self, marker: bytes, payload: bytes) -> None:
+        self.sock.sendall(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
+
+    def _read(self, n: int) -> bytes:
+        data = self._reader.read(n)
+        if len(data) != n:
+            raise ConnectionError("the node closed the direct lane")
+        return data
+
+    def call(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
+        """Send one request and wait (at most ``timeout`` seconds) for its response."""
+        self.sock.settimeout(timeout)
+        self._send(P2P.MESSAGE_MARKER, request.SerializeToString())
+        marker = self._read(1)
+        length = int.from_bytes(self._read(P2P.HEADER_LEN), P2P.BYTEORDER)
+        if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER) or length > MAX_RESPONSE_BYTES:
+            raise ConnectionError("the node broke the stream framing")
+        data = self._read(length)
+        if marker == P2P.ERROR_MARKER:
+            raise P2PHandlerError(
+                f"Failed to call handler at {self.sock.getpeername()}: {RPCError.FromString(data).message}"
+            )
+        return runtime_pb2.ExpertResponse.FromString(data)
+
+    def close(self) -> None:
+        """End the stream (the node closes the session) and the connection."""
+        with suppress(OSError):
+            self.sock.settimeout(CONNECT_TIMEOUT)
+            self._send(P2P.ERROR_MARKER, P2P.END_OF_STREAM.SerializeToString())
+        self._reader.close()
+        self.sock.close()

@@ -18,7 +18,7 @@ from farmesh_core.errors import NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.extensions import RouteHop, RouteRequest
 from farmesh_core.plugins import get_auth_providers, get_routing_policies, load_plugins, pick
-from farmesh_core.wire import DirectTicket, FarNodeRPC
+from farmesh_core.wire import DirectHello, DirectTicket, FarNodeRPC
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class MeshConnection:
         """Leave ``peer_id`` out of new routes for a while (its DHT record may outlive it)."""
         self._failed_at[peer_id] = time.monotonic()
         self._connected.discard(peer_id)
-        self._tickets.pop(peer_id, None)
+        self.forget_direct_lane(peer_id)
 
     def timeout_for(self, tokens: int) -> float:
         """How long to wait for a step carrying ``tokens`` tokens before calling the node failed."""
@@ -153,9 +153,9 @@ class MeshConnection:
     def _record(self, peer_id: str) -> NodeRecord | None:
         return next((r for r in self._records if r.peer_id == peer_id), None)
 
-    async def stub(self, peer_id: str):
-        """An RPC stub for ``peer_id``: over its direct lane where this client holds a ticket, else
-        P2P, dialing the addresses it announced the first time."""
+    async def stub(self, peer_id: str, direct: bool = True):
+        """An RPC stub for ``peer_id``: over its direct lane where this client holds a ticket (and
+        ``direct``), else P2P, dialing the addresses it announced the first time."""
         if peer_id not in self._connected:
             record = self._record(peer_id)
             if record is not None and record.addrs:
@@ -166,11 +166,22 @@ class MeshConnection:
                     logger.debug("Could not dial %s at %s: %s", peer_id, record.addrs, e)
             self._connected.add(peer_id)
         p2p_stub = FarNodeRPC.get_stub(self.p2p, PeerID.from_base58(peer_id))
-        if peer_id not in self._tickets:
+        if not direct or peer_id not in self._tickets:
             return p2p_stub
         host, ticket = self._tickets[peer_id]
         hello = {"peer_id": str(self.p2p.peer_id), "ticket": ticket.ticket}
-        return DirectStub(host, ticket.port, hello, p2p_stub, lambda: self._tickets.pop(peer_id, None))
+        return DirectStub(host, ticket.port, hello, p2p_stub, lambda: self.forget_direct_lane(peer_id))
+
+    def direct_hello(self, peer_id: str, method: str) -> tuple[str, int, DirectHello] | None:
+        """Where ``peer_id``'s direct lane is and what to say first to call ``method`` on it, if this
+        client holds a ticket for it."""
+        if peer_id not in self._tickets:
+            return None
+        host, ticket = self._tickets[peer_id]
+        return host, ticket.port, DirectHello(method=method, peer_id=str(self.p2p.peer_id), ticket=ticket.ticket)
+
+    def forget_direct_lane(self, peer_id: str) -> None:
+        self._tickets.pop(peer_id, None)
 
 
 def _direct_host(addrs: list[str]) -> str | None:

@@ -1,6 +1,7 @@
 """An inference session: hidden states step through a chain of Far Nodes that keep the KV caches.
 
-The client relays each step along the chain over one open stream per node. It keeps every node's
+The client relays each step along the chain over one open stream per node, from the calling
+thread: over the nodes' direct lanes with blocking sockets, or over P2P through the mesh's loop. It keeps every node's
 inputs, so when a node fails it routes around it, replays those inputs to the replacement (which
 rebuilds the same KV cache) and carries on: the output is the same as without the failure.
 """
@@ -9,10 +10,12 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import suppress
 
 import torch
 from hivemind.proto import runtime_pb2
 
+from farmesh_core.client.direct_lane import DirectConnection
 from farmesh_core.client.mesh import NETWORK_ERRORS, MeshConnection
 from farmesh_core.config import adapter_name
 from farmesh_core.errors import NoRouteError, RemoteError, RequestError
@@ -33,41 +36,69 @@ MAX_STEP_BYTES = 16 * 1024**2  # longer steps are split: nodes refuse messages o
 
 
 class _HopStream:
-    """One open rpc_inference stream to one node for layers ``hop.start:hop.end``."""
+    """One open rpc_inference stream to one node for layers ``hop.start:hop.end``: over the node's
+    direct lane (blocking calls in the caller's thread) where the client holds a ticket, else P2P."""
 
     def __init__(self, hop: RouteHop):
         self.hop = hop
         self.session_id = uuid.uuid4().hex
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._responses = None
         self.inputs: list[runtime_pb2.Tensor] = []  # every input sent, for replays
+        self._direct: DirectConnection | None = None
+        self._queue: asyncio.Queue | None = None  # P2P: requests to send
+        self._responses = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._direct is not None or self._responses is not None
+
+    def open_direct(self, mesh: MeshConnection) -> None:
+        """Connect to the node's direct lane if it has one; on failure the stream stays on P2P."""
+        hello = mesh.direct_hello(self.hop.peer_id, "rpc_inference")
+        if self.is_open or hello is None:
+            return
+        host, port, hello = hello
+        try:
+            self._direct = DirectConnection(host, port, hello)
+        except OSError as e:
+            logger.info("Direct lane of %s unreachable (%r); using P2P", self.hop.peer_id, e)
+            mesh.forget_direct_lane(self.hop.peer_id)
+
+    async def open_p2p(self, mesh: MeshConnection) -> None:
+        if not self.is_open:
+            stub = await mesh.stub(self.hop.peer_id, direct=False)
+            self._queue = asyncio.Queue()
+            self._responses = await stub.rpc_inference(self._requests())
 
     async def _requests(self):
         while (item := await self._queue.get()) is not None:
             yield item
 
-    async def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
+    def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
         """Send one step and wait for its output, giving up after the mesh's timeout for its size."""
         waiting_for_memory = meta.open.alloc_timeout if meta.open is not None else 0.0
-        async with asyncio.timeout(mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory):
-            return await self._step(mesh, meta, hidden)
-
-    async def open(self, mesh: MeshConnection) -> None:
-        if self._responses is None:
-            stub = await mesh.stub(self.hop.peer_id)
-            self._responses = await stub.rpc_inference(self._requests())
-
-    async def _step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor):
-        await self.open(mesh)
-        self._queue.put_nowait(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)))
-        response = await anext(self._responses)
+        timeout = mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory
+        request = runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta))
+        self.open_direct(mesh)
+        if self._direct is not None:
+            response = self._direct.call(request, timeout)
+        else:
+            response = mesh.loop.run(self._p2p_call(mesh, request, timeout))
         raise_if_error(response, self.hop.peer_id)
         if len(response.tensors) != 1:
             raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
         return response.tensors[0]
 
-    def close(self) -> None:
-        self._queue.put_nowait(None)
+    async def _p2p_call(self, mesh: MeshConnection, request: runtime_pb2.ExpertRequest, timeout: float):
+        async with asyncio.timeout(timeout):
+            await self.open_p2p(mesh)
+            self._queue.put_nowait(request)
+            return await anext(self._responses)
+
+    def close(self, mesh: MeshConnection) -> None:
+        if self._direct is not None:
+            self._direct.close()
+        if self._queue is not None:
+            mesh.loop.loop.call_soon_threadsafe(self._queue.put_nowait, None)
 
 
 class InferenceSession:
@@ -98,7 +129,7 @@ class InferenceSession:
 
     def close(self) -> None:
         for stream in self._streams:
-            self.mesh.loop.loop.call_soon_threadsafe(stream.close)
+            stream.close(self.mesh)
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
@@ -108,7 +139,7 @@ class InferenceSession:
         max_tokens = max(1, MAX_STEP_BYTES // per_token)
         if hidden.shape[1] > max_tokens:
             return torch.cat([self.step(part) for part in hidden.split(max_tokens, dim=1)], dim=1)
-        out = self.mesh.loop.run(self._step(serialize_tensor(hidden)))
+        out = self._step(serialize_tensor(hidden))
         self.position += hidden.shape[1]
         return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
 
@@ -122,18 +153,31 @@ class InferenceSession:
             )  # fmt: skip
         return InferenceStep(position=position, open=opening)
 
-    async def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
-        if self.position == 0:  # open every stream at once rather than one after another
-            await asyncio.gather(*(s.open(self.mesh) for s in self._streams), return_exceptions=True)
+    def _open_all(self, streams: list[_HopStream]) -> None:
+        """Open every stream at once rather than one after another (failures surface at the step)."""
+        for stream in streams:
+            stream.open_direct(self.mesh)
+        p2p = [s for s in streams if not s.is_open]
+        if p2p:
+            self.mesh.loop.run(self._open_p2p(p2p))
+
+    async def _open_p2p(self, streams: list[_HopStream]) -> None:
+        with suppress(TimeoutError):  # a stream that did not open is retried (and failed over) at its step
+            async with asyncio.timeout(self.mesh.config.step_timeout):
+                await asyncio.gather(*(s.open_p2p(self.mesh) for s in streams), return_exceptions=True)
+
+    def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
+        if self.position == 0:
+            self._open_all(self._streams)
         index, failures = 0, 0
         while index < len(self._streams):
             stream = self._streams[index]
             try:
-                out = await stream.step(self.mesh, self._meta(stream, self.position), hidden)
+                out = stream.step(self.mesh, self._meta(stream, self.position), hidden)
             except NETWORK_ERRORS as e:
                 failures += 1
                 self._give_up_if_exhausted(failures, stream.hop, e)
-                await self._replace(index, e)
+                self._replace(index, e)
                 continue
             stream.inputs.append(hidden)
             hidden = out
@@ -147,14 +191,14 @@ class InferenceSession:
             ) from error
 
     def _mark_failed(self, stream: _HopStream, error: Exception) -> None:
-        stream.close()
+        stream.close(self.mesh)
         self._failed.add(stream.hop.peer_id)
         self.mesh.report_failure(stream.hop.peer_id)
         logger.warning(
             "Node %s failed on layers %d:%d (%r)", stream.hop.peer_id, stream.hop.start, stream.hop.end, error
         )
 
-    async def _replace(self, index: int, error: Exception) -> None:
+    def _replace(self, index: int, error: Exception) -> None:
         """Swap the failed stream for a new sub-chain and rebuild its caches from the recorded inputs."""
         began = time.perf_counter()
         failed = self._streams[index]
@@ -162,9 +206,7 @@ class InferenceSession:
         history = torch.cat([deserialize_tensor(t) for t in failed.inputs], dim=1) if failed.inputs else None
         for attempt in range(1, self.mesh.config.max_retries + 2):
             try:
-                hops = await asyncio.to_thread(
-                    self.mesh.route, failed.hop.start, failed.hop.end, self._failed, self.adapter
-                )
+                hops = self.mesh.route(failed.hop.start, failed.hop.end, self._failed, self.adapter)
             except NoRouteError as e:
                 raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node can take over: {e}") from e
             new_streams = [_HopStream(hop) for hop in hops]
@@ -173,13 +215,13 @@ class InferenceSession:
                 for start in range(0, 0 if history is None else history.shape[1], REPLAY_CHUNK):
                     hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
                     for current in new_streams:
-                        out = await current.step(self.mesh, self._meta(current, start), hidden)
+                        out = current.step(self.mesh, self._meta(current, start), hidden)
                         current.inputs.append(hidden)
                         hidden = out
             except NETWORK_ERRORS as e:
                 self._mark_failed(current, e)
                 for stream in new_streams:
-                    stream.close()
+                    stream.close(self.mesh)
                 self._give_up_if_exhausted(attempt, failed.hop, e)
                 continue
             self._streams[index : index + 1] = new_streams

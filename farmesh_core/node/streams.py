@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from farmesh_core.wire import StreamProtocolError, read_frame
+from farmesh_core.wire import StreamProtocolError, read_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,11 @@ def limited_stream_handler(
         async def process() -> None:
             try:
                 async for response in handler(iterate_requests(), context):
-                    await P2P.send_protobuf(response, writer)
+                    await send_frame(response, writer)
             except Exception as e:
                 logger.warning("Handler %s failed for %s: %r", name, context.remote_id, e, exc_info=True)
                 with suppress(Exception):
-                    await P2P.send_protobuf(RPCError(message=f"internal error: {e!r}"[:4000]), writer)
+                    await send_frame(RPCError(message=f"internal error: {e!r}"[:4000]), writer)
 
         with closing(writer):
             processing = asyncio.create_task(process())
@@ -91,7 +91,7 @@ def limited_stream_handler(
                     except StreamProtocolError as e:
                         logger.info("Closed a %s stream from %s: %s", name, context.remote_id, e)
                         with suppress(Exception):
-                            await P2P.send_protobuf(RPCError(message=str(e)), writer)
+                            await send_frame(RPCError(message=str(e)), writer)
                         await _discard_rest(reader)
                         return
                     await requests.put(request)
