@@ -72,14 +72,26 @@ class LeanLlamaLayer:
         value = F.linear(x, self.v).view(hidden_shape).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        out = self._sdpa(query, key, value, kwargs["attention_mask"])
+        if hasattr(cache, "caches"):  # a BatchedDecodeCache: one-token steps of several sessions
+            out = self._attend_each(query, key, value, cache.caches)
+        else:
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+            out = self._sdpa(query, key, value, kwargs["attention_mask"])
         out = out.reshape(*input_shape, -1).contiguous()
         hidden = hidden + F.linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
         return hidden + F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+    def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
+        """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would
+        alone: no padding to copy, no mask, and the row's attention is bit-identical to its lone step."""
+        rows = []
+        for i, row_cache in enumerate(caches):
+            row_key, row_value = row_cache.update(key[i : i + 1], value[i : i + 1], self.layer_idx)
+            rows.append(self._sdpa(query[i : i + 1], row_key, row_value, None))
+        return torch.cat(rows)
 
     def _sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None

@@ -58,6 +58,12 @@ NODE_STEP_SECONDS = Histogram(
     buckets=STEP_BUCKETS,
     registry=NODE_REGISTRY,
 )
+NODE_DECODE_BATCH = Histogram(
+    "farmesh_node_decode_batch_size",
+    "One-token steps of different sessions computed together (continuous batching)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+    registry=NODE_REGISTRY,
+)
 NODE_ACTIVE_SESSIONS = Gauge(
     "farmesh_node_active_sessions", "Inference sessions open on this node", registry=NODE_REGISTRY
 )
@@ -86,6 +92,11 @@ def node_step(tokens: int, prefill: bool, seconds: float) -> None:
     counter, histogram = _PREFILL if prefill else _DECODE
     counter.inc(tokens)
     histogram.observe(seconds)
+
+
+def node_decode_batch(steps: int) -> None:
+    """``steps`` one-token steps of different sessions went through the layers as one batch."""
+    NODE_DECODE_BATCH.observe(steps)
 
 
 def watch_node(handlers) -> None:

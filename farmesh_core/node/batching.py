@@ -1,17 +1,21 @@
 """Continuous batching: one-token steps of different sessions that arrive together run as one batch.
 
-A step is queued and a run is scheduled for the next turn of the event loop. While a batch computes
-(inline, blocking the loop), other sessions' steps pile up in their streams; the next run takes all
-of them at once, so a busy node's throughput grows with load while an idle node adds no delay.
-Steps are served in arrival order, at most ``max_batch`` per run.
+A step is queued and a run is scheduled on the event loop. While a batch computes (inline, blocking
+the loop), other sessions' steps pile up in their streams; a step needs a few turns of the loop to
+go from its socket to the queue, so while other sessions are open the run waits up to
+``JOIN_TURNS`` turns for them (as long as steps keep joining), then takes all that arrived. A busy
+node's throughput grows with load while a node with one session adds no delay. Steps are served in
+arrival order, at most ``max_batch`` per run.
 """
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from farmesh_core import metrics
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 
@@ -29,13 +33,20 @@ class _DecodeStep:
     adapter_name: str | None = None
 
 
-class DecodeBatcher:
-    """Queues one-token, one-sequence steps and runs those for the same layers and LoRA adapter together."""
+JOIN_TURNS = 4  # turns of the event loop a run waits for other sessions' steps, while some join
 
-    def __init__(self, span: LayerSpan, max_batch: int = 32):
-        self.span, self.max_batch = span, max_batch
+
+class DecodeBatcher:
+    """Queues one-token, one-sequence steps and runs those for the same layers and LoRA adapter together.
+
+    ``sessions()`` says how many sessions are open on the node: with one, a step runs at once.
+    """
+
+    def __init__(self, span: LayerSpan, max_batch: int = 32, sessions: Callable[[], int] = lambda: 1):
+        self.span, self.max_batch, self.sessions = span, max_batch, sessions
         self._queue: list[_DecodeStep] = []
         self._scheduled = False
+        self._turns = self._seen = 0
         self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
 
     def submit(
@@ -52,10 +63,17 @@ class DecodeBatcher:
         self._queue.append(step)
         if not self._scheduled:
             self._scheduled = True
+            self._turns = self._seen = 0
             loop.call_soon(self._run)
         return step.future
 
     def _run(self) -> None:
+        queued = len(self._queue)
+        joining = True  # EXPERIMENT
+        if joining and self._turns < JOIN_TURNS and queued < min(self.sessions(), self.max_batch):
+            self._turns, self._seen = self._turns + 1, queued
+            asyncio.get_running_loop().call_soon(self._run)
+            return
         self._scheduled = False
         queue, self._queue = self._queue, []
         groups: dict[tuple[int, int, str | None], list[_DecodeStep]] = {}
@@ -84,6 +102,7 @@ class DecodeBatcher:
             return
         self.batches += 1
         self.steps += len(steps)
+        metrics.node_decode_batch(len(steps))
         for step, output in zip(steps, outputs, strict=True):
             if not step.future.done():
                 step.future.set_result(output)

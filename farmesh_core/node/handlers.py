@@ -64,7 +64,7 @@ class NodeHandlers:
         self.active_sessions = 0
         self.record_json = b"{}"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
-        self.batcher = DecodeBatcher(span)
+        self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         metrics.watch_node(self)
 
@@ -176,7 +176,8 @@ class NodeHandlers:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         logger.debug("Inference stream opened by %s", context.remote_id)
         try:
-            first = await asyncio.wait_for(anext(requests), self.config.step_timeout)
+            async with asyncio.timeout(self.config.step_timeout):
+                first = await anext(requests)
             step = decode_meta(first.metadata, InferenceStep)
             if step.open is None:
                 raise RequestError("the first message of an inference stream must open the session")
@@ -209,7 +210,8 @@ class NodeHandlers:
                         peer=str(context.remote_id),
                     )  # fmt: skip
                     try:
-                        request = await asyncio.wait_for(anext(requests), self.config.step_timeout)
+                        async with asyncio.timeout(self.config.step_timeout):
+                            request = await anext(requests)
                     except StopAsyncIteration:
                         return
                     step = decode_meta(request.metadata, InferenceStep)

@@ -73,33 +73,37 @@ def limited_stream_handler(
                 with suppress(Exception):
                     await send_frame(RPCError(message=f"internal error: {e!r}"[:4000]), writer)
 
+        async def receive() -> bool:
+            """Queue requests until the caller's end of stream (True) or a broken stream (False)."""
+            while True:
+                try:
+                    request = await _read_message(reader, message_type, max_message_bytes)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return False  # the caller closed the stream or died
+                except StreamProtocolError as e:
+                    logger.info("Closed a %s stream from %s: %s", name, context.remote_id, e)
+                    with suppress(Exception):
+                        await send_frame(RPCError(message=str(e)), writer)
+                    await _discard_rest(reader)
+                    return False
+                await requests.put(request)
+                if request is None:
+                    return True
+
         with closing(writer):
             processing = asyncio.create_task(process())
+            receiving = asyncio.create_task(receive())
             try:
-                while True:
-                    receiving = asyncio.ensure_future(_read_message(reader, message_type, max_message_bytes))
-                    await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
-                    if processing.done():
-                        receiving.cancel()
-                        await asyncio.gather(receiving, return_exceptions=True)  # frees the reader
-                        await _discard_rest(reader)
-                        return
-                    try:
-                        request = receiving.result()
-                    except (asyncio.IncompleteReadError, ConnectionError):
-                        return  # the caller closed the stream or died
-                    except StreamProtocolError as e:
-                        logger.info("Closed a %s stream from %s: %s", name, context.remote_id, e)
-                        with suppress(Exception):
-                            await send_frame(RPCError(message=str(e)), writer)
-                        await _discard_rest(reader)
-                        return
-                    await requests.put(request)
-                    if request is None:
-                        await processing
-                        return
+                await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                if processing.done():
+                    receiving.cancel()
+                    await asyncio.gather(receiving, return_exceptions=True)  # frees the reader
+                    await _discard_rest(reader)
+                elif receiving.result():
+                    await processing
             finally:
                 processing.cancel()
+                receiving.cancel()
 
     return handle_stream
 
