@@ -175,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-session-length", type=int, default=8192)
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds an idle session is kept open")
     p.add_argument("--max-message-bytes", type=int, default=32 * 1024**2, help="larger messages are refused unread")
-    p.add_argument("--num-threads", type=int, default=None, help="torch threads for compute")
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch threads of large steps (prefill, forward); one-token steps use one",
+    )
     p.add_argument(
         "--no-lean-layers", dest="lean_layers", action="store_false",
         help="run every layer through its transformers modules (by default, inference steps of unmodified "

@@ -121,7 +121,9 @@ class NodeConfig(NetworkConfig):
     drain_timeout: float = Field(
         default=300.0, ge=0, description="seconds a moving node keeps its old layers for the sessions using them"
     )
-    num_threads: int | None = Field(default=None, gt=0, description="torch threads; default: torch's choice")
+    num_threads: int | None = Field(
+        default=None, gt=0, description="torch threads of large steps (one-token steps use one); default: torch's"
+    )
     direct_lane: bool = Field(
         default=True,
         description="also serve sessions over a plain TCP port (one TCP round trip per hop instead of two P2P "

@@ -58,8 +58,6 @@ class FarNode:
         """Load the layers, join the DHT, register the RPC handlers and announce; returns at once."""
         config = self.config
         self._stop.clear()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
         load_plugins()
         checkpoint = Checkpoint(config.model_id)
         adapter = adapter_for(checkpoint.config)
@@ -94,6 +92,7 @@ class FarNode:
         self.total_layers = total
         self.handlers = NodeHandlers(config, SpanSwitch(self.span) if self.may_move else self.span, auth, ledger)
         self._loop = BackgroundLoop("farmesh-node")
+        self._loop.run(_call(torch.set_num_threads, 1))  # one-token steps run here: see handlers.py
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id

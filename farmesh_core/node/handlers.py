@@ -1,8 +1,10 @@
 """The RPC handlers of a Far Node: every network input is validated before any compute.
 
 A refused request gets an error reply naming the problem; the node, and every other session, keep
-going. Small steps (one-token decoding) run inline on the event loop, which is the fastest path;
-large ones run in a worker thread so they do not stall other sessions' messages.
+going. Small steps (decoding, short prefills) run inline on the event loop on one torch thread, the
+fastest path here (one-row matmuls use no more, and a hand-off to another thread costs more than it
+saves); large ones (long prefills, forward, backward) run in a worker thread with ``num_threads``
+torch threads, so they use every core and do not stall other sessions' messages.
 """
 
 import asyncio
@@ -63,7 +65,10 @@ class NodeHandlers:
         self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
         self.record_json = b"{}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
+        threads = config.num_threads or torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         metrics.watch_node(self)
