@@ -3,7 +3,7 @@
 A step is queued and a run is scheduled on the event loop. While a batch computes (inline, blocking
 the loop), other sessions' steps pile up in their streams; a step needs a few turns of the loop to
 go from its socket to the queue, so while other sessions are open the run waits up to
-``JOIN_TURNS`` turns for them (as long as steps keep joining), then takes all that arrived. A busy
+``JOIN_TURNS`` turns (tens of microseconds) for them, then takes all that arrived. A busy
 node's throughput grows with load while a node with one session adds no delay. Steps are served in
 arrival order, at most ``max_batch`` per run.
 """
@@ -33,7 +33,7 @@ class _DecodeStep:
     adapter_name: str | None = None
 
 
-JOIN_TURNS = 4  # turns of the event loop a run waits for other sessions' steps, while some join
+JOIN_TURNS = 4  # turns of the event loop a run waits for other open sessions' steps
 
 
 class DecodeBatcher:
@@ -46,7 +46,7 @@ class DecodeBatcher:
         self.span, self.max_batch, self.sessions = span, max_batch, sessions
         self._queue: list[_DecodeStep] = []
         self._scheduled = False
-        self._turns = self._seen = 0
+        self._turns = 0
         self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
 
     def submit(
@@ -63,15 +63,13 @@ class DecodeBatcher:
         self._queue.append(step)
         if not self._scheduled:
             self._scheduled = True
-            self._turns = self._seen = 0
+            self._turns = 0
             loop.call_soon(self._run)
         return step.future
 
     def _run(self) -> None:
-        queued = len(self._queue)
-        joining = True  # EXPERIMENT
-        if joining and self._turns < JOIN_TURNS and queued < min(self.sessions(), self.max_batch):
-            self._turns, self._seen = self._turns + 1, queued
+        if self._turns < JOIN_TURNS and len(self._queue) < min(self.sessions(), self.max_batch):
+            self._turns += 1  # other sessions' steps may be on their way through the loop
             asyncio.get_running_loop().call_soon(self._run)
             return
         self._scheduled = False

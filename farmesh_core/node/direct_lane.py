@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 5.0  # seconds a new connection has to say who it is
 MAX_HELLO_BYTES = 1024
+MAX_CONNECTIONS = 1024  # open connections at once; more are closed at once (file descriptors are finite)
 
 StreamServer = Callable[[PeerID, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -36,6 +37,7 @@ class DirectLane:
     def __init__(self, servers: dict[str, StreamServer], host: str):
         self.servers, self.host = servers, host
         self.port = 0
+        self.connections = 0
         self._secret = secrets.token_bytes(32)  # tickets die with the node process
         self._server: asyncio.Server | None = None
 
@@ -57,6 +59,17 @@ class DirectLane:
         return runtime_pb2.ExpertInfo(serialized_info=ticket.model_dump_json().encode())
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            logger.warning("Refused a direct lane connection: %d are open", self.connections)
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            await self._serve_one(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
                 _, raw = await read_frame(reader, MAX_HELLO_BYTES)
