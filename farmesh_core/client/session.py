@@ -53,8 +53,7 @@ class _HopStream:
 
     def open_direct(self, mesh: MeshConnection) -> None:
         """Connect to the node's direct lane if it has one; on failure the stream stays on P2P."""
-        hello = mesh.direct_hello(self.hop.peer_id, "rpc_inference")
-        if self.is_open or hello is None:
+        if self.is_open or (hello := mesh.direct_hello(self.hop.peer_id, "rpc_inference")) is None:
             return
         host, port, hello = hello
         try:
