@@ -1,9 +1,10 @@
 """An inference session: hidden states step through a chain of Far Nodes that keep the KV caches.
 
 The client relays each step along the chain over one open stream per node, from the calling
-thread: over the nodes' direct lanes with blocking sockets, or over P2P through the mesh's loop. It keeps every node's
-inputs, so when a node fails it routes around it, replays those inputs to the replacement (which
-rebuilds the same KV cache) and carries on: the output is the same as without the failure.
+thread: over the nodes' direct lanes with blocking sockets, or over P2P through the mesh's loop. It
+keeps every node's inputs, so when a node fails it routes around it, replays those inputs to the
+replacement (which rebuilds the same KV cache) and carries on: the output is the same as without
+the failure.
 """
 
 import asyncio
