@@ -162,7 +162,11 @@ class ClientConfig(NetworkConfig):
         default=10.0, gt=0, description="seconds to wait for a one-token step of a node before failing over"
     )
     max_retries: int = Field(default=3, ge=0)
-    direct_lane: bool = Field(default=True, description="use nodes' direct lanes where they offer one")
+    direct_lane: bool | None = Field(
+        default=None,
+        description="use nodes' direct lanes (plain TCP) where they offer one; default: yes, unless the client "
+        "sends credentials (an auth token), which then stay on encrypted P2P",
+    )
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
 
     @field_validator("adapter")

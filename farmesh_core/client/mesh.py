@@ -44,6 +44,8 @@ class MeshConnection:
         self.config, self.prefix = config, prefix
         self.policy = pick("routing policy", get_routing_policies(), config.routing)
         self.credentials = pick("auth provider", get_auth_providers(), config.auth)(config).credentials()
+        # Credentials would cross the direct lane in clear: such clients stay on P2P unless told otherwise.
+        self.use_direct_lanes = config.direct_lane if config.direct_lane is not None else not self.credentials
         self.dht = start_dht(config, client_mode=True)
         self.loop = BackgroundLoop("farmesh-client")
         self.p2p = self.loop.run(self.dht.replicate_p2p())
@@ -134,7 +136,7 @@ class MeshConnection:
     async def _get_ticket(self, peer_id: str, stub) -> None:
         """Ask a node that offers a direct lane for this client's ticket to it (over P2P)."""
         record = self._record(peer_id)
-        if not self.config.direct_lane or peer_id in self._tickets or record is None or not record.direct_lane:
+        if not self.use_direct_lanes or peer_id in self._tickets or record is None or not record.direct_lane:
             return
         host = _direct_host(record.addrs)
         if host is None:

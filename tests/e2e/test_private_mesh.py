@@ -138,6 +138,8 @@ def test_a_token_holder_generates_and_trains_through_the_private_int8_node(mesh)
         assert client.layers.mesh.route(0, NUM_LAYERS)[0].peer_id == mesh.private
         input_ids = client.tokenizer(PROMPT, return_tensors="pt").input_ids
         assert len(list(client.generate_ids(input_ids, 8, min_new_tokens=8))) == 8
+        # The token must not cross the (unencrypted) direct lane unless the client asks for it.
+        assert client.mesh.direct_lane(mesh.private) is None
 
         hidden = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(0), requires_grad=True)
         grad_output = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(1))
@@ -174,6 +176,13 @@ def test_the_private_node_refuses_bad_tokens_with_a_clear_error(mesh, tmp_path, 
         with pytest.raises(RequestError, match=refusal):
             client.generate(PROMPT, max_tokens=2)
     mesh.assert_alive()
+
+
+def test_a_token_holder_may_choose_the_direct_lane(mesh):
+    with client_for(mesh, quantization="int8", auth="token", auth_token=mesh.token("dave"), direct_lane=True) as client:
+        input_ids = client.tokenizer(PROMPT, return_tensors="pt").input_ids
+        assert len(list(client.generate_ids(input_ids, 4, min_new_tokens=4))) == 4
+        assert client.mesh.direct_lane(mesh.private) is not None
 
 
 def test_forward_calls_without_a_token_are_refused_with_a_clear_error(mesh):
