@@ -46,9 +46,9 @@ def wait_for_log(path, pattern: re.Pattern, proc, count: int = 1, timeout: float
 
 
 def local_steps(model_dir: str, inputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """Layers ``start:end`` run here the way a session runs them: a prefill, then one token at a time.
-    (The prefill/decode split rounds differently from transformers' one full forward: ~1e-4 on
-    hidden states of magnitude ~40.)"""
+    """Layers ``start:end`` run here the way a session runs them: a prefill, then one token at a time,
+    on one torch thread as a node runs short steps. (The prefill/decode split rounds differently from
+    transformers' one full forward: ~1e-4 on hidden states of magnitude ~40; so do 2 threads: ~2e-5.)"""
     from farmesh_core.architecture import adapter_for
     from farmesh_core.checkpoint import Checkpoint
     from farmesh_core.node.kv_cache import SessionCache
@@ -57,9 +57,14 @@ def local_steps(model_dir: str, inputs: torch.Tensor, start: int, end: int) -> t
     checkpoint = Checkpoint(model_dir)
     span = LayerSpan(checkpoint, adapter_for(checkpoint.config), start, end, torch.float32, "cpu")
     cache = SessionCache(inputs.shape[1])
-    outputs = [span.forward(inputs[:, :PREFILL], start, end, cache, 0)]
-    for position in range(PREFILL, inputs.shape[1]):
-        outputs.append(span.forward(inputs[:, position : position + 1], start, end, cache, position))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        outputs = [span.forward(inputs[:, :PREFILL], start, end, cache, 0)]
+        for position in range(PREFILL, inputs.shape[1]):
+            outputs.append(span.forward(inputs[:, position : position + 1], start, end, cache, position))
+    finally:
+        torch.set_num_threads(threads)
     return torch.cat(outputs, dim=1)
 
 
