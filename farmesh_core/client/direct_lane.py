@@ -27,7 +27,9 @@ class DirectStub:
     """``rpc_inference``/``rpc_forward``/``rpc_backward`` of one node over its direct lane; other
     methods (and calls whose connection fails) go to ``p2p_stub``."""
 
-    def __init__(self, host: str, port: int, hello: dict[str, str], p2p_stub, on_unreachable: Callable[[], None]):
+    def __init__(
+        self, host: str, port: int, hello: Callable[[str], DirectHello], p2p_stub, on_unreachable: Callable[[], None]
+    ):
         self.host, self.port, self._hello, self._p2p_stub = host, port, hello, p2p_stub
         self._on_unreachable = on_unreachable
 
@@ -50,7 +52,7 @@ class DirectStub:
             logger.info("Direct lane %s:%d unreachable (%r); using P2P", self.host, self.port, e)
             self._on_unreachable()
             return await getattr(self._p2p_stub, method)(requests)
-        hello = DirectHello(method=method, **self._hello).model_dump_json().encode()
+        hello = self._hello(method).model_dump_json().encode()
         writer.write(P2P.MESSAGE_MARKER + len(hello).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + hello)
 
         async def write_requests() -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from functools import partial
 
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
@@ -170,17 +171,14 @@ class MeshConnection:
         p2p_stub = FarNodeRPC.get_stub(self.p2p, PeerID.from_base58(peer_id))
         if not direct or peer_id not in self._tickets:
             return p2p_stub
-        host, ticket = self._tickets[peer_id]
-        hello = {"peer_id": str(self.p2p.peer_id), "ticket": ticket.ticket}
-        return DirectStub(host, ticket.port, hello, p2p_stub, lambda: self.forget_direct_lane(peer_id))
+        host, port = self.direct_lane(peer_id)
+        return DirectStub(
+            host, port, partial(self.direct_hello, peer_id), p2p_stub, lambda: self.forget_direct_lane(peer_id)
+        )
 
-    def direct_hello(self, peer_id: str, method: str) -> tuple[str, int, DirectHello] | None:
-        """Where ``peer_id``'s direct lane is and what to say first to call ``method`` on it, if this
-        client holds a ticket for it."""
-        if peer_id not in self._tickets:
-            return None
-        host, ticket = self._tickets[peer_id]
-        return host, ticket.port, DirectHello(method=method, peer_id=str(self.p2p.peer_id), ticket=ticket.ticket)
+    def direct_hello(self, peer_id: str, method: str) -> DirectHello:
+        """What to say first on ``peer_id``'s direct lane to call ``method`` (this client holds a ticket)."""
+        return DirectHello(method=method, peer_id=str(self.p2p.peer_id), ticket=self._tickets[peer_id][1].ticket)
 
     def forget_direct_lane(self, peer_id: str) -> None:
         self._tickets.pop(peer_id, None)

@@ -54,11 +54,10 @@ class _HopStream:
 
     def open_direct(self, mesh: MeshConnection) -> None:
         """Connect to the node's direct lane if it has one; on failure the stream stays on P2P."""
-        if self.is_open or (hello := mesh.direct_hello(self.hop.peer_id, "rpc_inference")) is None:
+        if self.is_open or (lane := mesh.direct_lane(self.hop.peer_id)) is None:
             return
-        host, port, hello = hello
         try:
-            self._direct = DirectConnection(host, port, hello)
+            self._direct = DirectConnection(*lane, mesh.direct_hello(self.hop.peer_id, "rpc_inference"))
         except OSError as e:
             logger.info("Direct lane of %s unreachable (%r); using P2P", self.hop.peer_id, e)
             mesh.forget_direct_lane(self.hop.peer_id)

@@ -8,6 +8,7 @@ clients on P2P.
 
 import asyncio
 import socket
+from functools import partial
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_ticket_of_one_peer_does_not_open_the_lane_for_another(raw, client, mesh
     """A ticket is bound to the peer id it was issued to: claiming another id with it is refused."""
     peer = peer_of(raw, 0)
     host, port = raw.direct_lane(peer)
-    ticket = raw._tickets[peer][1].ticket
+    ticket = raw.direct_hello(peer, "rpc_inference").ticket
     hello = DirectHello(method="rpc_inference", peer_id=peer, ticket=ticket)  # the node's own id, not ours
     assert _lane_exchange(host, port, _frame(hello.model_dump_json().encode())) == b""
     assert_still_serving(client, mesh)
@@ -151,7 +152,7 @@ def test_unreachable_lane_falls_back_to_p2p(raw):
 
         async def call():
             p2p_stub = (await raw.stub(peer))._p2p_stub
-            stub = DirectStub("127.0.0.1", port, {"peer_id": str(raw.p2p.peer_id), "ticket": "x"}, p2p_stub,
+            stub = DirectStub("127.0.0.1", port, partial(raw.direct_hello, peer), p2p_stub,
                               lambda: dropped.append(True))  # fmt: skip
             responses = await stub.rpc_forward(_requests(chunked_messages(span_call(), [torch.randn(1, 3, 256)])))
             return [r async for r in responses]
