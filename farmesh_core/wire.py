@@ -98,30 +98,38 @@ class StreamProtocolError(Exception):
     """The peer broke the stream framing or the size limit."""
 
 
-async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool, bytes]:
-    """One message in hivemind's stream framing (marker, 8-byte length, payload) as (is_error, payload).
+def frame(payload: bytes, is_error: bool = False) -> bytes:
+    """``payload`` in hivemind's stream framing: a marker byte, an 8-byte length, the payload.
 
-    The length is checked before the payload is read, so an oversized message is never buffered.
+    Written whole (``P2P.send_protobuf`` makes three writes): on a TCP_NODELAY socket each write is a
+    packet and a wake-up of the reader.
     """
-    marker = await reader.readexactly(1)
+    marker = P2P.ERROR_MARKER if is_error else P2P.MESSAGE_MARKER
+    return marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload
+
+
+def frame_length(marker: bytes, header: bytes, max_bytes: int) -> int:
+    """The payload length a frame's marker and header announce, refused over ``max_bytes`` (errors:
+    over MAX_ERROR_BYTES) before anything is read."""
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise StreamProtocolError("invalid message marker")
-    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    length = int.from_bytes(header, P2P.BYTEORDER)
     limit = max_bytes if marker == P2P.MESSAGE_MARKER else MAX_ERROR_BYTES
     if length > limit:
         raise StreamProtocolError(f"message of {length} bytes exceeds the limit of {limit} bytes")
+    return length
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool, bytes]:
+    """The next frame from ``reader`` as (is_error, payload); see :func:`frame_length`."""
+    marker = await reader.readexactly(1)
+    length = frame_length(marker, await reader.readexactly(P2P.HEADER_LEN), max_bytes)
     return marker == P2P.ERROR_MARKER, await reader.readexactly(length)
 
 
 async def send_frame(message, writer: asyncio.StreamWriter) -> None:
-    """Write ``message`` (a protobuf; an RPCError goes as an error) in hivemind's stream framing.
-
-    One write per message (``P2P.send_protobuf`` makes three): on a TCP_NODELAY socket, each write
-    is a packet and a wake-up of the reader.
-    """
-    marker = P2P.ERROR_MARKER if isinstance(message, RPCError) else P2P.MESSAGE_MARKER
-    payload = message.SerializeToString()
-    writer.write(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
+    """Write ``message`` (a protobuf; an RPCError goes as an error frame) as one frame."""
+    writer.write(frame(message.SerializeToString(), is_error=isinstance(message, RPCError)))
     await writer.drain()
 
 

@@ -4,17 +4,13 @@ and a valid hello reaches the stream server with the caller's peer id."""
 import asyncio
 
 import pytest
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
 
 from farmesh_core.node import direct_lane
 from farmesh_core.node.direct_lane import DirectLane
-from farmesh_core.wire import DirectHello
+from farmesh_core.wire import DirectHello, frame
 
 PEER = "12D3KooWBqrWqZnCV4TEYFnNqdZRrNGkkfF3unoNq4iCwLi5phwG"
-
-
-def frame(payload: bytes) -> bytes:
-    return P2P.MESSAGE_MARKER + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload
 
 
 async def serve_lane(callers: list[PeerID]) -> DirectLane:

@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from farmesh_core.wire import DirectHello, StreamProtocolError, read_frame, send_frame
+from farmesh_core.wire import DirectHello, StreamProtocolError, frame, frame_length, read_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class DirectStub:
             logger.info("Direct lane %s:%d unreachable (%r); using P2P", self.host, self.port, e)
             self._on_unreachable()
             return await getattr(self._p2p_stub, method)(requests)
-        hello = self._hello(method).model_dump_json().encode()
-        writer.write(P2P.MESSAGE_MARKER + len(hello).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + hello)
+        writer.write(frame(self._hello(method).model_dump_json().encode()))
 
         async def write_requests() -> None:
             async for request in requests:
@@ -92,10 +91,7 @@ class DirectConnection:
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = self.sock.makefile("rb")
-        self._send(P2P.MESSAGE_MARKER, hello.model_dump_json().encode())
-
-    def _send(self, marker: bytes, payload: bytes) -> None:
-        self.sock.sendall(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
+        self.sock.sendall(frame(hello.model_dump_json().encode()))
 
     def _read(self, n: int) -> bytes:
         data = self._reader.read(n)
@@ -106,11 +102,12 @@ class DirectConnection:
     def call(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
         """Send one request and wait (at most ``timeout`` seconds) for its response."""
         self.sock.settimeout(timeout)
-        self._send(P2P.MESSAGE_MARKER, request.SerializeToString())
+        self.sock.sendall(frame(request.SerializeToString()))
         marker = self._read(1)
-        length = int.from_bytes(self._read(P2P.HEADER_LEN), P2P.BYTEORDER)
-        if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER) or length > MAX_RESPONSE_BYTES:
-            raise ConnectionError("the node broke the stream framing")
+        try:
+            length = frame_length(marker, self._read(P2P.HEADER_LEN), MAX_RESPONSE_BYTES)
+        except StreamProtocolError as e:
+            raise ConnectionError(f"the node broke the stream framing: {e}") from None
         data = self._read(length)
         if marker == P2P.ERROR_MARKER:
             raise P2PHandlerError(
@@ -122,6 +119,6 @@ class DirectConnection:
         """End the stream (the node closes the session) and the connection."""
         with suppress(OSError):
             self.sock.settimeout(CONNECT_TIMEOUT)
-            self._send(P2P.ERROR_MARKER, P2P.END_OF_STREAM.SerializeToString())
+            self.sock.sendall(frame(P2P.END_OF_STREAM.SerializeToString(), is_error=True))
         self._reader.close()
         self.sock.close()

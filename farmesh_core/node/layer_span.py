@@ -52,7 +52,7 @@ class LayerSpan:
         self.step_calls: dict[int, LayerCall] = {}
         self.lean_count = 0
         for index, layer in self.layers.items():
-            lean = adapter.lean_layer(layer) if lean_layers and not hasattr(layer, "farmesh_set_adapter") else None
+            lean = adapter.lean_layer(layer) if lean_layers and layer not in self.switchable else None
             self.step_calls[index] = partial(adapter.run_layer, layer) if lean is None else lean
             self.lean_count += lean is not None
         logger.debug("layers %d:%d: %d of them run lean", start, end, self.lean_count)

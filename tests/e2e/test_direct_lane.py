@@ -12,14 +12,13 @@ from functools import partial
 
 import pytest
 import torch
-from hivemind.p2p import P2P
 
 from farmesh import DistributedInferenceClient
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client.direct_lane import DirectStub
 from farmesh_core.client.mesh import MeshConnection
 from farmesh_core.config import ClientConfig
-from farmesh_core.wire import DirectHello, chunked_messages
+from farmesh_core.wire import DirectHello, chunked_messages, frame
 from tests.e2e.test_bad_requests import BAD_INFERENCE, REFUSED, assert_still_serving, forward, inference, span_call
 from tests.helpers import PROMPT, hf_greedy_ids, hf_hidden_states, prompt_ids
 
@@ -108,18 +107,14 @@ def _lane_exchange(host: str, port: int, payload: bytes) -> bytes:
         return received
 
 
-def _frame(payload: bytes) -> bytes:
-    return P2P.MESSAGE_MARKER + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload
-
-
 @pytest.mark.parametrize(
     "payload",
     [
         b"GET / HTTP/1.1\r\n\r\n",
-        _frame(b"not json"),
-        _frame(b"\x00" * 5000),  # over the hello's size limit
+        frame(b"not json"),
+        frame(b"\x00" * 5000),  # over the hello's size limit
         b"\x00" + (2**62).to_bytes(8, "big"),  # announces an enormous hello
-        _frame(
+        frame(
             DirectHello(method="rpc_inference", peer_id="12D3KooWForged", ticket="0" * 64).model_dump_json().encode()
         ),
         b"",
@@ -138,7 +133,7 @@ def test_ticket_of_one_peer_does_not_open_the_lane_for_another(raw, client, mesh
     host, port = raw.direct_lane(peer)
     ticket = raw.direct_hello(peer, "rpc_inference").ticket
     hello = DirectHello(method="rpc_inference", peer_id=peer, ticket=ticket)  # the node's own id, not ours
-    assert _lane_exchange(host, port, _frame(hello.model_dump_json().encode())) == b""
+    assert _lane_exchange(host, port, frame(hello.model_dump_json().encode())) == b""
     assert_still_serving(client, mesh)
 
 
