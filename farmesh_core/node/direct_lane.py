@@ -5,8 +5,8 @@ round trip; on one machine that is most of a one-token step's network time. The 
 the same framed messages straight between the client's and the node's Python processes, so a hop
 costs one TCP round trip. It is reached only with a ticket the node hands a peer over P2P (which
 authenticates that peer), so requests keep the caller's peer id for auth, budgets and usage.
-Unlike P2P it is not encrypted: turn it off (``direct_lane=False``) where hidden states must not
-cross a network in clear.
+Unlike P2P it is not encrypted: clients that send an auth token stay on P2P unless told otherwise,
+and ``direct_lane=False`` turns the lane off where hidden states must not cross a network in clear.
 """
 
 import asyncio
