@@ -31,6 +31,7 @@ NETWORK_ERRORS = (
 
 RECORDS_MAX_AGE = 5.0  # seconds a fetched view of the mesh is reused
 LATENCY_MAX_AGE = 60.0  # seconds a measured round trip is trusted
+LANE_RETRY_AFTER = 600.0  # seconds before a direct lane this client could not reach is tried again
 PING_TIMEOUT = 2.0
 UNREACHABLE = 10.0  # seconds recorded for a node that did not answer a ping
 MAX_PINGS = 64
@@ -57,6 +58,7 @@ class MeshConnection:
         self._latency_at: dict[str, float] = {}
         self._failed_at: dict[str, float] = {}
         self._tickets: dict[str, tuple[str, DirectTicket]] = {}  # peer -> (host, ticket) of its direct lane
+        self._lane_unreachable_at: dict[str, float] = {}
 
     def close(self) -> None:
         self.loop.stop()
@@ -139,6 +141,8 @@ class MeshConnection:
         record = self._record(peer_id)
         if not self.use_direct_lanes or peer_id in self._tickets or record is None or not record.direct_lane:
             return
+        if time.monotonic() - self._lane_unreachable_at.get(peer_id, -LANE_RETRY_AFTER) < LANE_RETRY_AFTER:
+            return  # a firewalled lane would cost a connect timeout each time
         host = _direct_host(record.addrs)
         if host is None:
             return
@@ -173,7 +177,7 @@ class MeshConnection:
             return p2p_stub
         host, port = self.direct_lane(peer_id)
         return DirectStub(
-            host, port, partial(self.direct_hello, peer_id), p2p_stub, lambda: self.forget_direct_lane(peer_id)
+            host, port, partial(self.direct_hello, peer_id), p2p_stub, partial(self.lane_unreachable, peer_id)
         )
 
     def direct_hello(self, peer_id: str, method: str) -> DirectHello:
@@ -182,6 +186,12 @@ class MeshConnection:
 
     def forget_direct_lane(self, peer_id: str) -> None:
         self._tickets.pop(peer_id, None)
+
+    def lane_unreachable(self, peer_id: str) -> None:
+        """``peer_id``'s direct lane could not be reached: use P2P, and do not ask for its ticket again
+        for LANE_RETRY_AFTER seconds."""
+        self.forget_direct_lane(peer_id)
+        self._lane_unreachable_at[peer_id] = time.monotonic()
 
 
 def _direct_host(addrs: list[str]) -> str | None:

@@ -60,7 +60,7 @@ class _HopStream:
             self._direct = DirectConnection(*lane, mesh.direct_hello(self.hop.peer_id, "rpc_inference"))
         except OSError as e:
             logger.info("Direct lane of %s unreachable (%r); using P2P", self.hop.peer_id, e)
-            mesh.forget_direct_lane(self.hop.peer_id)
+            mesh.lane_unreachable(self.hop.peer_id)
 
     async def open_p2p(self, mesh: MeshConnection) -> None:
         if not self.is_open:

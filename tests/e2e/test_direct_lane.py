@@ -15,6 +15,7 @@ import torch
 
 from farmesh import DistributedInferenceClient
 from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.client import mesh as mesh_module
 from farmesh_core.client.direct_lane import DirectStub
 from farmesh_core.client.mesh import MeshConnection
 from farmesh_core.config import ClientConfig
@@ -154,6 +155,22 @@ def test_unreachable_lane_falls_back_to_p2p(raw):
 
         (response,) = raw.loop.run(call())
     assert list(response.tensors[0].size) == [1, 3, 256] and dropped == [True]
+
+
+@pytest.mark.parametrize("retry_after", [600.0, 0.0])
+def test_a_lane_found_unreachable_is_not_tried_again_for_a_while(mesh, monkeypatch, retry_after):
+    """After a lane could not be reached, pings do not fetch its ticket again until LANE_RETRY_AFTER."""
+    monkeypatch.setattr(mesh_module, "LANE_RETRY_AFTER", retry_after)
+    connection = MeshConnection(ClientConfig(model_id=mesh.model_dir, dht_bootstrap=mesh.addrs),
+                                Checkpoint(mesh.model_dir).dht_prefix)  # fmt: skip
+    try:
+        connection.records(refresh=True)
+        peer = peer_of(connection, 0)
+        connection.lane_unreachable(peer)
+        connection.measure_latencies([peer])  # the first ping, which would fetch the ticket
+        assert (connection.direct_lane(peer) is None) == (retry_after > 0)
+    finally:
+        connection.close()
 
 
 async def _requests(messages):
