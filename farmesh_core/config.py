@@ -32,6 +32,15 @@ def _is_loopback(maddr: str) -> bool:
     return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
 
 
+def maddr_host(maddrs: list[str]) -> str | None:
+    """The IP address of the first IPv4 or IPv6 multiaddr in ``maddrs`` (``/ip4/10.0.0.2/tcp/...``)."""
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return parts[2]
+    return None
+
+
 def _as_list(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
@@ -64,11 +73,7 @@ class NetworkConfig(BaseModel):
 
     def listen_host(self) -> str:
         """The IP address of the first listen multiaddr (where the direct lane listens too)."""
-        for maddr in self.listen_maddrs():
-            parts = maddr.split("/")
-            if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-                return parts[2]
-        return "127.0.0.1"
+        return maddr_host(self.listen_maddrs()) or "127.0.0.1"
 
     def reachable_maddrs(self, addrs: list[str]) -> list[str]:
         """The addresses worth announcing: when this peer listens beyond loopback, loopback addresses

@@ -13,7 +13,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from farmesh_core.architecture import ArchitectureAdapter, adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client.direct_lane import DirectStub
-from farmesh_core.config import ClientConfig, NodeRecord
+from farmesh_core.config import ClientConfig, NodeRecord, maddr_host
 from farmesh_core.dht import fetch_node_records, start_dht
 from farmesh_core.errors import NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
@@ -143,7 +143,7 @@ class MeshConnection:
             return
         if time.monotonic() - self._lane_unreachable_at.get(peer_id, -LANE_RETRY_AFTER) < LANE_RETRY_AFTER:
             return  # a firewalled lane would cost a connect timeout each time
-        host = _direct_host(record.addrs)
+        host = maddr_host(record.addrs)  # its direct lane listens beside its P2P address
         if host is None:
             return
         response = await stub.rpc_direct_ticket(runtime_pb2.ExpertUID(), timeout=PING_TIMEOUT)
@@ -192,15 +192,6 @@ class MeshConnection:
         for LANE_RETRY_AFTER seconds."""
         self.forget_direct_lane(peer_id)
         self._lane_unreachable_at[peer_id] = time.monotonic()
-
-
-def _direct_host(addrs: list[str]) -> str | None:
-    """The IP address of a node's first announced IPv4/IPv6 multiaddr (its direct lane listens there)."""
-    for addr in addrs:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            return parts[2]
-    return None
 
 
 def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, MeshConnection]:
