@@ -97,6 +97,15 @@ class Mesh:
     layers: list[str]
     logs: list[Path] = field(default_factory=list)
 
+    def connection(self):
+        """A bare client connection to this mesh (no head, no tokenizer), for hand-made requests."""
+        from farmesh_core.checkpoint import Checkpoint
+        from farmesh_core.client.mesh import MeshConnection
+        from farmesh_core.config import ClientConfig
+
+        config = ClientConfig(model_id=self.model_dir, dht_bootstrap=self.addrs)
+        return MeshConnection(config, Checkpoint(self.model_dir).dht_prefix)
+
     def assert_alive(self) -> None:
         for proc, layers in zip(self.nodes, self.layers, strict=True):
             assert proc.poll() is None, f"the node serving {layers} died (exit code {proc.returncode})"

@@ -16,9 +16,7 @@ from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from farmesh import DistributedInferenceClient
-from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client.mesh import MeshConnection
-from farmesh_core.config import ClientConfig
 from farmesh_core.errors import RequestError
 from farmesh_core.wire import (
     MAX_METADATA_BYTES,
@@ -52,8 +50,7 @@ def client(mesh):
 @pytest.fixture(scope="module")
 def raw(mesh):
     """A bare connection to the mesh for sending hand-made requests."""
-    connection = MeshConnection(ClientConfig(model_id=mesh.model_dir, dht_bootstrap=mesh.addrs),
-                                Checkpoint(mesh.model_dir).dht_prefix)  # fmt: skip
+    connection = mesh.connection()
     try:
         yield connection
     finally:

@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from farmesh import DistributedInferenceClient
-from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client import mesh as mesh_module
 from farmesh_core.client.direct_lane import DirectStub
 from farmesh_core.client.mesh import MeshConnection
-from farmesh_core.config import ClientConfig
 from farmesh_core.wire import DirectHello, chunked_messages, frame
 from tests.e2e.test_bad_requests import BAD_INFERENCE, REFUSED, assert_still_serving, forward, inference, span_call
 from tests.helpers import PROMPT, hf_greedy_ids, hf_hidden_states, prompt_ids
@@ -42,8 +40,7 @@ def client(mesh):
 @pytest.fixture(scope="module")
 def raw(mesh):
     """A bare connection holding tickets for both nodes' direct lanes."""
-    connection = MeshConnection(ClientConfig(model_id=mesh.model_dir, dht_bootstrap=mesh.addrs),
-                                Checkpoint(mesh.model_dir).dht_prefix)  # fmt: skip
+    connection = mesh.connection()
     try:
         connection.measure_latencies([r.peer_id for r in connection.records(refresh=True)])
         yield connection
@@ -161,8 +158,7 @@ def test_unreachable_lane_falls_back_to_p2p(raw):
 def test_a_lane_found_unreachable_is_not_tried_again_for_a_while(mesh, monkeypatch, retry_after):
     """After a lane could not be reached, pings do not fetch its ticket again until LANE_RETRY_AFTER."""
     monkeypatch.setattr(mesh_module, "LANE_RETRY_AFTER", retry_after)
-    connection = MeshConnection(ClientConfig(model_id=mesh.model_dir, dht_bootstrap=mesh.addrs),
-                                Checkpoint(mesh.model_dir).dht_prefix)  # fmt: skip
+    connection = mesh.connection()
     try:
         connection.records(refresh=True)
         peer = peer_of(connection, 0)
