@@ -172,6 +172,11 @@ class ClientConfig(NetworkConfig):
         description="use nodes' direct lanes (plain TCP) where they offer one; default: yes, unless the client "
         "sends credentials (an auth token), which then stay on encrypted P2P",
     )
+    push: bool = Field(
+        default=True,
+        description="with direct lanes, each node of a chain sends its output straight to the next node "
+        "(the client relays only where that fails); False: the client relays every step",
+    )
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
 
     @field_validator("adapter")

@@ -5,13 +5,18 @@ with its peer id as the subkey, so a single ``get`` returns the whole Far Mesh N
 Records are refreshed periodically and expire on their own if a node dies.
 """
 
+import asyncio
 import logging
 
 from hivemind.dht import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 from pydantic import ValidationError
 
-from farmesh_core.config import NetworkConfig, NodeRecord
+from farmesh_core.config import NetworkConfig, NodeRecord, maddr_host
+from farmesh_core.wire import DirectTicket, FarNodeRPC
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +70,20 @@ def fetch_node_records(dht: DHT, prefix: str, online_only: bool = True) -> list[
             continue
         records.append(record)
     return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
+
+
+async def dial(p2p: P2P, record: NodeRecord, timeout: float = 10.0) -> None:
+    """Connect ``p2p`` to the node of ``record`` at the addresses it announced."""
+    addrs = [Multiaddr(a.split("/p2p/")[0]) for a in record.addrs]
+    await asyncio.wait_for(p2p._client.connect(PeerID.from_base58(record.peer_id), addrs), timeout)
+
+
+async def direct_ticket(p2p: P2P, record: NodeRecord, timeout: float) -> tuple[str, DirectTicket] | None:
+    """The host of ``record``'s direct lane and this peer's ticket to it, asked over P2P (which
+    authenticates this peer); None if the node announces no lane."""
+    host = maddr_host(record.addrs)  # the lane listens beside the node's P2P address
+    if not record.direct_lane or host is None:
+        return None
+    stub = FarNodeRPC.get_stub(p2p, PeerID.from_base58(record.peer_id))
+    response = await stub.rpc_direct_ticket(runtime_pb2.ExpertUID(), timeout=timeout)
+    return host, DirectTicket.model_validate_json(response.serialized_info)

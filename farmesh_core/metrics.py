@@ -64,6 +64,12 @@ NODE_DECODE_BATCH = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
     registry=NODE_REGISTRY,
 )
+NODE_PUSHES = Counter(
+    "farmesh_node_pushes",
+    "Step outputs sent straight to the next node of a chain (sent) or left to the client to relay (relayed)",
+    ["result"],
+    registry=NODE_REGISTRY,
+)
 NODE_ACTIVE_SESSIONS = Gauge(
     "farmesh_node_active_sessions", "Inference sessions open on this node", registry=NODE_REGISTRY
 )
@@ -97,6 +103,14 @@ def node_step(tokens: int, prefill: bool, seconds: float) -> None:
 def node_decode_batch(steps: int) -> None:
     """``steps`` one-token steps of different sessions went through the layers as one batch."""
     NODE_DECODE_BATCH.observe(steps)
+
+
+_PUSHES = {True: NODE_PUSHES.labels("sent"), False: NODE_PUSHES.labels("relayed")}
+
+
+def node_push(sent: bool) -> None:
+    """A session asked the node to push a step's output to the next node; ``sent``: it could."""
+    _PUSHES[sent].inc()
 
 
 def watch_node(handlers) -> None:

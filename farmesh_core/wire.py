@@ -44,13 +44,45 @@ class OpenSession(_Message):
     alloc_timeout: float = Field(default=0.0, ge=0, le=600)
     adapter: str | None = Field(default=None, max_length=256)
     credentials: dict[str, str] = Field(default_factory=dict, max_length=16)
+    push_key: str | None = Field(
+        default=None, min_length=16, max_length=128,
+        description="a push session: the previous node may send its output here with this key, and every "
+        "answer says which step it answers (StepReply)",
+    )  # fmt: skip
+
+
+class PushTarget(_Message):
+    """Where a node sends a step's output itself: the next node of the chain and its session there."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=16, max_length=128)
+    step: int = Field(ge=1, description="the number the next node's answer will carry")
 
 
 class InferenceStep(_Message):
     """Metadata of every message of an inference stream; ``open`` only on the first."""
 
     position: int = Field(ge=0, description="index of the first token of this step in the session")
+    step: int = Field(default=0, ge=0, description="the client's number for this message (push sessions)")
     open: OpenSession | None = None
+    push: PushTarget | None = Field(default=None, description="also send the output to the next node")
+
+
+class PushedStep(_Message):
+    """Metadata of an output pushed to the next node's direct lane (``rpc_push``): its next input."""
+
+    session_id: str = Field(min_length=1, max_length=64)
+    key: str = Field(min_length=16, max_length=128)
+    position: int = Field(ge=0)
+    step: int = Field(ge=1)
+
+
+class StepReply(_Message):
+    """Metadata of each answer of a push session."""
+
+    step: int = Field(ge=0, description="the number of the message this answers")
+    pushed: bool = Field(default=False, description="the output also went to the next node")
 
 
 class ErrorReply(_Message):
@@ -64,6 +96,15 @@ def raise_if_error(response: runtime_pb2.ExpertResponse, peer_id: str) -> None:
     if response.metadata:
         reply = decode_meta(response.metadata, ErrorReply)
         raise RequestError(f"node {peer_id} refused the request: {reply.error}")
+
+
+def step_reply(response: runtime_pb2.ExpertResponse, peer_id: str) -> StepReply | None:
+    """The StepReply of an inference answer (None outside push sessions); a refusal raises RequestError."""
+    if not response.metadata:
+        return None
+    if response.metadata.startswith(b'{"error"'):
+        raise_if_error(response, peer_id)
+    return decode_meta(response.metadata, StepReply)
 
 
 class SpanCall(_Message):
@@ -82,7 +123,7 @@ class DirectHello(_Message):
     there), so the lane knows the caller as P2P would have.
     """
 
-    method: Literal["rpc_inference", "rpc_forward", "rpc_backward"]
+    method: Literal["rpc_inference", "rpc_forward", "rpc_backward", "rpc_push"]
     peer_id: str = Field(min_length=1, max_length=128)
     ticket: str = Field(min_length=1, max_length=128)
 

@@ -85,7 +85,8 @@ class DirectStub:
 
 class DirectConnection:
     """One inference stream over a node's direct lane, driven with blocking calls from the caller's
-    thread: a one-token step then costs one send and one receive, with no event loop in between."""
+    thread: a one-token step then costs one send and one receive (or only the receive, when the
+    previous node pushed the input), with no event loop in between."""
 
     def __init__(self, host: str, port: int, hello: DirectHello):
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
@@ -99,10 +100,13 @@ class DirectConnection:
             raise ConnectionError("the node closed the direct lane")
         return data
 
-    def call(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-        """Send one request and wait (at most ``timeout`` seconds) for its response."""
+    def send(self, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
         self.sock.settimeout(timeout)
         self.sock.sendall(frame(request.SerializeToString()))
+
+    def receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
+        """The next response, waiting at most ``timeout`` seconds for it."""
+        self.sock.settimeout(timeout)
         marker = self._read(1)
         try:
             length = frame_length(marker, self._read(P2P.HEADER_LEN), MAX_RESPONSE_BYTES)

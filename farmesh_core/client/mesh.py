@@ -8,13 +8,12 @@ from functools import partial
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.proto import runtime_pb2
-from hivemind.utils.multiaddr import Multiaddr
 
 from farmesh_core.architecture import ArchitectureAdapter, adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client.direct_lane import DirectStub
-from farmesh_core.config import ClientConfig, NodeRecord, maddr_host
-from farmesh_core.dht import fetch_node_records, start_dht
+from farmesh_core.config import ClientConfig, NodeRecord
+from farmesh_core.dht import dial, direct_ticket, fetch_node_records, start_dht
 from farmesh_core.errors import NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.extensions import RouteHop, RouteRequest
@@ -132,23 +131,20 @@ class MeshConnection:
         self._latency_at[peer_id] = time.monotonic()
         if self.latencies[peer_id] < UNREACHABLE:
             try:
-                await self._get_ticket(peer_id, stub)
+                await self._get_ticket(peer_id)
             except Exception as e:
                 logger.info("No direct lane to %s (%r); using P2P", peer_id, e)
 
-    async def _get_ticket(self, peer_id: str, stub) -> None:
+    async def _get_ticket(self, peer_id: str) -> None:
         """Ask a node that offers a direct lane for this client's ticket to it (over P2P)."""
         record = self._record(peer_id)
-        if not self.use_direct_lanes or peer_id in self._tickets or record is None or not record.direct_lane:
+        if not self.use_direct_lanes or peer_id in self._tickets or record is None:
             return
         if time.monotonic() - self._lane_unreachable_at.get(peer_id, -LANE_RETRY_AFTER) < LANE_RETRY_AFTER:
             return  # a firewalled lane would cost a connect timeout each time
-        host = maddr_host(record.addrs)  # its direct lane listens beside its P2P address
-        if host is None:
-            return
-        response = await stub.rpc_direct_ticket(runtime_pb2.ExpertUID(), timeout=PING_TIMEOUT)
-        ticket = DirectTicket.model_validate_json(response.serialized_info)
-        self._tickets[peer_id] = (host, ticket)
+        lane = await direct_ticket(self.p2p, record, PING_TIMEOUT)
+        if lane is not None:
+            self._tickets[peer_id] = lane
 
     def direct_lane(self, peer_id: str) -> tuple[str, int] | None:
         """The (host, port) of ``peer_id``'s direct lane if this client holds a ticket for it."""
@@ -156,6 +152,11 @@ class MeshConnection:
             return None
         host, ticket = self._tickets[peer_id]
         return host, ticket.port
+
+    def offers_direct_lane(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` announced a direct lane (so other nodes can push to it)."""
+        record = self._record(peer_id)
+        return record is not None and record.direct_lane
 
     def _record(self, peer_id: str) -> NodeRecord | None:
         return next((r for r in self._records if r.peer_id == peer_id), None)
@@ -167,8 +168,7 @@ class MeshConnection:
             record = self._record(peer_id)
             if record is not None and record.addrs:
                 try:
-                    addrs = [Multiaddr(a.split("/p2p/")[0]) for a in record.addrs]
-                    await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(peer_id), addrs), 10)
+                    await dial(self.p2p, record)
                 except Exception as e:
                     logger.debug("Could not dial %s at %s: %s", peer_id, record.addrs, e)
             self._connected.add(peer_id)

@@ -1,14 +1,16 @@
 """An inference session: hidden states step through a chain of Far Nodes that keep the KV caches.
 
-The client relays each step along the chain over one open stream per node, from the calling
-thread: over the nodes' direct lanes with blocking sockets, or over P2P through the mesh's loop. It
-keeps every node's inputs, so when a node fails it routes around it, replays those inputs to the
-replacement (which rebuilds the same KV cache) and carries on: the output is the same as without
-the failure.
+The client holds one open stream per node, driven from the calling thread: over the nodes' direct
+lanes with blocking sockets, or over P2P through the mesh's loop. With direct lanes, each node pushes
+its output straight to the next node (``farmesh_core.node.push``) and the client only reads the
+answers; where a push cannot be made, the client relays that step itself. It keeps every node's
+inputs, so when a node fails it routes around it, replays those inputs to the replacement (which
+rebuilds the same KV cache) and carries on: the output is the same as without the failure.
 """
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from contextlib import suppress
@@ -24,10 +26,11 @@ from farmesh_core.extensions import RouteHop
 from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
+    PushTarget,
     deserialize_tensor,
     encode_meta,
-    raise_if_error,
     serialize_tensor,
+    step_reply,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,11 +41,18 @@ MAX_STEP_BYTES = 16 * 1024**2  # longer steps are split: nodes refuse messages o
 
 class _HopStream:
     """One open rpc_inference stream to one node for layers ``hop.start:hop.end``: over the node's
-    direct lane (blocking calls in the caller's thread) where the client holds a ticket, else P2P."""
+    direct lane (blocking calls in the caller's thread) where the client holds a ticket, else P2P.
 
-    def __init__(self, hop: RouteHop):
+    In a push session (``push_key``) messages are numbered, the previous node may push this node's
+    input, and each answer names the message it answers: older answers (to a step retried after a
+    failure) are skipped.
+    """
+
+    def __init__(self, hop: RouteHop, push: bool = False):
         self.hop = hop
         self.session_id = uuid.uuid4().hex
+        self.push_key = secrets.token_hex(16) if push else None
+        self.numbered = 0  # the number of the last message sent (or pushed) to this node
         self.inputs: list[runtime_pb2.Tensor] = []  # every input sent, for replays
         self._direct: DirectConnection | None = None
         self._queue: asyncio.Queue | None = None  # P2P: requests to send
@@ -51,6 +61,13 @@ class _HopStream:
     @property
     def is_open(self) -> bool:
         return self._direct is not None or self._responses is not None
+
+    def number(self) -> int:
+        """A number for the next message to this node (0 outside push sessions)."""
+        if self.push_key is None:
+            return 0
+        self.numbered += 1
+        return self.numbered
 
     def open_direct(self, mesh: MeshConnection) -> None:
         """Connect to the node's direct lane if it has one; on failure the stream stays on P2P."""
@@ -72,25 +89,48 @@ class _HopStream:
         while (item := await self._queue.get()) is not None:
             yield item
 
+    @staticmethod
+    def timeout(mesh: MeshConnection, hidden: runtime_pb2.Tensor, meta: InferenceStep | None = None) -> float:
+        """How long a step carrying ``hidden`` may take (opening one may wait for the node's memory)."""
+        waiting_for_memory = meta.open.alloc_timeout if meta is not None and meta.open is not None else 0.0
+        return mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory
+
     def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
         """Send one step and wait for its output, giving up after the mesh's timeout for its size."""
-        waiting_for_memory = meta.open.alloc_timeout if meta.open is not None else 0.0
-        timeout = mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory
+        self.send(mesh, meta, hidden)
+        return self.receive(mesh, self.timeout(mesh, hidden, meta))[0]
+
+    def send(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> None:
         request = runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta))
         self.open_direct(mesh)
         if self._direct is not None:
-            response = self._direct.call(request, timeout)
+            self._direct.send(request, self.timeout(mesh, hidden, meta))
         else:
-            response = mesh.loop.run(self._p2p_call(mesh, request, timeout))
-        raise_if_error(response, self.hop.peer_id)
+            mesh.loop.run(self._p2p_send(mesh, request))
+
+    def receive(self, mesh: MeshConnection, timeout: float) -> tuple[runtime_pb2.Tensor, bool]:
+        """The output of the last message numbered for this node, and whether the node pushed it on."""
+        while True:
+            if self._direct is not None:
+                response = self._direct.receive(timeout)
+            else:
+                response = mesh.loop.run(self._p2p_receive(mesh, timeout))
+            reply = step_reply(response, self.hop.peer_id)
+            if reply is None or reply.step == self.numbered:
+                break
+            logger.debug("Skipped %s's answer to message %d (waiting for %d)", self.hop.peer_id, reply.step,
+                         self.numbered)  # fmt: skip
         if len(response.tensors) != 1:
             raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
-        return response.tensors[0]
+        return response.tensors[0], reply is not None and reply.pushed
 
-    async def _p2p_call(self, mesh: MeshConnection, request: runtime_pb2.ExpertRequest, timeout: float):
-        async with asyncio.timeout(timeout):
+    async def _p2p_send(self, mesh: MeshConnection, request: runtime_pb2.ExpertRequest) -> None:
+        async with asyncio.timeout(mesh.config.step_timeout):
             await self.open_p2p(mesh)
-            self._queue.put_nowait(request)
+        self._queue.put_nowait(request)
+
+    async def _p2p_receive(self, mesh: MeshConnection, timeout: float) -> runtime_pb2.ExpertResponse:
+        async with asyncio.timeout(timeout):
             return await anext(self._responses)
 
     def close(self, mesh: MeshConnection) -> None:
@@ -113,7 +153,9 @@ class InferenceSession:
         self.max_length, self.batch_size, self.adapter = max_length, batch_size, adapter
         self.position = 0
         self.recoveries: list[float] = []  # seconds each failover took
-        self._streams = [_HopStream(hop) for hop in mesh.route(start, end, adapter=adapter)]
+        self.pushed_inputs = 0  # inputs a node got pushed by the previous one rather than from the client
+        self.push = mesh.use_direct_lanes and mesh.config.push  # nodes push outputs on (see _HopStream)
+        self._streams = [_HopStream(hop, self.push) for hop in mesh.route(start, end, adapter=adapter)]
         self._failed: set[str] = set()
 
     @property
@@ -142,15 +184,24 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
 
-    def _meta(self, stream: _HopStream, position: int) -> InferenceStep:
+    def _meta(self, stream: _HopStream, position: int, following: _HopStream | None = None) -> InferenceStep:
+        """The metadata of a step to ``stream``: it opens the session the first time, and asks the node
+        to push its output to ``following`` (the next stream) once that one is open."""
         opening = None
         if not stream.inputs:
             opening = OpenSession(
                 session_id=stream.session_id, start=stream.hop.start, end=stream.hop.end,
                 max_length=self.max_length, batch_size=self.batch_size, alloc_timeout=self.mesh.config.step_timeout,
-                adapter=self.adapter, credentials=self.mesh.credentials,
+                adapter=self.adapter, credentials=self.mesh.credentials, push_key=stream.push_key,
             )  # fmt: skip
-        return InferenceStep(position=position, open=opening)
+        push = None
+        if following is not None and following.push_key and following.inputs and stream.push_key:
+            if self.mesh.offers_direct_lane(following.hop.peer_id):
+                push = PushTarget(
+                    peer_id=following.hop.peer_id, session_id=following.session_id, key=following.push_key,
+                    step=following.number(),
+                )  # fmt: skip
+        return InferenceStep(position=position, step=stream.number(), open=opening, push=push)
 
     def _open_all(self, streams: list[_HopStream]) -> None:
         """Open every stream at once rather than one after another (failures surface at the step)."""
@@ -169,18 +220,24 @@ class InferenceSession:
         if self.position == 0:
             self._open_all(self._streams)
         index, failures = 0, 0
+        pushed = False  # the previous node pushed this node's input to it
         while index < len(self._streams):
             stream = self._streams[index]
+            following = self._streams[index + 1] if index + 1 < len(self._streams) else None
             try:
-                out = stream.step(self.mesh, self._meta(stream, self.position), hidden)
+                if not pushed:
+                    stream.send(self.mesh, self._meta(stream, self.position, following), hidden)
+                out, pushed = stream.receive(self.mesh, stream.timeout(self.mesh, hidden))
             except NETWORK_ERRORS as e:
                 failures += 1
                 self._give_up_if_exhausted(failures, stream.hop, e)
                 self._replace(index, e)
+                pushed = False  # the replacement gets this step from the client
                 continue
             stream.inputs.append(hidden)
             hidden = out
             index += 1
+            self.pushed_inputs += pushed
         return hidden
 
     def _give_up_if_exhausted(self, failures: int, hop: RouteHop, error: Exception) -> None:
@@ -208,7 +265,7 @@ class InferenceSession:
                 hops = self.mesh.route(failed.hop.start, failed.hop.end, self._failed, self.adapter)
             except NoRouteError as e:
                 raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node can take over: {e}") from e
-            new_streams = [_HopStream(hop) for hop in hops]
+            new_streams = [_HopStream(hop, self.push) for hop in hops]
             current = new_streams[0]
             try:
                 for start in range(0, 0 if history is None else history.shape[1], REPLAY_CHUNK):

@@ -20,6 +20,7 @@ from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
+from farmesh_core.node.push import PushLinks
 from farmesh_core.plugins import (
     get_auth_providers,
     get_payment_ledgers,
@@ -96,6 +97,7 @@ class FarNode:
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
+        self.handlers.pushes = PushLinks(self.dht, self.prefix, self._p2p, self.peer_id)
         self._loop.run(self.handlers.register(self._p2p))
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import torch
 from hivemind.p2p import P2PContext
@@ -26,6 +26,7 @@ from farmesh_core.node.batching import DecodeBatcher
 from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.push import Inboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.wire import (
     ErrorReply,
@@ -33,6 +34,7 @@ from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
     SpanCall,
+    StepReply,
     chunked_messages,
     decode_meta,
     deserialize_tensor,
@@ -44,6 +46,7 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
+PUSH_INBOX = 4  # messages a push session holds before it is read
 
 
 def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
@@ -71,6 +74,8 @@ class NodeHandlers:
         )
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
+        self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
+        self.push_inboxes: Inboxes = {}
         metrics.watch_node(self)
 
     def close(self) -> None:
@@ -91,6 +96,7 @@ class NodeHandlers:
             FarNodeRPC._get_handle_name(None, "rpc_info"), self.rpc_info, runtime_pb2.ExpertUID
         )
         if self.config.direct_lane:
+            servers["rpc_push"] = push_server(self.push_inboxes, self.config.max_message_bytes)
             self.direct_lane = DirectLane(servers, self.config.listen_host())
             await self.direct_lane.start()
             await p2p.add_protobuf_handler(
@@ -100,6 +106,8 @@ class NodeHandlers:
             )
 
     async def unregister(self, p2p) -> None:
+        if self.pushes is not None:
+            self.pushes.close()
         for method in self.STREAM_RPCS:
             await p2p.remove_binary_stream_handler(FarNodeRPC._get_handle_name(None, method))
         await p2p.remove_protobuf_handler(FarNodeRPC._get_handle_name(None, "rpc_info"))
@@ -176,6 +184,46 @@ class NodeHandlers:
             cache.release()
             await self.budget.release(nbytes, peer)
 
+    @asynccontextmanager
+    async def _messages(self, opened: OpenSession, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        """A function that returns the session's next message as (step, request, pushed): from the
+        client's stream, and in a push session also outputs the previous node pushed (see push.py)."""
+        if opened.push_key is None:
+
+            async def from_client():
+                request = await anext(requests)
+                return decode_meta(request.metadata, InferenceStep), request, False
+
+            yield from_client
+            return
+        if opened.session_id in self.push_inboxes:
+            raise RequestError(f"session id {opened.session_id} is in use on this node")
+        inbox: asyncio.Queue = asyncio.Queue(PUSH_INBOX)
+        self.push_inboxes[opened.session_id] = (opened.push_key, inbox)
+
+        async def forward_client() -> None:
+            try:
+                async for request in requests:
+                    await inbox.put((None, request))
+            finally:
+                with suppress(asyncio.QueueFull):
+                    inbox.put_nowait((None, None))  # the client's end of stream
+
+        async def next_message():
+            step, request = await inbox.get()
+            if request is None:
+                raise StopAsyncIteration
+            if step is None:
+                return decode_meta(request.metadata, InferenceStep), request, False
+            return step, request, True
+
+        forwarding = asyncio.create_task(forward_client())
+        try:
+            yield next_message
+        finally:
+            forwarding.cancel()
+            del self.push_inboxes[opened.session_id]
+
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -187,39 +235,21 @@ class NodeHandlers:
             if step.open is None:
                 raise RequestError("the first message of an inference stream must open the session")
             opened = step.open
-            async with self._session(opened, context) as (client, cache):
-                request = first
+            async with self._session(opened, context) as (client, cache), self._messages(opened, requests) as receive:
+                request, pushed, answered = first, False, 0
                 while True:
-                    if len(request.tensors) != 1:
-                        raise RequestError("each inference step carries exactly one tensor")
-                    hidden = self._check_hidden(request.tensors[0], opened.batch_size)
-                    q_len = hidden.shape[1]
-                    if step.position > cache.length:
-                        raise RequestError(f"step at position {step.position} skips past {cache.length} cached tokens")
-                    if step.position + q_len > opened.max_length:
-                        raise RequestError(f"position {step.position}+{q_len} exceeds max_length {opened.max_length}")
-                    began = time.perf_counter()
-                    tokens = hidden.shape[0] * q_len
-                    if tokens == 1:
-                        out = await self.batcher.submit(
-                            hidden, opened.start, opened.end, cache, step.position, opened.adapter
-                        )
+                    if opened.push_key is not None and step.step <= answered:  # numbered: see InferenceStep.step
+                        if not pushed:
+                            raise RequestError(f"step number {step.step} after {answered}: numbers must grow")
+                        logger.debug("Dropped a stale push (step %d after %d)", step.step, answered)
                     else:
-                        out = await self._compute(
-                            tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position,
-                            opened.adapter,
-                        )  # fmt: skip
-                    yield runtime_pb2.ExpertResponse(tensors=[serialize_tensor(out)])
-                    self._record_usage(
-                        client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began,
-                        peer=str(context.remote_id),
-                    )  # fmt: skip
+                        yield await self._inference_step(opened, step, request, cache, client, context)
+                        answered = step.step
                     try:
                         async with asyncio.timeout(self.config.step_timeout):
-                            request = await anext(requests)
+                            step, request, pushed = await receive()
                     except StopAsyncIteration:
                         return
-                    step = decode_meta(request.metadata, InferenceStep)
                     if step.open is not None:
                         raise RequestError("the session is already open")
         except StopAsyncIteration:
@@ -229,6 +259,41 @@ class NodeHandlers:
         except RequestError as e:
             logger.info("Refused an inference request from %s: %s", context.remote_id, e)
             yield error_response(e)
+
+    async def _inference_step(
+        self, opened: OpenSession, step: InferenceStep, request: runtime_pb2.ExpertRequest, cache: SessionCache,
+        client: str, context: P2PContext,
+    ) -> runtime_pb2.ExpertResponse:  # fmt: skip
+        """Check and run one step of a session; its answer (pushed on to the next node if asked)."""
+        if len(request.tensors) != 1:
+            raise RequestError("each inference step carries exactly one tensor")
+        if step.push is not None and opened.push_key is None:
+            raise RequestError("only a push session (opened with push_key) may push")
+        hidden = self._check_hidden(request.tensors[0], opened.batch_size)
+        q_len = hidden.shape[1]
+        if step.position > cache.length:
+            raise RequestError(f"step at position {step.position} skips past {cache.length} cached tokens")
+        if step.position + q_len > opened.max_length:
+            raise RequestError(f"position {step.position}+{q_len} exceeds max_length {opened.max_length}")
+        began = time.perf_counter()
+        tokens = hidden.shape[0] * q_len
+        if tokens == 1:
+            out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
+        else:
+            out = await self._compute(
+                tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
+            )
+        proto = serialize_tensor(out)
+        response = runtime_pb2.ExpertResponse(tensors=[proto])
+        if opened.push_key is not None:
+            pushed = (
+                step.push is not None and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
+            )
+            response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed))
+        self._record_usage(
+            client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
+        )
+        return response
 
     # ---- forward / backward ------------------------------------------------------------------
     def _max_call_bytes(self, tensors: int) -> int:
