@@ -1,0 +1,145 @@
+"""Node-to-node push: a node sends a step's output straight to the next node of the session's chain.
+
+Without it the client relays every step: the output goes back to the client, which wakes up, reads
+it and sends it on. With it the next node starts as soon as this node is done, and the client only
+reads this node's answer (it still keeps the inputs of every node, for failover) while the next node
+computes. The client asks for it per step (``InferenceStep.push``); the next node takes the output
+only into the session the client opened there with the matching key.
+
+Both directions go over direct lanes. :class:`PushLinks` holds this node's connections to the next
+nodes: found through the DHT records and a lane ticket asked over P2P, as a client does, so a node
+only ever dials addresses that a node of its mesh announced. A push that cannot be made at once (no
+connection yet, a broken one) is reported as not pushed, and the client relays that step itself.
+:func:`push_server` is the receiving end, served on the lane as ``rpc_push``.
+"""
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from farmesh_core import metrics
+from farmesh_core.dht import direct_ticket, fetch_node_records
+from farmesh_core.errors import RequestError
+from farmesh_core.wire import (
+    DirectHello,
+    InferenceStep,
+    PushedStep,
+    PushTarget,
+    StreamProtocolError,
+    decode_meta,
+    encode_meta,
+    frame,
+    read_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+RETRY_AFTER = 30.0  # seconds before a next node that could not be reached is tried again
+MAX_BUFFERED_BYTES = 64 * 1024**2  # a link with more unsent bytes than this is too slow to push to
+
+
+class PushLinks:
+    """This node's connections to the direct lanes of the nodes it pushes outputs to."""
+
+    def __init__(self, dht, prefix: str, p2p: P2P, peer_id: str):
+        self.dht, self.prefix, self.p2p, self.peer_id = dht, prefix, p2p, peer_id
+        self._writers: dict[str, asyncio.StreamWriter] = {}
+        self._connecting: dict[str, asyncio.Task] = {}
+        self._failed_at: dict[str, float] = {}
+
+    def push(self, target: PushTarget, position: int, hidden: runtime_pb2.Tensor) -> bool:
+        """Send ``hidden`` (the output of the step at ``position``) to ``target``'s session; False if
+        it cannot go at once: the client then relays it. The first push to a node starts connecting."""
+        writer = self._writers.get(target.peer_id)
+        if writer is None or writer.is_closing() or writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
+            self._connect_soon(target.peer_id)
+            metrics.node_push(False)
+            return False
+        meta = PushedStep(session_id=target.session_id, key=target.key, position=position, step=target.step)
+        writer.write(frame(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)).SerializeToString()))
+        metrics.node_push(True)
+        return True
+
+    def _connect_soon(self, peer_id: str) -> None:
+        self._writers.pop(peer_id, None)
+        if peer_id in self._connecting or time.monotonic() - self._failed_at.get(peer_id, -RETRY_AFTER) < RETRY_AFTER:
+            return
+        self._connecting[peer_id] = asyncio.get_running_loop().create_task(self._connect(peer_id))
+
+    async def _connect(self, peer_id: str) -> None:
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(None, fetch_node_records, self.dht, self.prefix)
+            record = next((r for r in records if r.peer_id == peer_id), None)
+            lane = None if record is None else await direct_ticket(self.p2p, record, CONNECT_TIMEOUT)
+            if lane is None:
+                raise ConnectionError("it announces no direct lane")
+            host, ticket = lane
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, ticket.port)
+            hello = DirectHello(method="rpc_push", peer_id=self.peer_id, ticket=ticket.ticket)
+            writer.write(frame(encode_meta(hello)))
+            self._writers[peer_id] = writer
+            logger.debug("Pushing outputs to %s at %s:%d", peer_id, host, ticket.port)
+        except Exception as e:
+            logger.info("Cannot push to %s (%r); clients relay instead", peer_id, e)
+            self._failed_at[peer_id] = time.monotonic()
+            return
+        finally:
+            self._connecting.pop(peer_id, None)
+        try:
+            await reader.read()  # the next node never answers: this returns when the connection ends
+        finally:
+            writer.close()
+            if self._writers.get(peer_id) is writer:
+                del self._writers[peer_id]
+
+    def close(self) -> None:
+        for task in self._connecting.values():
+            task.cancel()
+        for writer in self._writers.values():
+            writer.close()
+
+
+Inboxes = dict[str, tuple[str, asyncio.Queue]]  # session id -> (push key, the session's next messages)
+
+
+def push_server(inboxes: Inboxes, max_message_bytes: int) -> Callable:
+    """The ``rpc_push`` lane server: puts each pushed output into its session's inbox.
+
+    A push for a session that is gone (it just closed) is dropped. A message that is not a push, or
+    carries a wrong key, closes the connection: the pushing node then reports its pushes as failed
+    and the clients relay. Each inbox holds a few messages; a pusher that floods one loses the rest.
+    """
+
+    async def serve(peer_id: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    _, data = await read_frame(reader, max_message_bytes)
+                except asyncio.IncompleteReadError:
+                    return  # the pushing node closed the link
+                request = runtime_pb2.ExpertRequest.FromString(data)
+                pushed = decode_meta(request.metadata, PushedStep)
+                if pushed.session_id not in inboxes:
+                    logger.debug("Dropped a push from %s for a closed session", peer_id)
+                    continue
+                key, inbox = inboxes[pushed.session_id]
+                if not hmac.compare_digest(key, pushed.key):
+                    raise RequestError(f"wrong push key for session {pushed.session_id}")
+                if inbox.full():
+                    logger.warning("Dropped a push from %s: session %s has unread messages", peer_id, pushed.session_id)
+                    continue
+                inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step), request))
+        except (RequestError, StreamProtocolError, DecodeError, ConnectionError) as e:
+            logger.info("Closed a push link from %s: %s", peer_id, e)
+        finally:
+            writer.close()
+
+    return serve
