@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import torch
 
@@ -79,15 +80,25 @@ def bench_local(model_dir: str, input_ids: torch.Tensor, runs: int) -> tuple[dic
     return _collect(results[1:], forward[1:]), ids
 
 
-def _collect(results: list[dict], forward: list[float]) -> dict:
-    return {
+def _collect(results: list[dict], forward: list[float] | None = None) -> dict:
+    out = {
         "ttft_s": summary([r["ttft_s"] for r in results]),
         "steady_tok_s": summary([r["steady_tok_s"] for r in results]),
-        "forward_4x128_tok_s": summary(forward),
     }
+    if forward:
+        out["forward_4x128_tok_s"] = summary(forward)
+    return out
+
+
+def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
+    with client.inference_session(PROMPT_TOKENS + NEW_TOKENS + 1) as session:
+        ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session))
+    return ids, decode_metrics(times)
 
 
 def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
+    """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
+    (push off), run for run alternately with the default (nodes push outputs to the next node)."""
     from farmesh_core.client import DistributedInferenceClient
 
     dht, addrs = spawn_dht()
@@ -95,12 +106,19 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
     nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
     try:
         wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
-        with DistributedInferenceClient(model_dir, addrs) as client:
-            results, ids = [], None
+        with ExitStack() as clients:
+            client = clients.enter_context(DistributedInferenceClient(model_dir, addrs))
+            relaying = None
+            if len(spans) > 1:
+                relaying = clients.enter_context(DistributedInferenceClient(model_dir, addrs, push=False))
+            results, relayed, ids = [], [], None
             for _ in range(runs + 1):
-                with client.inference_session(PROMPT_TOKENS + NEW_TOKENS + 1) as session:
-                    ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session))
-                results.append(decode_metrics(times))
+                ids, metrics = generation(client, input_ids)
+                results.append(metrics)
+                if relaying is not None:
+                    relayed_ids, metrics = generation(relaying, input_ids)
+                    relayed.append(metrics)
+                    assert relayed_ids == ids, "relayed and pushed sessions gave different tokens"
             x = torch.randn(4, 128, client.model_config.hidden_size)
             forward = []
             for _ in range(runs + 1):
@@ -111,6 +129,8 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
             concurrency = bench_concurrency(client, CONCURRENT_SESSIONS) if len(spans) == 2 else None
         out = _collect(results[1:], forward[1:])
         out["hops"] = hops
+        if relayed:
+            out["relayed_by_client"] = _collect(relayed[1:])
         if concurrency:
             out["concurrency"] = concurrency
         return out, ids
@@ -235,6 +255,8 @@ def main() -> None:
         "farmesh_2_nodes": two,
         "tokens_equal_local": {"1_node": one_ids == local_ids, "2_nodes": two_ids == local_ids},
         "extra_hop_ms": 1000 * (1 / two["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
+        "extra_hop_ms_relayed_by_client": 1000
+        * (1 / two["relayed_by_client"]["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
         "petals": petals_figures(args.petals),
     }
     petals_two = result["petals"].get("2servers")

@@ -35,6 +35,20 @@ _LINEARS = (
 )
 
 
+def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for an x of a few rows, as ``(weight @ x^T)^T``.
+
+    On CPU the GEMM behind ``F.linear`` is slow for a few rows: 2 rows took 2-2.5x the time of one
+    (hidden sizes 256 to 1024), more than two one-row steps, so batching decode steps saved nothing.
+    ``weight @ x^T`` costs about one row's time for 2 rows, but grows with the rows faster than the
+    GEMM does: it wins up to about 2048 / hidden_size rows (measured at 256, 512 and 1024), see
+    ``LeanLlamaLayer.few_rows``. The sums run in another order, so rows can differ from a lone
+    step's in the last bits, as any batched multiplication's may.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm.forward``: computed in float32, scaled in the input's dtype."""
     dtype = hidden.dtype
@@ -61,28 +75,31 @@ class LeanLlamaLayer:
         self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.few_rows = max(2, 2048 // self.q.shape[1])  # batches up to this size use _few_rows_linear
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
+        linear = _few_rows_linear if batched and hidden.shape[0] <= self.few_rows else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = F.linear(x, self.q).view(hidden_shape).transpose(1, 2)
-        key = F.linear(x, self.k).view(hidden_shape).transpose(1, 2)
-        value = F.linear(x, self.v).view(hidden_shape).transpose(1, 2)
+        query = linear(x, self.q).view(hidden_shape).transpose(1, 2)
+        key = linear(x, self.k).view(hidden_shape).transpose(1, 2)
+        value = linear(x, self.v).view(hidden_shape).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if hasattr(cache, "caches"):  # a BatchedDecodeCache: one-token steps of several sessions
+        if batched:
             out = self._attend_each(query, key, value, cache.caches)
         else:
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
             out = self._sdpa(query, key, value, kwargs["attention_mask"])
         out = out.reshape(*input_shape, -1).contiguous()
-        hidden = hidden + F.linear(out, self.o)
+        hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
-        return hidden + F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return hidden + linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
     def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would

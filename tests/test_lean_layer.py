@@ -7,13 +7,14 @@ hooked, Mistral's sliding window) keep the module path and stay correct."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.cli import build_parser
 from farmesh_core.config import NodeConfig
-from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
+from farmesh_core.lean_layer import LeanLlamaLayer, _few_rows_linear, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.quantization import int8_quantization
@@ -125,6 +126,32 @@ def test_batched_decoding_of_sessions_at_different_positions(spans):
             for a, b in zip(batched, alone, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         hiddens = alone
+
+
+@pytest.mark.parametrize("sessions", [2, 8, 9])
+def test_batched_decoding_with_either_multiplication(spans, sessions):
+    """Batches up to ``few_rows`` (8 at hidden size 256) multiply as W @ x^T, larger ones with F.linear:
+    either way each row is what the session gets alone (to rounding)."""
+    lean_span = spans[0]
+    assert lean_span.step_calls[0].few_rows == 8
+    lone, batched = [SessionCache(16) for _ in range(sessions)], [SessionCache(16) for _ in range(sessions)]
+    for i in range(sessions):
+        prompt = randn(1, 2 + i % 3, HIDDEN_SIZE, seed=30 + i)
+        for cache in (lone[i], batched[i]):
+            lean_span.forward(prompt, 0, NUM_LAYERS, cache, 0)
+    hiddens = [randn(1, 1, HIDDEN_SIZE, seed=50 + i) for i in range(sessions)]
+    positions = [cache.length for cache in lone]
+    alone = [lean_span.forward(h, 0, NUM_LAYERS, c, p) for h, c, p in zip(hiddens, lone, positions, strict=True)]
+    for a, b in zip(lean_span.forward_decode_batch(hiddens, 0, NUM_LAYERS, batched, positions), alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_few_rows_linear_is_a_contiguous_linear():
+    """Contiguous like F.linear's output: SDPA picks its kernel by the query's strides."""
+    weight, x = randn(688, 256, seed=1), randn(3, 1, 256, seed=2)
+    out = _few_rows_linear(x, weight)
+    assert out.shape == (3, 1, 688) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_forward_without_cache_and_a_sub_range(spans):

@@ -2,7 +2,7 @@
 
 import torch
 from transformers import (
-    LogitsProcessorList,
+    LogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
@@ -29,7 +29,8 @@ class TokenChooser:
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         self.greedy = temperature == 0
-        self.processors = LogitsProcessorList()
+        # Called one by one: LogitsProcessorList inspects each processor's signature on every call.
+        self.processors: list[LogitsProcessor] = []
         if min_new_tokens > 0 and eos_token_ids:
             self.processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, min_new_tokens, eos_token_ids))
         if repetition_penalty != 1.0:
@@ -47,7 +48,9 @@ class TokenChooser:
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""
-        scores = self.processors(input_ids, logits.float()) if self.processors else logits.float()
+        scores = logits.float()
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
         if self.greedy:
             return scores.argmax(dim=-1)
         probs = torch.softmax(scores, dim=-1)
