@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 2.0
 RETRY_AFTER = 30.0  # seconds before a next node that could not be reached is tried again
 MAX_BUFFERED_BYTES = 64 * 1024**2  # a link with more unsent bytes than this is too slow to push to
+IDLE_TIMEOUT = 600.0  # seconds a push link may stay silent before the receiving node closes it
 
 
 class PushLinks:
@@ -122,9 +123,10 @@ def push_server(inboxes: Inboxes, max_message_bytes: int) -> Callable:
         try:
             while True:
                 try:
-                    _, data = await read_frame(reader, max_message_bytes)
-                except asyncio.IncompleteReadError:
-                    return  # the pushing node closed the link
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        _, data = await read_frame(reader, max_message_bytes)
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return  # the pushing node closed the link, or left it unused (it reconnects when needed)
                 request = runtime_pb2.ExpertRequest.FromString(data)
                 pushed = decode_meta(request.metadata, PushedStep)
                 if pushed.session_id not in inboxes:
