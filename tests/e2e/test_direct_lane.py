@@ -26,71 +26,51 @@ pytestmark = pytest.mark.timeout(120)
 TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def mesh(llama_mesh):
-    return llama_mesh
-
-
-@pytest.fixture(scope="module")
-def client(mesh):
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def raw(mesh):
-    """A bare connection holding tickets for both nodes' direct lanes."""
-    connection = mesh.connection()
-    try:
-        connection.measure_latencies([r.peer_id for r in connection.records(refresh=True)])
-        yield connection
-    finally:
-        connection.close()
-
-
-def peer_of(raw: MeshConnection, start: int) -> str:
-    (record,) = [r for r in raw.records() if r.start == start]
+def peer_of(lane_raw: MeshConnection, start: int) -> str:
+    (record,) = [r for r in lane_raw.records() if r.start == start]
     return record.peer_id
 
 
-def test_sessions_use_the_direct_lane_and_match_transformers(client, mesh):
-    expected = list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
-    with client.inference_session(64) as session:
-        tokens = [int(t[0]) for t in client.generate_ids(prompt_ids(mesh.model_dir), TOKENS, session=session)]
+def test_sessions_use_the_direct_lane_and_match_transformers(lane_client, llama_mesh):
+    expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
+    with lane_client.inference_session(64) as session:
+        tokens = [
+            int(t[0]) for t in lane_client.generate_ids(prompt_ids(llama_mesh.model_dir), TOKENS, session=session)
+        ]
         route = session.route
     assert tokens == expected
     assert len(route) == 2
     for hop in route:
-        host, port = client.mesh.direct_lane(hop.peer_id)
+        host, port = lane_client.mesh.direct_lane(hop.peer_id)
         assert host == "127.0.0.1" and port > 0
-        assert all(r.direct_lane for r in client.mesh.records() if r.peer_id == hop.peer_id)
+        assert all(r.direct_lane for r in lane_client.mesh.records() if r.peer_id == hop.peer_id)
 
 
-def test_p2p_only_client_gets_the_same_tokens(mesh):
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs, direct_lane=False) as p2p_client:
-        tokens = [int(t[0]) for t in p2p_client.generate_ids(prompt_ids(mesh.model_dir), TOKENS)]
+def test_p2p_only_client_gets_the_same_tokens(llama_mesh):
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, direct_lane=False) as p2p_client:
+        tokens = [int(t[0]) for t in p2p_client.generate_ids(prompt_ids(llama_mesh.model_dir), TOKENS)]
         assert all(p2p_client.mesh.direct_lane(r.peer_id) is None for r in p2p_client.mesh.records())
-    assert tokens == list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
+    assert tokens == list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
 
 
-def test_forward_over_the_direct_lane_matches_transformers(client, mesh):
-    states = hf_hidden_states(mesh.model_dir, seed=3)
-    out = client.layers(states[0])
-    torch.testing.assert_close(client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
+def test_forward_over_the_direct_lane_matches_transformers(lane_client, llama_mesh):
+    states = hf_hidden_states(llama_mesh.model_dir, seed=3)
+    out = lane_client.layers(states[0])
+    torch.testing.assert_close(lane_client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INFERENCE))
-def test_malformed_requests_over_the_direct_lane_are_refused(raw, client, mesh, case):
-    peer = peer_of(raw, 0)
-    assert isinstance(asyncio.run_coroutine_threadsafe(raw.stub(peer), raw.loop.loop).result(10), DirectStub)
+def test_malformed_requests_over_the_direct_lane_are_refused(lane_raw, lane_client, llama_mesh, case):
+    peer = peer_of(lane_raw, 0)
+    assert isinstance(asyncio.run_coroutine_threadsafe(lane_raw.stub(peer), lane_raw.loop.loop).result(10), DirectStub)
     build, error = BAD_INFERENCE[case]
     with pytest.raises(REFUSED, match=error):
-        inference(raw, peer, *build())
-    assert_still_serving(client, mesh)
+        inference(lane_raw, peer, *build())
+    assert_still_serving(lane_client, llama_mesh)
 
 
-def test_honest_forward_call_over_the_direct_lane(raw):
-    (response,) = forward(raw, peer_of(raw, 0), *chunked_messages(span_call(), [torch.randn(1, 4, 256)]))
+def test_honest_forward_call_over_the_direct_lane(lane_raw):
+    (response,) = forward(lane_raw, peer_of(lane_raw, 0), *chunked_messages(span_call(), [torch.randn(1, 4, 256)]))
     assert len(response.tensors) == 1 and list(response.tensors[0].size) == [1, 4, 256]
 
 
@@ -119,46 +99,46 @@ def _lane_exchange(host: str, port: int, payload: bytes) -> bytes:
     ],
     ids=["http", "not-json", "oversized", "huge-length", "forged-ticket", "empty"],
 )
-def test_lane_refuses_connections_without_a_valid_ticket(raw, client, mesh, payload):
-    host, port = raw.direct_lane(peer_of(raw, 0))
+def test_lane_refuses_connections_without_a_valid_ticket(lane_raw, lane_client, llama_mesh, payload):
+    host, port = lane_raw.direct_lane(peer_of(lane_raw, 0))
     assert _lane_exchange(host, port, payload) == b""  # closed without serving anything
-    assert_still_serving(client, mesh)
+    assert_still_serving(lane_client, llama_mesh)
 
 
-def test_ticket_of_one_peer_does_not_open_the_lane_for_another(raw, client, mesh):
+def test_ticket_of_one_peer_does_not_open_the_lane_for_another(lane_raw, lane_client, llama_mesh):
     """A ticket is bound to the peer id it was issued to: claiming another id with it is refused."""
-    peer = peer_of(raw, 0)
-    host, port = raw.direct_lane(peer)
-    ticket = raw.direct_hello(peer, "rpc_inference").ticket
+    peer = peer_of(lane_raw, 0)
+    host, port = lane_raw.direct_lane(peer)
+    ticket = lane_raw.direct_hello(peer, "rpc_inference").ticket
     hello = DirectHello(method="rpc_inference", peer_id=peer, ticket=ticket)  # the node's own id, not ours
     assert _lane_exchange(host, port, frame(hello.model_dump_json().encode())) == b""
-    assert_still_serving(client, mesh)
+    assert_still_serving(lane_client, llama_mesh)
 
 
-def test_unreachable_lane_falls_back_to_p2p(raw):
+def test_unreachable_lane_falls_back_to_p2p(lane_raw):
     """A lane that refuses connections: the call goes over P2P and the ticket is dropped."""
-    peer = peer_of(raw, 0)
+    peer = peer_of(lane_raw, 0)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # bound, not listening: connections are refused
         dropped = []
 
         async def call():
-            p2p_stub = (await raw.stub(peer))._p2p_stub
-            stub = DirectStub("127.0.0.1", port, partial(raw.direct_hello, peer), p2p_stub,
+            p2p_stub = (await lane_raw.stub(peer))._p2p_stub
+            stub = DirectStub("127.0.0.1", port, partial(lane_raw.direct_hello, peer), p2p_stub,
                               lambda: dropped.append(True))  # fmt: skip
             responses = await stub.rpc_forward(_requests(chunked_messages(span_call(), [torch.randn(1, 3, 256)])))
             return [r async for r in responses]
 
-        (response,) = raw.loop.run(call())
+        (response,) = lane_raw.loop.run(call())
     assert list(response.tensors[0].size) == [1, 3, 256] and dropped == [True]
 
 
 @pytest.mark.parametrize("retry_after", [600.0, 0.0])
-def test_a_lane_found_unreachable_is_not_tried_again_for_a_while(mesh, monkeypatch, retry_after):
+def test_a_lane_found_unreachable_is_not_tried_again_for_a_while(llama_mesh, monkeypatch, retry_after):
     """After a lane could not be reached, pings do not fetch its ticket again until LANE_RETRY_AFTER."""
     monkeypatch.setattr(mesh_module, "LANE_RETRY_AFTER", retry_after)
-    connection = mesh.connection()
+    connection = llama_mesh.connection()
     try:
         connection.records(refresh=True)
         peer = peer_of(connection, 0)
@@ -175,9 +155,9 @@ async def _requests(messages):
 
 
 def test_node_without_a_lane_serves_over_p2p(mesh_factory, tiny_llama):
-    mesh = mesh_factory(tiny_llama, "0:8", node_args=("--no-direct-lane",))
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
-        tokens = [int(t[0]) for t in client.generate_ids(prompt_ids(mesh.model_dir), TOKENS)]
+    no_lane = mesh_factory(tiny_llama, "0:8", node_args=("--no-direct-lane",))
+    with DistributedInferenceClient(no_lane.model_dir, no_lane.addrs) as client:
+        tokens = [int(t[0]) for t in client.generate_ids(prompt_ids(no_lane.model_dir), TOKENS)]
         (record,) = client.mesh.records()
         assert not record.direct_lane and client.mesh.direct_lane(record.peer_id) is None
-    assert tokens == list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
+    assert tokens == list(hf_greedy_ids(no_lane.model_dir, PROMPT, TOKENS))

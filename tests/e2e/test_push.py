@@ -1,6 +1,6 @@
 """Node-to-node push: in a session each node sends its output straight to the next node of the chain.
 
-Tokens equal transformers' with push on and off, and pushes really happen (the client counts the
+Tokens equal transformers' with push on and off, and pushes really happen (the lane_client counts the
 inputs a node got from the previous one). A node dying mid-generation, first or second in the chain,
 costs a replay, never the answer. Bad pushes (wrong key, unknown session, stale steps, garbage) are
 dropped or refused without harm to the session or the node.
@@ -38,58 +38,36 @@ TOKENS = 12
 KEY = "k" * 32
 
 
-@pytest.fixture(scope="module")
-def mesh(llama_mesh):
-    return llama_mesh
-
-
-@pytest.fixture(scope="module")
-def client(mesh):
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def raw(mesh):
-    """A bare connection holding tickets for both nodes' direct lanes."""
-    connection = mesh.connection()
-    try:
-        connection.measure_latencies([r.peer_id for r in connection.records(refresh=True)])
-        yield connection
-    finally:
-        connection.close()
-
-
-def generate(client, mesh, tokens: int = TOKENS) -> tuple[list[int], int]:
-    with client.inference_session(64) as session:
-        ids = [int(t[0]) for t in client.generate_ids(prompt_ids(mesh.model_dir), tokens, session=session)]
+def generate(lane_client, llama_mesh, tokens: int = TOKENS) -> tuple[list[int], int]:
+    with lane_client.inference_session(64) as session:
+        ids = [int(t[0]) for t in lane_client.generate_ids(prompt_ids(llama_mesh.model_dir), tokens, session=session)]
         return ids, session.pushed_inputs
 
 
-def test_pushed_and_relayed_sessions_match_transformers(client, mesh):
-    expected = list(hf_greedy_ids(mesh.model_dir, PROMPT, TOKENS))
-    generate(client, mesh)  # the first push request of a node opens its link to the next one
-    tokens, pushed = generate(client, mesh)
+def test_pushed_and_relayed_sessions_match_transformers(lane_client, llama_mesh):
+    expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
+    generate(lane_client, llama_mesh)  # the first push request of a node opens its link to the next one
+    tokens, pushed = generate(lane_client, llama_mesh)
     assert tokens == expected
     assert pushed == TOKENS - 1  # every one-token step: the prompt's step opens the sessions, relayed
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs, push=False) as relaying:
-        assert generate(relaying, mesh) == (expected, 0)
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=False) as relaying:
+        assert generate(relaying, llama_mesh) == (expected, 0)
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------
 class HandSession:
     """A push session on the node serving 4:8, over its direct lane, and a push link to that node."""
 
-    def __init__(self, raw, push_key: str | None = KEY):
-        self.peer = peer_of(raw, 4)
-        self.host, self.port = raw.direct_lane(self.peer)
-        self.stream = DirectConnection(self.host, self.port, raw.direct_hello(self.peer, "rpc_inference"))
+    def __init__(self, lane_raw, push_key: str | None = KEY):
+        self.peer = peer_of(lane_raw, 4)
+        self.host, self.port = lane_raw.direct_lane(self.peer)
+        self.stream = DirectConnection(self.host, self.port, lane_raw.direct_hello(self.peer, "rpc_inference"))
         self.session_id = uuid.uuid4().hex
         opened = OpenSession(
             session_id=self.session_id, start=4, end=8, max_length=64, batch_size=1, alloc_timeout=10.0,
             push_key=push_key,
         )  # fmt: skip
-        self.hello = raw.direct_hello(self.peer, "rpc_push")
+        self.hello = lane_raw.direct_hello(self.peer, "rpc_push")
         self.send(InferenceStep(position=0, step=1, open=opened), torch.randn(1, 4, 256))
 
     def send(self, meta: InferenceStep, hidden: torch.Tensor) -> None:
@@ -126,8 +104,8 @@ def closed_by_node(sock: socket.socket, timeout: float = 10) -> bool:
 
 
 @pytest.fixture
-def hand(raw):
-    session = HandSession(raw)
+def hand(lane_raw):
+    session = HandSession(lane_raw)
     reply, _ = session.answer()
     assert reply is not None and reply.step == 1 and not reply.pushed
     yield session
@@ -139,7 +117,7 @@ def test_a_pushed_input_is_answered_on_the_clients_stream(hand):
         link.sendall(pushed(hand.session_id, KEY, position=4, step=2))
         reply, response = hand.answer()
         assert reply.step == 2 and len(response.tensors) == 1 and list(response.tensors[0].size) == [1, 1, 256]
-        hand.send(InferenceStep(position=5, step=3), torch.randn(1, 1, 256))  # the client goes on directly
+        hand.send(InferenceStep(position=5, step=3), torch.randn(1, 1, 256))  # the lane_client goes on directly
         assert hand.answer()[0].step == 3
 
 
@@ -162,13 +140,13 @@ def test_stale_and_misaddressed_pushes_are_dropped_and_the_link_stays(hand):
     ],
     ids=["framing", "garbage", "not-a-push"],
 )
-def test_garbage_on_a_push_link_closes_it_and_the_session_goes_on(hand, payload, client, mesh):
+def test_garbage_on_a_push_link_closes_it_and_the_session_goes_on(hand, payload, lane_client, llama_mesh):
     with hand.link() as link:
         link.sendall(payload)
         assert closed_by_node(link)
     hand.send(InferenceStep(position=4, step=2), torch.randn(1, 1, 256))
     assert hand.answer()[0].step == 2
-    assert_still_serving(client, mesh)
+    assert_still_serving(lane_client, llama_mesh)
 
 
 def test_a_push_with_the_wrong_key_closes_the_link_and_changes_nothing(hand):
@@ -185,8 +163,8 @@ def test_a_client_step_number_that_does_not_grow_is_refused(hand):
         hand.answer()
 
 
-def test_only_push_sessions_may_ask_for_a_push(raw):
-    session = HandSession(raw, push_key=None)
+def test_only_push_sessions_may_ask_for_a_push(lane_raw):
+    session = HandSession(lane_raw, push_key=None)
     try:
         response = session.stream.receive(10)
         assert step_reply(response, session.peer) is None  # not a push session: plain answers
@@ -198,8 +176,8 @@ def test_only_push_sessions_may_ask_for_a_push(raw):
         session.close()
 
 
-def test_a_session_id_in_use_is_refused(raw, hand):
-    twin = DirectConnection(hand.host, hand.port, raw.direct_hello(hand.peer, "rpc_inference"))
+def test_a_session_id_in_use_is_refused(lane_raw, hand):
+    twin = DirectConnection(hand.host, hand.port, lane_raw.direct_hello(hand.peer, "rpc_inference"))
     try:
         opened = OpenSession(session_id=hand.session_id, start=4, end=8, max_length=64, batch_size=1, push_key=KEY)
         meta = InferenceStep(position=0, step=1, open=opened)
