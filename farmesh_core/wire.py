@@ -66,7 +66,10 @@ class InferenceStep(_Message):
     position: int = Field(ge=0, description="index of the first token of this step in the session")
     step: int = Field(default=0, ge=0, description="the client's number for this message (push sessions)")
     open: OpenSession | None = None
-    push: PushTarget | None = Field(default=None, description="also send the output to the next node")
+    push: list[PushTarget] = Field(
+        default_factory=list, max_length=64,
+        description="the next nodes of the chain: the output goes to the first, which sends its own to the second...",
+    )  # fmt: skip
 
 
 class PushedStep(_Message):
@@ -76,6 +79,7 @@ class PushedStep(_Message):
     key: str = Field(min_length=16, max_length=128)
     position: int = Field(ge=0)
     step: int = Field(ge=1)
+    push: list[PushTarget] = Field(default_factory=list, max_length=64, description="where the output goes on")
 
 
 class StepReply(_Message):

@@ -184,9 +184,10 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
 
-    def _meta(self, stream: _HopStream, position: int, following: _HopStream | None = None) -> InferenceStep:
+    def _meta(self, stream: _HopStream, position: int, following: list[_HopStream] | None = None) -> InferenceStep:
         """The metadata of a step to ``stream``: it opens the session the first time, and asks the node
-        to push its output to ``following`` (the next stream) once that one is open."""
+        to push its output along ``following`` (the next streams), as far as they are open push
+        sessions on nodes with a direct lane."""
         opening = None
         if not stream.inputs:
             opening = OpenSession(
@@ -194,13 +195,12 @@ class InferenceSession:
                 max_length=self.max_length, batch_size=self.batch_size, alloc_timeout=self.mesh.config.step_timeout,
                 adapter=self.adapter, credentials=self.mesh.credentials, push_key=stream.push_key,
             )  # fmt: skip
-        push = None
-        if following is not None and following.push_key and following.inputs and stream.push_key:
-            if self.mesh.offers_direct_lane(following.hop.peer_id):
-                push = PushTarget(
-                    peer_id=following.hop.peer_id, session_id=following.session_id, key=following.push_key,
-                    step=following.number(),
-                )  # fmt: skip
+        push = []
+        for nxt in following or () if stream.push_key else ():
+            if not (nxt.push_key and nxt.inputs and self.mesh.offers_direct_lane(nxt.hop.peer_id)):
+                break
+            push.append(PushTarget(peer_id=nxt.hop.peer_id, session_id=nxt.session_id, key=nxt.push_key,
+                                   step=nxt.number()))  # fmt: skip
         return InferenceStep(position=position, step=stream.number(), open=opening, push=push)
 
     def _open_all(self, streams: list[_HopStream]) -> None:
@@ -223,10 +223,9 @@ class InferenceSession:
         pushed = False  # the previous node pushed this node's input to it
         while index < len(self._streams):
             stream = self._streams[index]
-            following = self._streams[index + 1] if index + 1 < len(self._streams) else None
             try:
                 if not pushed:
-                    stream.send(self.mesh, self._meta(stream, self.position, following), hidden)
+                    stream.send(self.mesh, self._meta(stream, self.position, self._streams[index + 1 :]), hidden)
                 out, pushed = stream.receive(self.mesh, stream.timeout(self.mesh, hidden))
             except NETWORK_ERRORS as e:
                 failures += 1

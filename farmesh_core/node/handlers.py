@@ -267,7 +267,7 @@ class NodeHandlers:
         """Check and run one step of a session; its answer (pushed on to the next node if asked)."""
         if len(request.tensors) != 1:
             raise RequestError("each inference step carries exactly one tensor")
-        if step.push is not None and opened.push_key is None:
+        if step.push and opened.push_key is None:
             raise RequestError("only a push session (opened with push_key) may push")
         hidden = self._check_hidden(request.tensors[0], opened.batch_size)
         q_len = hidden.shape[1]
@@ -286,9 +286,7 @@ class NodeHandlers:
         proto = serialize_tensor(out)
         response = runtime_pb2.ExpertResponse(tensors=[proto])
         if opened.push_key is not None:
-            pushed = (
-                step.push is not None and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
-            )
+            pushed = bool(step.push) and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
             response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed))
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)

@@ -55,15 +55,19 @@ class PushLinks:
         self._connecting: dict[str, asyncio.Task] = {}
         self._failed_at: dict[str, float] = {}
 
-    def push(self, target: PushTarget, position: int, hidden: runtime_pb2.Tensor) -> bool:
-        """Send ``hidden`` (the output of the step at ``position``) to ``target``'s session; False if
-        it cannot go at once: the client then relays it. The first push to a node starts connecting."""
+    def push(self, targets: list[PushTarget], position: int, hidden: runtime_pb2.Tensor) -> bool:
+        """Send ``hidden`` (the output of the step at ``position``) to the session of ``targets[0]``,
+        which pushes its own output to ``targets[1]``, and so on; False if it cannot go at once: the
+        client then relays it. The first push to a node starts connecting."""
+        target, onward = targets[0], targets[1:]
         writer = self._writers.get(target.peer_id)
         if writer is None or writer.is_closing() or writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self._connect_soon(target.peer_id)
             metrics.node_push(False)
             return False
-        meta = PushedStep(session_id=target.session_id, key=target.key, position=position, step=target.step)
+        meta = PushedStep(
+            session_id=target.session_id, key=target.key, position=position, step=target.step, push=onward
+        )
         writer.write(frame(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)).SerializeToString()))
         metrics.node_push(True)
         return True
@@ -138,7 +142,7 @@ def push_server(inboxes: Inboxes, max_message_bytes: int) -> Callable:
                 if inbox.full():
                     logger.warning("Dropped a push from %s: session %s has unread messages", peer_id, pushed.session_id)
                     continue
-                inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step), request))
+                inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push), request))
         except (RequestError, StreamProtocolError, DecodeError, ConnectionError) as e:
             logger.info("Closed a push link from %s: %s", peer_id, e)
         finally:

@@ -1,6 +1,6 @@
 """Node-to-node push: in a session each node sends its output straight to the next node of the chain.
 
-Tokens equal transformers' with push on and off, and pushes really happen (the lane_client counts the
+Tokens equal transformers' with push on and off, and pushes really happen (the client counts the
 inputs a node got from the previous one). A node dying mid-generation, first or second in the chain,
 costs a replay, never the answer. Bad pushes (wrong key, unknown session, stale steps, garbage) are
 dropped or refused without harm to the session or the node.
@@ -52,6 +52,15 @@ def test_pushed_and_relayed_sessions_match_transformers(lane_client, llama_mesh)
     assert pushed == TOKENS - 1  # every one-token step: the prompt's step opens the sessions, relayed
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=False) as relaying:
         assert generate(relaying, llama_mesh) == (expected, 0)
+
+
+def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
+    three = mesh_factory(tiny_llama, "0:3", "3:6", "6:8")
+    with DistributedInferenceClient(three.model_dir, three.addrs) as client:
+        generate(client, three)  # opens the links
+        tokens, pushed = generate(client, three)
+    assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
+    assert pushed == 2 * (TOKENS - 1)  # both hops of every one-token step
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------
@@ -117,7 +126,7 @@ def test_a_pushed_input_is_answered_on_the_clients_stream(hand):
         link.sendall(pushed(hand.session_id, KEY, position=4, step=2))
         reply, response = hand.answer()
         assert reply.step == 2 and len(response.tensors) == 1 and list(response.tensors[0].size) == [1, 1, 256]
-        hand.send(InferenceStep(position=5, step=3), torch.randn(1, 1, 256))  # the lane_client goes on directly
+        hand.send(InferenceStep(position=5, step=3), torch.randn(1, 1, 256))  # the client goes on directly
         assert hand.answer()[0].step == 3
 
 
@@ -169,7 +178,7 @@ def test_only_push_sessions_may_ask_for_a_push(lane_raw):
         response = session.stream.receive(10)
         assert step_reply(response, session.peer) is None  # not a push session: plain answers
         target = PushTarget(peer_id=session.peer, session_id="s", key=KEY, step=1)
-        session.send(InferenceStep(position=4, push=target), torch.randn(1, 1, 256))
+        session.send(InferenceStep(position=4, push=[target]), torch.randn(1, 1, 256))
         with pytest.raises(RequestError, match="only a push session"):
             session.answer()
     finally:
