@@ -18,13 +18,14 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
 from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from farmesh_core import metrics
-from farmesh_core.dht import direct_ticket, fetch_node_records
+from farmesh_core.dht import dial, direct_ticket, fetch_node_records
 from farmesh_core.errors import RequestError
 from farmesh_core.wire import (
     DirectHello,
@@ -53,6 +54,7 @@ class PushLinks:
         self.dht, self.prefix, self.p2p, self.peer_id = dht, prefix, p2p, peer_id
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._connecting: dict[str, asyncio.Task] = {}
+        self._links: set[asyncio.Task] = set()  # every link's task, connecting or connected
         self._failed_at: dict[str, float] = {}
 
     def push(self, targets: list[PushTarget], position: int, hidden: runtime_pb2.Tensor) -> bool:
@@ -76,13 +78,19 @@ class PushLinks:
         self._writers.pop(peer_id, None)
         if peer_id in self._connecting or time.monotonic() - self._failed_at.get(peer_id, -RETRY_AFTER) < RETRY_AFTER:
             return
-        self._connecting[peer_id] = asyncio.get_running_loop().create_task(self._connect(peer_id))
+        task = self._connecting[peer_id] = asyncio.get_running_loop().create_task(self._connect(peer_id))
+        self._links.add(task)
+        task.add_done_callback(self._links.discard)
 
     async def _connect(self, peer_id: str) -> None:
         try:
             records = await asyncio.get_running_loop().run_in_executor(None, fetch_node_records, self.dht, self.prefix)
             record = next((r for r in records if r.peer_id == peer_id), None)
-            lane = None if record is None else await direct_ticket(self.p2p, record, CONNECT_TIMEOUT)
+            if record is None:
+                raise ConnectionError("it has no record in the DHT")
+            with suppress(Exception):  # already connected, or reachable otherwise: the ticket call says
+                await dial(self.p2p, record, CONNECT_TIMEOUT)
+            lane = await direct_ticket(self.p2p, record, CONNECT_TIMEOUT)
             if lane is None:
                 raise ConnectionError("it announces no direct lane")
             host, ticket = lane
@@ -106,10 +114,8 @@ class PushLinks:
                 del self._writers[peer_id]
 
     def close(self) -> None:
-        for task in self._connecting.values():
+        for task in list(self._links):
             task.cancel()
-        for writer in self._writers.values():
-            writer.close()
 
 
 Inboxes = dict[str, tuple[str, asyncio.Queue]]  # session id -> (push key, the session's next messages)
