@@ -106,7 +106,7 @@ def step_reply(response: runtime_pb2.ExpertResponse, peer_id: str) -> StepReply 
     """The StepReply of an inference answer (None outside push sessions); a refusal raises RequestError."""
     if not response.metadata:
         return None
-    if response.metadata.startswith(b'{"error"'):
+    if response.metadata.startswith(b'{"error"'):  # an ErrorReply as encode_meta writes it
         raise_if_error(response, peer_id)
     return decode_meta(response.metadata, StepReply)
 

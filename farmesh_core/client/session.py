@@ -155,8 +155,12 @@ class InferenceSession:
         self.recoveries: list[float] = []  # seconds each failover took
         self.pushed_inputs = 0  # inputs a node got pushed by the previous one rather than from the client
         self.push = mesh.use_direct_lanes and mesh.config.push  # nodes push outputs on (see _HopStream)
-        self._streams = [_HopStream(hop, self.push) for hop in mesh.route(start, end, adapter=adapter)]
+        self._streams = [self._stream(hop) for hop in mesh.route(start, end, adapter=adapter)]
         self._failed: set[str] = set()
+
+    def _stream(self, hop: RouteHop) -> _HopStream:
+        """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""
+        return _HopStream(hop, push=self.push and self.mesh.offers_direct_lane(hop.peer_id))
 
     @property
     def route(self) -> list[RouteHop]:
@@ -187,7 +191,7 @@ class InferenceSession:
     def _meta(self, stream: _HopStream, position: int, following: list[_HopStream] | None = None) -> InferenceStep:
         """The metadata of a step to ``stream``: it opens the session the first time, and asks the node
         to push its output along ``following`` (the next streams), as far as they are open push
-        sessions on nodes with a direct lane."""
+        sessions."""
         opening = None
         if not stream.inputs:
             opening = OpenSession(
@@ -197,7 +201,7 @@ class InferenceSession:
             )  # fmt: skip
         push = []
         for nxt in following or () if stream.push_key else ():
-            if not (nxt.push_key and nxt.inputs and self.mesh.offers_direct_lane(nxt.hop.peer_id)):
+            if not (nxt.push_key and nxt.inputs):
                 break
             push.append(PushTarget(peer_id=nxt.hop.peer_id, session_id=nxt.session_id, key=nxt.push_key,
                                    step=nxt.number()))  # fmt: skip
@@ -264,7 +268,7 @@ class InferenceSession:
                 hops = self.mesh.route(failed.hop.start, failed.hop.end, self._failed, self.adapter)
             except NoRouteError as e:
                 raise NoRouteError(f"node {failed.hop.peer_id} failed and no other node can take over: {e}") from e
-            new_streams = [_HopStream(hop, self.push) for hop in hops]
+            new_streams = [self._stream(hop) for hop in hops]
             current = new_streams[0]
             try:
                 for start in range(0, 0 if history is None else history.shape[1], REPLAY_CHUNK):
