@@ -7,13 +7,15 @@ port 0, started through :mod:`farmesh_core.launch` and stopped by PID.
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from farmesh_core.launch import kill_process_group, spawn_dht, spawn_node, wait_for_layers
+from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
 
 PROMPT = "The logging module"
 HIDDEN_SIZE = 256  # TINY_LLAMA
@@ -152,3 +154,20 @@ class MeshLauncher:
                     pass
                 kill_process_group(proc)
             group.clear()
+
+
+@contextmanager
+def nodes_by_peer(model_dir: str, spans: list[str], log_dir: Path) -> Iterator[tuple[list[str], dict]]:
+    """A DHT and one Far Node per span (logs in ``log_dir``), for tests that kill or stall a given node:
+    yields (bootstrap addrs, {peer_id: node process}); every process is stopped by PID afterwards."""
+    dht, addrs = spawn_dht()
+    procs, logs = [], []
+    try:
+        for i, span in enumerate(spans):
+            logs.append(str(log_dir / f"node{i}.log"))
+            procs.append(spawn_node(model_dir, addrs, "--layers", span, log_path=logs[-1]))
+        wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=procs)
+        yield addrs, {node_peer_id(log): proc for log, proc in zip(logs, procs, strict=True)}
+    finally:
+        for proc in [*procs, dht]:
+            stop_process(proc)

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from farmesh_core.client import DistributedInferenceClient
 from farmesh_core.errors import NoRouteError
-from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import kill_process_group
+from tests.helpers import nodes_by_peer
 
 NEW_TOKENS, KILL_AFTER = 64, 16
 
@@ -25,17 +26,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def mesh(model_dir, tmp_path):
     """A DHT and three Far Nodes: 0:4, 4:8 and a spare 4:8; yields (addrs, {peer_id: process})."""
-    dht, addrs = spawn_dht()
-    procs, logs = [], []
-    try:
-        for i, span in enumerate(["0:4", "4:8", "4:8"]):
-            logs.append(str(tmp_path / f"node{i}.log"))
-            procs.append(spawn_node(model_dir, addrs, "--layers", span, log_path=logs[-1]))
-        wait_for_layers(model_dir, addrs, num_nodes=3, procs=procs)
-        yield addrs, {node_peer_id(log): proc for log, proc in zip(logs, procs, strict=True)}
-    finally:
-        for proc in [*procs, dht]:
-            stop_process(proc)
+    with nodes_by_peer(model_dir, ["0:4", "4:8", "4:8"], tmp_path) as mesh:
+        yield mesh
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hivemind.proto import runtime_pb2
 from farmesh import DistributedInferenceClient
 from farmesh_core.client.direct_lane import DirectConnection
 from farmesh_core.errors import RequestError
-from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import kill_process_group
 from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
@@ -30,7 +30,7 @@ from farmesh_core.wire import (
 )
 from tests.e2e.test_bad_requests import assert_still_serving
 from tests.e2e.test_direct_lane import peer_of
-from tests.helpers import PROMPT, hf_greedy_ids, hf_model, prompt_ids
+from tests.helpers import PROMPT, hf_greedy_ids, hf_model, nodes_by_peer, prompt_ids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -207,18 +207,8 @@ NEW_TOKENS, KILL_AFTER = 64, 16
 @pytest.fixture(scope="module")
 def spare_mesh(tiny_llama, tmp_path_factory):
     """Nodes 0:4, 0:4, 4:8 and 4:8: either node of a chain has a spare; yields (addrs, {peer_id: process})."""
-    logs_dir = tmp_path_factory.mktemp("push-failover")
-    dht, addrs = spawn_dht()
-    procs, logs = [], []
-    try:
-        for i, span in enumerate(["0:4", "0:4", "4:8", "4:8"]):
-            logs.append(str(logs_dir / f"node{i}.log"))
-            procs.append(spawn_node(tiny_llama, addrs, "--layers", span, log_path=logs[-1]))
-        wait_for_layers(tiny_llama, addrs, num_nodes=4, procs=procs)
-        yield addrs, {node_peer_id(log): proc for log, proc in zip(logs, procs, strict=True)}
-    finally:
-        for proc in [*procs, dht]:
-            stop_process(proc)
+    with nodes_by_peer(tiny_llama, ["0:4", "0:4", "4:8", "4:8"], tmp_path_factory.mktemp("push-failover")) as mesh:
+        yield mesh
 
 
 @pytest.fixture(scope="module")
