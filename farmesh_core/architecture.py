@@ -166,8 +166,9 @@ class ArchitectureAdapter:
         out = layer(hidden, **{self.cache_argument: cache}, use_cache=cache is not None, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def lean_layer(self, layer: nn.Module) -> LayerCall | None:
+    def lean_layer(self, layer: nn.Module, one_row_threads: int = 1) -> LayerCall | None:
         """A faster stand-in for ``run_layer(layer, ...)`` in inference steps, bit-identical to it, or None.
+        ``one_row_threads``: how many torch threads a lone one-token step may use.
 
         Here a :class:`~farmesh_core.lean_layer.LeanLlamaLayer` for unmodified Llama layers, which takes
         the masks of this class's ``prepare``; a family with its own ``prepare`` or ``run_layer`` opts out
@@ -176,7 +177,7 @@ class ArchitectureAdapter:
         base = ArchitectureAdapter
         if type(self).prepare is not base.prepare or type(self).run_layer is not base.run_layer:
             return None
-        return lean_llama_layer(layer)
+        return lean_llama_layer(layer, one_row_threads)
 
     # ---- client side -----------------------------------------------------------------------
     def build_final_norm(self, config: PretrainedConfig) -> nn.Module:

@@ -127,7 +127,10 @@ class NodeConfig(NetworkConfig):
         default=300.0, ge=0, description="seconds a moving node keeps its old layers for the sessions using them"
     )
     num_threads: int | None = Field(
-        default=None, gt=0, description="torch threads of large steps (one-token steps use one); default: torch's"
+        default=None,
+        gt=0,
+        description="torch threads of large steps, and of a lone one-token step's matmuls (the rest of "
+        "it runs on one); default: torch's",
     )
     direct_lane: bool = Field(
         default=True,

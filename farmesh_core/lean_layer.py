@@ -49,6 +49,45 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+_SPLIT_VERDICTS: dict[tuple, bool] = {}  # (shape, strides, dtype, threads) -> bmm over row blocks gives F.linear's bits
+
+
+def _row_blocks(weight: torch.Tensor, threads: int) -> torch.Tensor | None:
+    """``weight`` ([out, in]) as ``threads`` blocks of its output rows, ``[threads, in, out / threads]``
+    for ``torch.bmm``, if a one-row step through them gives ``F.linear``'s exact bits, else None.
+
+    A one-token step's matmuls stream every weight from memory once; on CPU a one-row ``F.linear`` is
+    a GEMV that uses one core whatever the torch threads, and one core's share of memory bandwidth is
+    the limit (measured here: two processes each ran their 8 layers' matmuls as fast as one alone).
+    ``bmm`` over row blocks runs one block per thread, each a dot product over the same whole input
+    row, so the bits stay F.linear's. Whether they do is a property of the kernels for this shape,
+    so it is checked once per shape and dtype, on this weight, before the blocks are used.
+    """
+    out_features, in_features = weight.shape
+    if threads < 2 or weight.device.type != "cpu" or out_features % threads or not weight.is_contiguous():
+        return None
+    blocks = weight.view(threads, out_features // threads, in_features).transpose(1, 2)
+    key = (tuple(weight.shape), weight.stride(), weight.dtype, threads)
+    if key not in _SPLIT_VERDICTS:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
+                _SPLIT_VERDICTS[key] = all(torch.equal(F.linear(x, weight), _blocks_linear(x, blocks)) for x in rows)
+        finally:
+            torch.set_num_threads(previous)
+        if not _SPLIT_VERDICTS[key]:
+            logger.debug("weights %s keep F.linear: row blocks change its bits", key)
+    return blocks if _SPLIT_VERDICTS[key] else None
+
+
+def _blocks_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a one-row x and ``blocks = _row_blocks(weight, threads)``."""
+    out = torch.bmm(x.reshape(1, 1, -1).expand(blocks.shape[0], 1, -1), blocks)
+    return out.view(*x.shape[:-1], -1)
+
+
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``LlamaRMSNorm.forward``: computed in float32, scaled in the input's dtype."""
     dtype = hidden.dtype
@@ -64,9 +103,13 @@ class LeanLlamaLayer:
     ``lean(hidden, cache, kwargs)`` is ``adapter.run_layer(layer, hidden, cache, kwargs)`` with the keyword
     arguments of ``ArchitectureAdapter.prepare`` or ``prepare_decode_batch`` (``attention_mask``,
     ``position_embeddings``) and a cache with the transformers ``update`` protocol, or None.
+
+    With ``one_row_threads`` > 1, a lone one-token step runs its matmuls on that many torch threads
+    (see :func:`_row_blocks`) and the rest on the caller's: attention stays on one thread where that
+    is the caller's count, because SDPA's sums depend on the threads.
     """
 
-    def __init__(self, layer: LlamaDecoderLayer):
+    def __init__(self, layer: LlamaDecoderLayer, one_row_threads: int = 1):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer_idx, self.head_dim, self.scaling = attn.layer_idx, attn.head_dim, attn.scaling
         self.groups, self.is_causal = attn.num_key_value_groups, attn.is_causal
@@ -76,10 +119,17 @@ class LeanLlamaLayer:
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.few_rows = max(2, 2048 // self.q.shape[1])  # batches up to this size use _few_rows_linear
+        self.one_row_threads = one_row_threads
+        weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        blocks = {id(weight): _row_blocks(weight, one_row_threads) for weight in weights}
+        self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        linear = _few_rows_linear if batched and hidden.shape[0] <= self.few_rows else F.linear
+        if batched:
+            linear = _few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
+        else:
+            linear = self._one_row_linear if self.row_blocks and hidden.numel() == hidden.shape[-1] else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
@@ -100,6 +150,17 @@ class LeanLlamaLayer:
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
         return hidden + linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+
+    def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        blocks = self.row_blocks.get(id(weight))
+        if blocks is None:
+            return F.linear(x, weight)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.one_row_threads)
+        try:
+            return _blocks_linear(x, blocks)
+        finally:
+            torch.set_num_threads(threads)
 
     def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would
@@ -133,7 +194,7 @@ class LeanLlamaLayer:
         return out.transpose(1, 2).contiguous()
 
 
-def lean_llama_layer(layer: nn.Module) -> LeanLlamaLayer | None:
+def lean_llama_layer(layer: nn.Module, one_row_threads: int = 1) -> LeanLlamaLayer | None:
     """A :class:`LeanLlamaLayer` of ``layer`` if it computes exactly what a stock ``LlamaDecoderLayer`` in
     eval mode with SDPA attention computes, else None.
 
@@ -144,7 +205,7 @@ def lean_llama_layer(layer: nn.Module) -> LeanLlamaLayer | None:
     if reason is not None:
         logger.debug("layer %s keeps the module path: %s", type(layer).__name__, reason)
         return None
-    return LeanLlamaLayer(layer)
+    return LeanLlamaLayer(layer, one_row_threads)
 
 
 def _ineligible(layer: nn.Module) -> str | None:

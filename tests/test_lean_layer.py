@@ -14,7 +14,7 @@ from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.cli import build_parser
 from farmesh_core.config import NodeConfig
-from farmesh_core.lean_layer import LeanLlamaLayer, _few_rows_linear, lean_llama_layer
+from farmesh_core.lean_layer import LeanLlamaLayer, _blocks_linear, _few_rows_linear, _row_blocks, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.quantization import int8_quantization
@@ -23,10 +23,13 @@ from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hid
 STEPS = 20
 
 
-def load_span(model_dir: str, prepare_layer=None, lean_layers: bool = True) -> LayerSpan:
+def load_span(model_dir: str, prepare_layer=None, lean_layers: bool = True, one_row_threads: int = 1) -> LayerSpan:
     checkpoint = Checkpoint(model_dir)
     adapter = adapter_for(checkpoint.config)
-    return LayerSpan(checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer, lean_layers=lean_layers)
+    return LayerSpan(
+        checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer,
+        lean_layers=lean_layers, one_row_threads=one_row_threads,
+    )  # fmt: skip
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
@@ -152,6 +155,42 @@ def test_few_rows_linear_is_a_contiguous_linear():
     out = _few_rows_linear(x, weight)
     assert out.shape == (3, 1, 688) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_steps_split_over_threads(spans, model_dir):
+    """With 2 threads for one-token steps, their matmuls run as ``bmm`` over blocks of rows wherever
+    that gives F.linear's bits (checked here independently, per weight), and every step stays
+    bit-identical to the modules, on a thread that runs the rest on one torch thread as the node's
+    event loop does."""
+    split, modules = load_span(model_dir, one_row_threads=2), spans[1]
+    for call in split.step_calls.values():
+        for weight in (call.q, call.k, call.v, call.o, call.gate, call.up, call.down):
+            blocks = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
+            torch.set_num_threads(2)
+            x = randn(1, 1, weight.shape[1], seed=weight.shape[0])
+            identical = torch.equal(_blocks_linear(x, blocks), F.linear(x, weight))
+            assert (id(weight) in call.row_blocks) == identical
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        caches = [SessionCache(64), SessionCache(64)]
+        hidden = randn(1, 9, HIDDEN_SIZE, seed=5)
+        for position in [0, *range(9, 9 + STEPS)]:
+            outs = [
+                span.forward(hidden, 0, NUM_LAYERS, cache, position)
+                for span, cache in zip((split, modules), caches, strict=True)
+            ]
+            assert_equal(*outs)
+            hidden = outs[0][:, -1:]
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_row_blocks_only_for_weights_they_split_evenly():
+    assert _row_blocks(randn(687, 256, seed=1), 2) is None
+    assert _row_blocks(randn(688, 256, seed=1), 1) is None
+    assert _row_blocks(randn(688, 256, seed=1).t(), 2) is None  # not contiguous
 
 
 def test_forward_without_cache_and_a_sub_range(spans):

@@ -19,6 +19,7 @@ from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.own_thread import run_on_own_thread
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
 from farmesh_core.node.push import PushLinks
 from farmesh_core.plugins import (
@@ -80,16 +81,16 @@ class FarNode:
         dtype = DTYPES.get(config.dtype) or checkpoint.config.dtype or torch.float32
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
+        # One-token steps split their matmuls over the node's threads (bit-identical): see lean_layer._row_blocks.
+        self._threads = config.num_threads or torch.get_num_threads()
+        self._span_args = (checkpoint, adapter, dtype, prepare)  # also to load other layers when it moves
         # A progress bar on a terminal (disable=None: none when stderr is a file or a pipe).
         with tqdm(total=self.end_layer - self.start_layer, desc="Loading layers", unit="layer", disable=None) as bar:
-            self.span = LayerSpan(
-                checkpoint, adapter, self.start_layer, self.end_layer, dtype, config.device, prepare,
-                progress=lambda done, n: bar.update(done - bar.n), lean_layers=config.lean_layers,
-            )  # fmt: skip
+            self.span, self.throughput = self._load_span(
+                self.start_layer, self.end_layer, progress=lambda done, n: bar.update(done - bar.n)
+            )
         if config.adapters and not self.span.switchable:
             raise ConfigError("adapters need a plugin that loads them into the layers: pip install farmesh-lora")
-        self.throughput = self.span.measure_throughput()
-        self._span_args = (checkpoint, adapter, dtype, prepare)  # to load other layers when it moves
         self.total_layers = total
         self.handlers = NodeHandlers(config, SpanSwitch(self.span) if self.may_move else self.span, auth, ledger)
         self._loop = BackgroundLoop("farmesh-node")
@@ -253,6 +254,20 @@ class FarNode:
         self.move_to(*target)
         return True
 
+    def _load_span(self, start: int, end: int, progress=None) -> tuple[LayerSpan, float]:
+        """Layers ``start:end`` and their one-token steps per second, made on a thread of their own:
+        see own_thread.py."""
+        checkpoint, adapter, dtype, prepare = self._span_args
+
+        def load() -> tuple[LayerSpan, float]:
+            span = LayerSpan(
+                checkpoint, adapter, start, end, dtype, self.config.device, prepare, progress,
+                lean_layers=self.config.lean_layers, one_row_threads=self._threads,
+            )  # fmt: skip
+            return span, span.measure_throughput()
+
+        return run_on_own_thread(load, threads=self._threads)
+
     def move_to(self, start: int, end: int) -> None:
         """Serve layers ``start:end`` instead, without dropping sessions: load them, switch new
         requests to them and announce, keep the old layers for the sessions that started on them
@@ -262,11 +277,7 @@ class FarNode:
             raise ConfigError("only a node started with num_layers and a rebalance_period can move")
         old_start, old_end = self.start_layer, self.end_layer
         logger.info("Moving from layers %d:%d to %d:%d", old_start, old_end, start, end)
-        checkpoint, adapter, dtype, prepare = self._span_args
-        span = LayerSpan(
-            checkpoint, adapter, start, end, dtype, self.config.device, prepare, lean_layers=self.config.lean_layers
-        )
-        throughput = span.measure_throughput()
+        span, throughput = self._load_span(start, end)
         if self._stop.is_set():
             return
         with self._record_lock:

@@ -2,9 +2,10 @@
 
 A refused request gets an error reply naming the problem; the node, and every other session, keep
 going. Small steps (decoding, short prefills) run inline on the event loop on one torch thread, the
-fastest path here (one-row matmuls use no more, and a hand-off to another thread costs more than it
-saves); large ones (long prefills, forward, backward) run in a worker thread with ``num_threads``
-torch threads, so they use every core and do not stall other sessions' messages.
+fastest path here (a hand-off to another thread costs more than it saves), except the matmuls of a
+lone one-token step, which are split over ``num_threads`` (see ``lean_layer._row_blocks``); large
+ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so they
+use every core and do not stall other sessions' messages.
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import torch
 from hivemind.p2p import P2PContext
@@ -26,6 +28,7 @@ from farmesh_core.node.batching import DecodeBatcher
 from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.own_thread import run_on_own_thread
 from farmesh_core.node.push import Inboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.wire import (
@@ -68,10 +71,9 @@ class NodeHandlers:
         self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
         self.record_json = b"{}"
-        threads = config.num_threads or torch.get_num_threads()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        self._threads = config.num_threads or torch.get_num_threads()
+        # Large steps one at a time, each on a thread of its own: see own_thread.py.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
@@ -143,7 +145,12 @@ class NodeHandlers:
     async def _compute(self, tokens: int, fn, *args):
         if tokens <= INLINE_TOKENS:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._on_worker(fn, *args)
+
+    async def _on_worker(self, fn, *args):
+        """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps before it."""
+        call = partial(run_on_own_thread, fn, *args, threads=self._threads)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _record_usage(
         self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began, peer: str = ""
@@ -331,9 +338,7 @@ class NodeHandlers:
             metrics.node_request("backward" if backward else "forward")
             began, tokens = time.perf_counter(), tensors[0].shape[0] * tensors[0].shape[1]
             if backward:
-                out = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.span.backward, *tensors, call.start, call.end, call.adapter
-                )
+                out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
             else:
                 out = await self._compute(
                     tokens, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter

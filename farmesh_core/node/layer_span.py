@@ -31,6 +31,7 @@ class LayerSpan:
         progress=None,
         *,
         lean_layers: bool = True,
+        one_row_threads: int = 1,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
@@ -52,7 +53,7 @@ class LayerSpan:
         self.step_calls: dict[int, LayerCall] = {}
         self.lean_count = 0
         for index, layer in self.layers.items():
-            lean = adapter.lean_layer(layer) if lean_layers and layer not in self.switchable else None
+            lean = adapter.lean_layer(layer, one_row_threads) if lean_layers and layer not in self.switchable else None
             self.step_calls[index] = partial(adapter.run_layer, layer) if lean is None else lean
             self.lean_count += lean is not None
         logger.debug("layers %d:%d: %d of them run lean", start, end, self.lean_count)
