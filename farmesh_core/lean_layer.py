@@ -10,6 +10,9 @@ returns None and the node calls the module as usual. Autograd (the backward pass
 """
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,6 +85,24 @@ def _row_blocks(weight: torch.Tensor, threads: int) -> torch.Tensor | None:
     return blocks if _SPLIT_VERDICTS[key] else None
 
 
+_local = threading.local()  # this thread's lone one-token steps split their matmuls unless _local.one_thread
+
+
+@contextmanager
+def matmuls_on_one_thread() -> Iterator[None]:
+    """Within it, lone one-token steps on this thread keep their matmuls on the caller's torch threads.
+
+    A node busy with several sessions gets its parallelism from them (batches, and the nodes of a
+    chain working at once): splitting its lone steps as well only makes the threads wait for cores.
+    """
+    before = getattr(_local, "one_thread", False)
+    _local.one_thread = True
+    try:
+        yield
+    finally:
+        _local.one_thread = before
+
+
 def _blocks_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for a one-row x and ``blocks = _row_blocks(weight, threads)``."""
     out = torch.bmm(x.reshape(1, 1, -1).expand(blocks.shape[0], 1, -1), blocks)
@@ -129,7 +150,10 @@ class LeanLlamaLayer:
         if batched:
             linear = _few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
         else:
-            linear = self._one_row_linear if self.row_blocks and hidden.numel() == hidden.shape[-1] else F.linear
+            one_row = (
+                self.row_blocks and hidden.numel() == hidden.shape[-1] and not getattr(_local, "one_thread", False)
+            )
+            linear = self._one_row_linear if one_row else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]

@@ -93,3 +93,26 @@ def test_a_step_does_not_wait_forever_for_idle_sessions(span):
         return waited, future.done()
 
     assert asyncio.run(run()) == (True, True)
+
+
+def bmm_calls(fn) -> int:
+    """How many ``aten::bmm`` ops ``fn()`` ran: split one-token matmuls are bmm (lean_layer._row_blocks)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::bmm")
+
+
+@pytest.mark.parametrize("open_sessions, split", [(1, True), (3, False)])
+def test_a_lone_step_splits_its_matmuls_only_on_an_otherwise_idle_node(tiny_llama, open_sessions, split):
+    """On a node with one session a lone one-token step spreads its matmuls over the node's threads;
+    with other sessions open, those give the node its parallelism and the step stays on one thread."""
+    checkpoint = Checkpoint(tiny_llama)
+    span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, NUM_LAYERS, torch.float32, "cpu", one_row_threads=2)
+    ((cache, hidden, position),) = sessions(span, 1)
+
+    async def run():
+        batcher = DecodeBatcher(span, sessions=lambda: open_sessions)
+        return await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)
+
+    blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
+    assert bmm_calls(lambda: asyncio.run(run())) == (blocks if split else 0)

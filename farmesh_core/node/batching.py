@@ -11,11 +11,13 @@ arrival order, at most ``max_batch`` per run.
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from farmesh_core import metrics
+from farmesh_core.lean_layer import matmuls_on_one_thread
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 
@@ -91,7 +93,10 @@ class DecodeBatcher:
                     adapter_name,
                 )  # fmt: skip
             if outputs is None:
-                outputs = [self.span.forward(s.hidden, start, end, s.cache, s.position, adapter_name) for s in steps]
+                with matmuls_on_one_thread() if self.sessions() > 1 else nullcontext():
+                    outputs = [
+                        self.span.forward(s.hidden, start, end, s.cache, s.position, adapter_name) for s in steps
+                    ]
         except Exception as e:
             logger.exception("A decode batch of %d steps failed", len(steps))
             for step in steps:
