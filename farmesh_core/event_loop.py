@@ -5,11 +5,18 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import torch
+
 T = TypeVar("T")
 
 
 class BackgroundLoop:
-    """Runs one event loop forever in a thread; ``run(coro)`` blocks until the coroutine is done."""
+    """Runs one event loop forever in a thread; ``run(coro)`` blocks until the coroutine is done.
+
+    Torch ops on the loop's thread (decoding tensors, a node's small steps) use one torch thread:
+    they are small, and a multi-threaded one would start an OpenMP team for this thread besides the
+    caller's, which made copying a 2 MB answer take 6-8 ms instead of 0.2 (see node/openmp.py).
+    """
 
     def __init__(self, name: str = "farmesh-loop"):
         self.loop = asyncio.new_event_loop()
@@ -17,6 +24,7 @@ class BackgroundLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        torch.set_num_threads(1)
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

@@ -19,7 +19,7 @@ from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.node.own_thread import run_on_own_thread
+from farmesh_core.node.openmp import release_worker_threads
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
 from farmesh_core.node.push import PushLinks
 from farmesh_core.plugins import (
@@ -94,7 +94,6 @@ class FarNode:
         self.total_layers = total
         self.handlers = NodeHandlers(config, SpanSwitch(self.span) if self.may_move else self.span, auth, ledger)
         self._loop = BackgroundLoop("farmesh-node")
-        self._loop.run(_call(torch.set_num_threads, 1))  # one-token steps run here: see handlers.py
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
@@ -255,18 +254,17 @@ class FarNode:
         return True
 
     def _load_span(self, start: int, end: int, progress=None) -> tuple[LayerSpan, float]:
-        """Layers ``start:end`` and their one-token steps per second, made on a thread of their own:
-        see own_thread.py."""
+        """Layers ``start:end`` and their one-token steps per second; the calling thread's OpenMP
+        threads end after (see openmp.py)."""
         checkpoint, adapter, dtype, prepare = self._span_args
-
-        def load() -> tuple[LayerSpan, float]:
+        try:
             span = LayerSpan(
                 checkpoint, adapter, start, end, dtype, self.config.device, prepare, progress,
                 lean_layers=self.config.lean_layers, one_row_threads=self._threads,
             )  # fmt: skip
             return span, span.measure_throughput()
-
-        return run_on_own_thread(load, threads=self._threads)
+        finally:
+            release_worker_threads()
 
     def move_to(self, start: int, end: int) -> None:
         """Serve layers ``start:end`` instead, without dropping sessions: load them, switch new

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from functools import partial
 
 import torch
 from hivemind.p2p import P2PContext
@@ -28,7 +27,7 @@ from farmesh_core.node.batching import DecodeBatcher
 from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.node.own_thread import run_on_own_thread
+from farmesh_core.node.openmp import release_worker_threads
 from farmesh_core.node.push import Inboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.wire import (
@@ -56,6 +55,13 @@ def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=encode_meta(ErrorReply(error=str(error)[:4000])))
 
 
+def _then_release(fn, *args):
+    try:
+        return fn(*args)
+    finally:
+        release_worker_threads()
+
+
 class NodeHandlers:
     """Serves one LayerSpan to the Far Mesh Network."""
 
@@ -71,9 +77,10 @@ class NodeHandlers:
         self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
         self.record_json = b"{}"
-        self._threads = config.num_threads or torch.get_num_threads()
-        # Large steps one at a time, each on a thread of its own: see own_thread.py.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farmesh-compute")
+        threads = config.num_threads or torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
+        )
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
@@ -148,9 +155,9 @@ class NodeHandlers:
         return await self._on_worker(fn, *args)
 
     async def _on_worker(self, fn, *args):
-        """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps before it."""
-        call = partial(run_on_own_thread, fn, *args, threads=self._threads)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
+        before it; the worker's OpenMP threads end after it (see openmp.py)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _then_release, fn, *args)
 
     def _record_usage(
         self, client: str, session: str, start: int, end: int, tokens: int, prefill: bool, began, peer: str = ""
