@@ -7,6 +7,7 @@ when the lane cannot be reached the call goes over P2P instead. Inference sessio
 
 import asyncio
 import logging
+import select
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing, suppress
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 2.0
 MAX_RESPONSE_BYTES = 64 * 1024**2
+RECV_BYTES = 64 * 1024
 
 
 class DirectStub:
@@ -91,14 +93,22 @@ class DirectConnection:
     def __init__(self, host: str, port: int, hello: DirectHello):
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._reader = self.sock.makefile("rb")
+        self._buffer = bytearray()  # received, not yet read (a file object's buffer could not be polled)
         self.sock.sendall(frame(hello.model_dump_json().encode()))
 
     def _read(self, n: int) -> bytes:
-        data = self._reader.read(n)
-        if len(data) != n:
-            raise ConnectionError("the node closed the direct lane")
+        while len(self._buffer) < n:
+            chunk = self.sock.recv(max(RECV_BYTES, n - len(self._buffer)))
+            if not chunk:
+                raise ConnectionError("the node closed the direct lane")
+            self._buffer += chunk
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
         return data
+
+    def answered_within(self, timeout: float) -> bool:
+        """Whether something from the node is here or arrives within ``timeout`` seconds (not read)."""
+        return bool(self._buffer) or bool(select.select([self.sock], [], [], timeout)[0])
 
     def send(self, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
         self.sock.settimeout(timeout)
@@ -124,5 +134,4 @@ class DirectConnection:
         with suppress(OSError):
             self.sock.settimeout(CONNECT_TIMEOUT)
             self.sock.sendall(frame(P2P.END_OF_STREAM.SerializeToString(), is_error=True))
-        self._reader.close()
         self.sock.close()

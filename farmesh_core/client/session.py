@@ -124,6 +124,10 @@ class _HopStream:
             raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
         return response.tensors[0], reply is not None and reply.pushed
 
+    def answered_within(self, timeout: float) -> bool:
+        """Whether an answer of the node's is here or arrives within ``timeout`` seconds (direct lanes only)."""
+        return self._direct is not None and self._direct.answered_within(timeout)
+
     async def _p2p_send(self, mesh: MeshConnection, request: runtime_pb2.ExpertRequest) -> None:
         async with asyncio.timeout(mesh.config.step_timeout):
             await self.open_p2p(mesh)
@@ -157,6 +161,7 @@ class InferenceSession:
         self.push = mesh.use_direct_lanes and mesh.config.push  # nodes push outputs on (see _HopStream)
         self._streams = [self._stream(hop) for hop in mesh.route(start, end, adapter=adapter)]
         self._failed: set[str] = set()
+        self._step_seconds = 0.0  # how long the last step took through the whole chain
 
     def _stream(self, hop: RouteHop) -> _HopStream:
         """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""
@@ -223,13 +228,19 @@ class InferenceSession:
     def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
         if self.position == 0:
             self._open_all(self._streams)
-        index, failures = 0, 0
+        began, index, failures = time.perf_counter(), 0, 0
         pushed = False  # the previous node pushed this node's input to it
         while index < len(self._streams):
             stream = self._streams[index]
             try:
                 if not pushed:
-                    stream.send(self.mesh, self._meta(stream, self.position, self._streams[index + 1 :]), hidden)
+                    meta = self._meta(stream, self.position, self._streams[index + 1 :])
+                    stream.send(self.mesh, meta, hidden)
+                    if len(meta.push) == len(self._streams) - index - 1 > 0:
+                        # Pushed on to the last node: wait for its answer (at most twice the last step's
+                        # time) before reading the answers in order. Waking for each earlier answer as
+                        # it came took a core from the node computing next, on a shared machine.
+                        self._streams[-1].answered_within(2 * self._step_seconds)
                 out, pushed = stream.receive(self.mesh, stream.timeout(self.mesh, hidden))
             except NETWORK_ERRORS as e:
                 failures += 1
@@ -241,6 +252,7 @@ class InferenceSession:
             hidden = out
             index += 1
             self.pushed_inputs += pushed
+        self._step_seconds = time.perf_counter() - began
         return hidden
 
     def _give_up_if_exhausted(self, failures: int, hop: RouteHop, error: Exception) -> None:
