@@ -156,7 +156,9 @@ class NodeHandlers:
 
     async def _on_worker(self, fn, *args):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
-        before it; the worker's OpenMP threads end after it (see openmp.py)."""
+        before it. The loop's OpenMP threads (of split one-token steps) end before it and the worker's
+        after it, so that it has the only team and spins between its parallel regions (see openmp.py)."""
+        release_worker_threads()
         return await asyncio.get_running_loop().run_in_executor(self._executor, _then_release, fn, *args)
 
     def _record_usage(
