@@ -61,7 +61,8 @@ class PushTarget(_Message):
 
 
 class InferenceStep(_Message):
-    """Metadata of every message of an inference stream; ``open`` only on the first."""
+    """Metadata of every message of an inference stream; ``open`` only on the first, which may carry no
+    hidden states: the session then opens ahead of its first step (pushed by the previous node)."""
 
     position: int = Field(ge=0, description="index of the first token of this step in the session")
     step: int = Field(default=0, ge=0, description="the client's number for this message (push sessions)")

@@ -53,6 +53,7 @@ class _HopStream:
         self.session_id = uuid.uuid4().hex
         self.push_key = secrets.token_hex(16) if push else None
         self.numbered = 0  # the number of the last message sent (or pushed) to this node
+        self.opened = False  # a message opening the session was sent
         self.inputs: list[runtime_pb2.Tensor] = []  # every input sent, for replays
         self._direct: DirectConnection | None = None
         self._queue: asyncio.Queue | None = None  # P2P: requests to send
@@ -102,9 +103,19 @@ class _HopStream:
 
     def send(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> None:
         request = runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta))
+        self._send(mesh, request, self.timeout(mesh, hidden, meta))
+
+    def open_ahead(self, mesh: MeshConnection, opening: OpenSession) -> None:
+        """Open the session before its first input, which the previous node will push: that node's
+        output of the first step (the prompt) then goes straight on, as in the steps after it."""
+        meta = InferenceStep(position=0, open=opening)
+        self._send(mesh, runtime_pb2.ExpertRequest(metadata=encode_meta(meta)), mesh.config.step_timeout)
+        self.opened = True
+
+    def _send(self, mesh: MeshConnection, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
         self.open_direct(mesh)
         if self._direct is not None:
-            self._direct.send(request, self.timeout(mesh, hidden, meta))
+            self._direct.send(request, timeout)
         else:
             mesh.loop.run(self._p2p_send(mesh, request))
 
@@ -193,32 +204,41 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
 
+    def _opening(self, stream: _HopStream) -> OpenSession:
+        """What opens ``stream``'s session on its node."""
+        return OpenSession(
+            session_id=stream.session_id, start=stream.hop.start, end=stream.hop.end,
+            max_length=self.max_length, batch_size=self.batch_size, alloc_timeout=self.mesh.config.step_timeout,
+            adapter=self.adapter, credentials=self.mesh.credentials, push_key=stream.push_key,
+        )  # fmt: skip
+
     def _meta(self, stream: _HopStream, position: int, following: list[_HopStream] | None = None) -> InferenceStep:
         """The metadata of a step to ``stream``: it opens the session the first time, and asks the node
         to push its output along ``following`` (the next streams), as far as they are open push
         sessions."""
         opening = None
-        if not stream.inputs:
-            opening = OpenSession(
-                session_id=stream.session_id, start=stream.hop.start, end=stream.hop.end,
-                max_length=self.max_length, batch_size=self.batch_size, alloc_timeout=self.mesh.config.step_timeout,
-                adapter=self.adapter, credentials=self.mesh.credentials, push_key=stream.push_key,
-            )  # fmt: skip
+        if not stream.opened:
+            opening, stream.opened = self._opening(stream), True
         push = []
         for nxt in following or () if stream.push_key else ():
-            if not (nxt.push_key and nxt.inputs):
+            if not (nxt.push_key and nxt.opened):
                 break
             push.append(PushTarget(peer_id=nxt.hop.peer_id, session_id=nxt.session_id, key=nxt.push_key,
                                    step=nxt.number()))  # fmt: skip
         return InferenceStep(position=position, step=stream.number(), open=opening, push=push)
 
     def _open_all(self, streams: list[_HopStream]) -> None:
-        """Open every stream at once rather than one after another (failures surface at the step)."""
+        """Open every stream at once rather than one after another, and the session of every node that
+        the previous one can push to (failures surface at the step)."""
         for stream in streams:
             stream.open_direct(self.mesh)
         p2p = [s for s in streams if not s.is_open]
         if p2p:
             self.mesh.loop.run(self._open_p2p(p2p))
+        for previous, stream in zip(streams, streams[1:], strict=False):
+            if previous.push_key and stream.push_key and not stream.opened:
+                with suppress(*NETWORK_ERRORS):  # the stream's first step opens it then, or fails over
+                    stream.open_ahead(self.mesh, self._opening(stream))
 
     async def _open_p2p(self, streams: list[_HopStream]) -> None:
         with suppress(TimeoutError):  # a stream that did not open is retried (and failed over) at its step

@@ -28,7 +28,7 @@ from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.openmp import release_worker_threads
-from farmesh_core.node.push import Inboxes, PushLinks, push_server
+from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.wire import (
     ErrorReply,
@@ -48,7 +48,6 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
-PUSH_INBOX = 4  # messages a push session holds before it is read
 
 
 def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
@@ -84,7 +83,7 @@ class NodeHandlers:
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
-        self.push_inboxes: Inboxes = {}
+        self.push_inboxes = PushInboxes()
         metrics.watch_node(self)
 
     def close(self) -> None:
@@ -212,10 +211,7 @@ class NodeHandlers:
 
             yield from_client
             return
-        if opened.session_id in self.push_inboxes:
-            raise RequestError(f"session id {opened.session_id} is in use on this node")
-        inbox: asyncio.Queue = asyncio.Queue(PUSH_INBOX)
-        self.push_inboxes[opened.session_id] = (opened.push_key, inbox)
+        inbox = self.push_inboxes.open(opened.session_id, opened.push_key)
 
         async def forward_client() -> None:
             try:
@@ -238,7 +234,7 @@ class NodeHandlers:
             yield next_message
         finally:
             forwarding.cancel()
-            del self.push_inboxes[opened.session_id]
+            self.push_inboxes.close(opened.session_id)
 
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -254,7 +250,9 @@ class NodeHandlers:
             async with self._session(opened, context) as (client, cache), self._messages(opened, requests) as receive:
                 request, pushed, answered = first, False, 0
                 while True:
-                    if opened.push_key is not None and step.step <= answered:  # numbered: see InferenceStep.step
+                    if request is first and not first.tensors:
+                        pass  # opened ahead of its first step, which comes next (pushed, or from the client)
+                    elif opened.push_key is not None and step.step <= answered:  # see InferenceStep.step
                         if not pushed:
                             raise RequestError(f"step number {step.step} after {answered}: numbers must grow")
                         logger.debug("Dropped a stale push (step %d after %d)", step.step, answered)

@@ -118,15 +118,90 @@ class PushLinks:
             task.cancel()
 
 
-Inboxes = dict[str, tuple[str, asyncio.Queue]]  # session id -> (push key, the session's next messages)
+PUSH_INBOX = 4  # messages a push session holds before it is read
+EARLY_PUSHES = 64  # pushes held for sessions not open yet
+EARLY_PUSH_BYTES = 64 * 1024**2
+EARLY_PUSH_SECONDS = 10.0  # how long such a push waits for its session
 
 
-def push_server(inboxes: Inboxes, max_message_bytes: int) -> Callable:
+class PushInboxes:
+    """The inboxes of this node's open push sessions, and pushes that came before their session opened.
+
+    A client opens every node of a chain at once (see ``InferenceSession``), so the previous node's
+    output can overtake the opening message it sent to this node: that push waits here, a bounded
+    number of bytes and seconds, and goes into the session's inbox when it opens with the same key.
+    """
+
+    def __init__(self):
+        self._open: dict[str, tuple[str, asyncio.Queue]] = {}  # session id -> (push key, its messages)
+        self._early: dict[str, list[tuple[float, PushedStep, runtime_pb2.ExpertRequest]]] = {}
+        self._early_bytes = 0
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._open
+
+    def open(self, session_id: str, key: str) -> asyncio.Queue:
+        """The inbox of a session that opens now, holding the pushes that came for it already."""
+        if session_id in self._open:
+            raise RequestError(f"session id {session_id} is in use on this node")
+        inbox: asyncio.Queue = asyncio.Queue(PUSH_INBOX)
+        self._open[session_id] = (key, inbox)
+        for _, pushed, request in self._take_early(session_id):
+            if not hmac.compare_digest(key, pushed.key) or inbox.full():
+                logger.info("Dropped a push that came before session %s opened: wrong key, or too many", session_id)
+                continue
+            self._deliver(pushed, request, inbox)
+        return inbox
+
+    def close(self, session_id: str) -> None:
+        del self._open[session_id]
+
+    def deliver(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest, peer_id: PeerID) -> None:
+        """Put a pushed output into its session's inbox, or hold it until the session opens."""
+        if pushed.session_id not in self._open:
+            self._hold(pushed, request)
+            return
+        key, inbox = self._open[pushed.session_id]
+        if not hmac.compare_digest(key, pushed.key):
+            raise RequestError(f"wrong push key for session {pushed.session_id}")
+        if inbox.full():
+            logger.warning("Dropped a push from %s: session %s has unread messages", peer_id, pushed.session_id)
+            return
+        self._deliver(pushed, request, inbox)
+
+    @staticmethod
+    def _deliver(pushed: PushedStep, request: runtime_pb2.ExpertRequest, inbox: asyncio.Queue) -> None:
+        inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push), request))
+
+    def _hold(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest) -> None:
+        now, size = time.monotonic(), request.ByteSize()
+        self._expire(now)
+        held = sum(len(pushes) for pushes in self._early.values())
+        if held >= EARLY_PUSHES or self._early_bytes + size > EARLY_PUSH_BYTES:
+            logger.debug("Dropped a push for session %s: it is not open and %d pushes wait", pushed.session_id, held)
+            return
+        self._early.setdefault(pushed.session_id, []).append((now, pushed, request))
+        self._early_bytes += size
+
+    def _take_early(self, session_id: str) -> list:
+        """The pushes held for ``session_id`` (those within their time), in arrival order."""
+        self._expire(time.monotonic())
+        pushes = self._early.pop(session_id, [])
+        self._early_bytes -= sum(request.ByteSize() for _, _, request in pushes)
+        return pushes
+
+    def _expire(self, now: float) -> None:
+        for session_id in [s for s, pushes in self._early.items() if now - pushes[0][0] > EARLY_PUSH_SECONDS]:
+            self._early_bytes -= sum(request.ByteSize() for _, _, request in self._early.pop(session_id))
+
+
+def push_server(inboxes: PushInboxes, max_message_bytes: int) -> Callable:
     """The ``rpc_push`` lane server: puts each pushed output into its session's inbox.
 
-    A push for a session that is gone (it just closed) is dropped. A message that is not a push, or
-    carries a wrong key, closes the connection: the pushing node then reports its pushes as failed
-    and the clients relay. Each inbox holds a few messages; a pusher that floods one loses the rest.
+    A push for a session that is not open waits a while for it (see :class:`PushInboxes`); one that is
+    gone by then is dropped. A message that is not a push, or carries a wrong key, closes the
+    connection: the pushing node then reports its pushes as failed and the clients relay. Each inbox
+    holds a few messages; a pusher that floods one loses the rest.
     """
 
     async def serve(peer_id: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -138,17 +213,7 @@ def push_server(inboxes: Inboxes, max_message_bytes: int) -> Callable:
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return  # the pushing node closed the link, or left it unused (it reconnects when needed)
                 request = runtime_pb2.ExpertRequest.FromString(data)
-                pushed = decode_meta(request.metadata, PushedStep)
-                if pushed.session_id not in inboxes:
-                    logger.debug("Dropped a push from %s for a closed session", peer_id)
-                    continue
-                key, inbox = inboxes[pushed.session_id]
-                if not hmac.compare_digest(key, pushed.key):
-                    raise RequestError(f"wrong push key for session {pushed.session_id}")
-                if inbox.full():
-                    logger.warning("Dropped a push from %s: session %s has unread messages", peer_id, pushed.session_id)
-                    continue
-                inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push), request))
+                inboxes.deliver(decode_meta(request.metadata, PushedStep), request, peer_id)
         except (RequestError, StreamProtocolError, DecodeError, ConnectionError) as e:
             logger.info("Closed a push link from %s: %s", peer_id, e)
         finally:

@@ -49,7 +49,7 @@ def test_pushed_and_relayed_sessions_match_transformers(lane_client, llama_mesh)
     generate(lane_client, llama_mesh)  # the first push request of a node opens its link to the next one
     tokens, pushed = generate(lane_client, llama_mesh)
     assert tokens == expected
-    assert pushed == TOKENS - 1  # every one-token step: the prompt's step opens the sessions, relayed
+    assert pushed == TOKENS  # every step, the prompt's too: the client opened the second node's session ahead
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=False) as relaying:
         assert generate(relaying, llama_mesh) == (expected, 0)
 
@@ -60,24 +60,30 @@ def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama
         generate(client, three)  # opens the links
         tokens, pushed = generate(client, three)
     assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
-    assert pushed == 2 * (TOKENS - 1)  # both hops of every one-token step
+    assert pushed == 2 * TOKENS  # both hops of every step
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------
 class HandSession:
     """A push session on the node serving 4:8, over its direct lane, and a push link to that node."""
 
-    def __init__(self, lane_raw, push_key: str | None = KEY):
+    def __init__(self, lane_raw, push_key: str | None = KEY, ahead: bool = False, session_id: str | None = None):
+        """Opens the session with a 4-token first step (number 1), or with no step at all (``ahead``)."""
         self.peer = peer_of(lane_raw, 4)
         self.host, self.port = lane_raw.direct_lane(self.peer)
         self.stream = DirectConnection(self.host, self.port, lane_raw.direct_hello(self.peer, "rpc_inference"))
-        self.session_id = uuid.uuid4().hex
+        self.session_id = session_id or uuid.uuid4().hex
         opened = OpenSession(
             session_id=self.session_id, start=4, end=8, max_length=64, batch_size=1, alloc_timeout=10.0,
             push_key=push_key,
         )  # fmt: skip
         self.hello = lane_raw.direct_hello(self.peer, "rpc_push")
-        self.send(InferenceStep(position=0, step=1, open=opened), torch.randn(1, 4, 256))
+        if ahead:
+            self.stream.send(
+                runtime_pb2.ExpertRequest(metadata=encode_meta(InferenceStep(position=0, open=opened))), 10
+            )
+        else:
+            self.send(InferenceStep(position=0, step=1, open=opened), torch.randn(1, 4, 256))
 
     def send(self, meta: InferenceStep, hidden: torch.Tensor) -> None:
         request = runtime_pb2.ExpertRequest(tensors=[serialize_tensor(hidden)], metadata=encode_meta(meta))
@@ -88,12 +94,23 @@ class HandSession:
         return step_reply(response, self.peer), response
 
     def link(self) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=10)
-        sock.sendall(frame(encode_meta(self.hello)))
-        return sock
+        return push_link(self.host, self.port, self.hello)
 
     def close(self) -> None:
         self.stream.close()
+
+
+def push_link(host: str, port: int, hello) -> socket.socket:
+    """A push link to a node's direct lane, as another node would open it."""
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(frame(encode_meta(hello)))
+    return sock
+
+
+def early_link(lane_raw) -> socket.socket:
+    """A push link to the node serving 4:8, opened before any session it pushes to."""
+    peer = peer_of(lane_raw, 4)
+    return push_link(*lane_raw.direct_lane(peer), lane_raw.direct_hello(peer, "rpc_push"))
 
 
 def pushed(session_id: str, key: str, position: int, step: int, hidden: torch.Tensor | None = None) -> bytes:
@@ -135,7 +152,7 @@ def test_stale_and_misaddressed_pushes_are_dropped_and_the_link_stays(hand):
         link.sendall(pushed(hand.session_id, KEY, position=4, step=2))
         assert hand.answer()[0].step == 2
         link.sendall(pushed(hand.session_id, KEY, position=4, step=2))  # stale: already answered
-        link.sendall(pushed(uuid.uuid4().hex, KEY, position=0, step=7))  # no such session
+        link.sendall(pushed(uuid.uuid4().hex, KEY, position=0, step=7))  # no such session (held, never opens)
         link.sendall(pushed(hand.session_id, KEY, position=5, step=3))
         assert hand.answer()[0].step == 3  # the next answer is the new push's; nothing came of the others
 
@@ -239,3 +256,49 @@ def test_a_node_killed_mid_generation_costs_a_replay_not_the_answer(spare_mesh, 
             assert session.pushed_inputs > pushes_before  # the new chain pushes too
     assert pushes_before > 0
     assert tokens == reference
+
+
+# ---- sessions opened ahead of their first step ------------------------------------------------------
+def test_a_push_that_comes_before_its_session_opens_is_answered_once_it_opens(lane_raw):
+    session_id = uuid.uuid4().hex
+    with early_link(lane_raw) as link:
+        link.sendall(pushed(session_id, KEY, position=0, step=1, hidden=torch.randn(1, 4, 256)))
+        time.sleep(0.2)  # the push is in before the session opens
+        session = HandSession(lane_raw, ahead=True, session_id=session_id)
+        try:
+            reply, response = session.answer()
+            assert reply.step == 1 and list(response.tensors[0].size) == [1, 4, 256]
+            session.send(InferenceStep(position=4, step=2), torch.randn(1, 1, 256))  # the client goes on
+            assert session.answer()[0].step == 2
+        finally:
+            session.close()
+
+
+def test_an_early_push_with_another_key_is_dropped_when_the_session_opens(lane_raw):
+    session_id = uuid.uuid4().hex
+    with early_link(lane_raw) as link:
+        link.sendall(pushed(session_id, "x" * 32, position=0, step=1, hidden=torch.randn(1, 4, 256)))
+        time.sleep(0.2)
+        session = HandSession(lane_raw, ahead=True, session_id=session_id)
+        try:
+            session.send(InferenceStep(position=0, step=1), torch.randn(1, 2, 256))  # the client sends it
+            reply, response = session.answer()
+            assert reply.step == 1 and list(response.tensors[0].size) == [1, 2, 256]  # not the pushed [1, 4]
+        finally:
+            session.close()
+
+
+@pytest.mark.parametrize("push_key", [KEY, None], ids=["push", "plain"])
+def test_a_session_opened_ahead_takes_its_first_step_from_the_client(lane_raw, push_key):
+    session = HandSession(lane_raw, push_key=push_key, ahead=True)
+    try:
+        assert not session.stream.answered_within(0.3)  # opening ahead is not answered
+        session.send(InferenceStep(position=0, step=1 if push_key else 0), torch.randn(1, 3, 256))
+        response = session.stream.receive(10)
+        assert list(response.tensors[0].size) == [1, 3, 256]
+        empty = runtime_pb2.ExpertRequest(metadata=encode_meta(InferenceStep(position=3, step=2 if push_key else 0)))
+        session.stream.send(empty, 10)  # only the opening message may come without hidden states
+        with pytest.raises(RequestError, match="exactly one tensor"):
+            step_reply(session.stream.receive(10), session.peer)
+    finally:
+        session.close()
