@@ -280,8 +280,12 @@ BAD_INFERENCE = {
         lambda: [message(opening(), hidden()), message(opening(position=4), hidden(seq=1))],
         r"the session is already open",
     ),
-    "step with zero tensors": (
-        lambda: [message(opening())],
+    "step with zero tensors": (  # only the opening message may come without (the session opens ahead)
+        lambda: [message(opening(), hidden()), message(InferenceStep(position=4))],
+        r"exactly one tensor",
+    ),
+    "opened ahead, then a step with zero tensors": (
+        lambda: [message(opening()), message(InferenceStep(position=0))],
         r"exactly one tensor",
     ),
     "step with two tensors": (
