@@ -21,6 +21,7 @@ from transformers import PretrainedConfig
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
 from farmesh_core.lean_layer import lean_llama_layer
+from farmesh_core.rotary import RotaryRows
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,17 @@ class ArchitectureAdapter:
 
     def build_span_context(self, config: PretrainedConfig, device: str) -> Any:
         """What every step of a span needs from the config (rotary embeddings here), built once."""
-        return None if self.rotary_class is None else self.rotary_class(config=config).to(device)
+        if self.rotary_class is None:
+            return None
+        rotary = self.rotary_class(config=config).to(device)
+        return RotaryRows(rotary) if RotaryRows.fits(rotary) else rotary
 
     def prepare(self, context: Any, hidden: torch.Tensor, position: int) -> dict[str, Any]:
         """Keyword arguments every layer gets for this step of ``hidden`` starting at ``position``."""
         q_len = hidden.shape[1]
+        if q_len == 1 and isinstance(context, RotaryRows):
+            position_ids, embeddings = context.row(hidden, position)
+            return {"position_ids": position_ids, "attention_mask": None, "position_embeddings": embeddings}
         position_ids = torch.arange(position, position + q_len, device=hidden.device)[None]
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         # q_len == 1 needs no mask; a prefill from position 0 lets SDPA use its causal kernel, as
@@ -158,7 +165,9 @@ class ArchitectureAdapter:
         mask = torch.zeros(len(positions), 1, 1, keys.numel(), dtype=hidden.dtype, device=hidden.device)
         mask.masked_fill_((keys[None, :] > position_ids)[:, None, None, :], torch.finfo(hidden.dtype).min)
         kwargs: dict[str, Any] = {"position_ids": position_ids, "attention_mask": mask}
-        if context is not None:
+        if isinstance(context, RotaryRows):
+            kwargs["position_embeddings"] = context.rows(hidden, positions)
+        elif context is not None:
             kwargs["position_embeddings"] = context(hidden, position_ids)
         return kwargs
 

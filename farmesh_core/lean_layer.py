@@ -169,7 +169,7 @@ class LeanLlamaLayer:
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
             out = self._sdpa(query, key, value, kwargs["attention_mask"])
-        out = out.reshape(*input_shape, -1).contiguous()
+        out = out.transpose(1, 2).contiguous().reshape(*input_shape, -1)
         hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
@@ -190,15 +190,17 @@ class LeanLlamaLayer:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would
         alone: no padding to copy, no mask, and the row's attention is bit-identical to its lone step."""
         rows = []
-        for i, row_cache in enumerate(caches):
-            row_key, row_value = row_cache.update(key[i : i + 1], value[i : i + 1], self.layer_idx)
-            rows.append(self._sdpa(query[i : i + 1], row_key, row_value, None))
+        rows_in = zip(query.split(1), key.split(1), value.split(1), caches, strict=True)
+        for row_query, row_key, row_value, row_cache in rows_in:
+            row_key, row_value = row_cache.update(row_key, row_value, self.layer_idx)
+            rows.append(self._sdpa(row_query, row_key, row_value, None))
         return torch.cat(rows)
 
     def _sdpa(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """transformers' ``sdpa_attention_forward`` in eval mode, without its checks (nor its Ascend NPU branch)."""
+        """transformers' ``sdpa_attention_forward`` in eval mode, without its checks (nor its Ascend NPU
+        branch), up to its final transpose: [batch, heads, q_len, head_dim]."""
         q_len = query.shape[2]
         gqa = {}
         if self.groups > 1:
@@ -214,8 +216,7 @@ class LeanLlamaLayer:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=is_causal, **gqa
         )
-        out = out.reshape(out.shape[0], -1, q_len, value.shape[-1])
-        return out.transpose(1, 2).contiguous()
+        return out.reshape(out.shape[0], -1, q_len, value.shape[-1])
 
 
 def lean_llama_layer(layer: nn.Module, one_row_threads: int = 1) -> LeanLlamaLayer | None:

@@ -36,9 +36,10 @@ class SessionCache:
             keys = self._keys[layer_idx] = key_states.new_empty(shape)
             self._values[layer_idx] = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
         values = self._values[layer_idx]
-        keys[..., self.position : end, :] = key_states
-        values[..., self.position : end, :] = value_states
-        return keys[..., :end, :], values[..., :end, :]
+        q_len = end - self.position  # narrow and copy_: the same writes as slice assignment, fewer Python steps
+        keys.narrow(-2, self.position, q_len).copy_(key_states)
+        values.narrow(-2, self.position, q_len).copy_(value_states)
+        return keys.narrow(-2, 0, end), values.narrow(-2, 0, end)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
