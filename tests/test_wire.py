@@ -15,6 +15,7 @@ from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
     SpanCall,
+    all_finite,
     chunked_messages,
     decode_meta,
     deserialize_tensor,
@@ -222,3 +223,17 @@ def test_receive_chunked_turns_an_error_reply_into_request_error():
     refusal = runtime_pb2.ExpertResponse(metadata=encode_meta(ErrorReply(error="bad shape")))
     with pytest.raises(RequestError, match="bad shape"):
         receive([refusal], meta_type=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_torch(dtype):
+    info = torch.finfo(dtype)
+    edges = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, info.eps], dtype=dtype)
+    assert all_finite(serialize_tensor(edges))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for index in (0, 5, 1023):
+            values = torch.randn(1024, dtype=dtype) * 100
+            values[index] = bad
+            assert torch.isfinite(values).all().item() is False
+            assert not all_finite(serialize_tensor(values.view(4, 16, 16)))
+    assert all_finite(serialize_tensor(torch.randn(2, 3, 8, dtype=dtype)))
