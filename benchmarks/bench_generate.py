@@ -139,6 +139,41 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
             stop_process(proc)
 
 
+def bench_extra_hop(model_dir: str, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
+    """The cost of a second node: a 1-node and a 2-node mesh up at once, generation for generation
+    alternately, so that both see the same machine (its speed drifts by tens of percent within
+    minutes, which made the difference of two separate runs' medians swing by a millisecond)."""
+    from farmesh_core.client import DistributedInferenceClient
+
+    extra = ["--num-threads", str(threads)] if threads else []
+    procs = []
+    try:
+        meshes = {}
+        for name, spans in {"1_node": ["0:8"], "2_nodes": ["0:4", "4:8"]}.items():
+            dht, addrs = spawn_dht()
+            nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
+            procs += [*nodes, dht]
+            wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
+            meshes[name] = addrs
+        ms_per_token: dict[str, list[float]] = {name: [] for name in meshes}
+        with ExitStack() as stack:
+            clients = {name: stack.enter_context(DistributedInferenceClient(model_dir, addrs))
+                       for name, addrs in meshes.items()}  # fmt: skip
+            for run in range(2 * runs + 1):
+                for name, client in clients.items():
+                    metrics = generation(client, input_ids)[1]
+                    if run:
+                        ms_per_token[name].append(1000 / metrics["steady_tok_s"])
+        differences = [b - a for a, b in zip(ms_per_token["1_node"], ms_per_token["2_nodes"], strict=True)]
+        return {
+            "extra_hop_ms": summary(differences),
+            **{f"ms_per_token_{k}": summary(v) for k, v in ms_per_token.items()},
+        }
+    finally:
+        for proc in procs:
+            stop_process(proc)
+
+
 def bench_concurrency(client, sessions: int) -> dict:
     """``sessions`` generations at once (one thread each) vs the same ones one after another."""
     prompts = [
@@ -243,6 +278,7 @@ def main() -> None:
     torch.set_num_threads(default_threads)
     one, one_ids = bench_mesh(model_dir, input_ids, ["0:8"], args.runs, args.num_threads)
     two, two_ids = bench_mesh(model_dir, input_ids, ["0:4", "4:8"], args.runs, args.num_threads)
+    hop = bench_extra_hop(model_dir, input_ids, args.runs, args.num_threads)
     result = {
         "model": model_dir,
         "prompt_tokens": PROMPT_TOKENS,
@@ -254,7 +290,10 @@ def main() -> None:
         "farmesh_1_node": one,
         "farmesh_2_nodes": two,
         "tokens_equal_local": {"1_node": one_ids == local_ids, "2_nodes": two_ids == local_ids},
-        "extra_hop_ms": 1000 * (1 / two["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
+        "extra_hop_ms": hop["extra_hop_ms"]["median"],
+        "extra_hop_interleaved": hop,
+        "extra_hop_ms_from_separate_runs": 1000
+        * (1 / two["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
         "extra_hop_ms_relayed_by_client": 1000
         * (1 / two["relayed_by_client"]["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
         "petals": petals_figures(args.petals),
