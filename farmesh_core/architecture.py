@@ -22,6 +22,7 @@ from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
 from farmesh_core.lean_layer import lean_llama_layer
 from farmesh_core.rotary import RotaryRows
+from farmesh_core.split_head import SplitHead
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ClientHead(nn.Module):
         super().__init__()
         self.embeddings, self.final_norm, self.lm_head = embeddings, final_norm, lm_head
         self.embeddings_norm = embeddings_norm
+        self._split_head: SplitHead | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states the first layer takes: token embeddings, normalised where the family does so."""
@@ -61,7 +63,19 @@ class ClientHead(nn.Module):
         return hidden if self.embeddings_norm is None else self.embeddings_norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(hidden))
+        hidden = self.final_norm(hidden)
+        if not torch.is_grad_enabled() and self._head_split() is not None:
+            logits = self._split_head(hidden)
+            if logits is not None:
+                return logits
+        return self.lm_head(hidden)
+
+    def _head_split(self) -> SplitHead | None:
+        """The LM head over two threads (see ``farmesh_core.split_head``) if it is a large plain linear layer."""
+        head = self.lm_head
+        if self._split_head is None and type(head) is nn.Linear and head.bias is None and SplitHead.fits(head.weight):
+            self._split_head = SplitHead(head.weight)
+        return self._split_head
 
 
 class ArchitectureAdapter:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from farmesh import DistributedInferenceClient, DistributedModel
+from farmesh_core import split_head
 from tests.helpers import (
     NUM_LAYERS,
     PROMPT,
@@ -205,3 +206,16 @@ def test_gradient_through_remote_layers_equals_local(client, mesh):
 
     assert remote_x.grad is not None and remote_x.grad.abs().sum() > 0
     torch.testing.assert_close(remote_x.grad, local_x.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, monkeypatch):
+    """With the LM head over two threads (here forced for a small head), greedy and seeded sampled
+    tokens are still transformers'."""
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+        steps = list(client.generate_ids(prompt_ids(mesh.model_dir), 32))
+        assert client.head._split_head is not None and client.head._split_head.exact
+        assert torch.cat(steps).tolist() == list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
+        sampling = dict(temperature=0.8, top_k=50, top_p=0.9)
+        sampled = client.generate_ids(prompt_ids(mesh.model_dir), 16, seed=77, **sampling)
+        assert torch.cat(list(sampled)).tolist() == hf_sampled_ids(mesh.model_dir, PROMPT, 16, seed=77, **sampling)
