@@ -56,6 +56,7 @@ class ClientHead(nn.Module):
         self.embeddings, self.final_norm, self.lm_head = embeddings, final_norm, lm_head
         self.embeddings_norm = embeddings_norm
         self._split_head: SplitHead | None = None
+        self._split_for: tuple | None = None  # the head weight (its storage) that ``_split_head`` was decided for
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states the first layer takes: token embeddings, normalised where the family does so."""
@@ -64,17 +65,22 @@ class ClientHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.final_norm(hidden)
-        if not torch.is_grad_enabled() and self._head_split() is not None:
-            logits = self._split_head(hidden)
+        if not torch.is_grad_enabled() and (split := self._head_split()) is not None:
+            logits = split(hidden)
             if logits is not None:
                 return logits
         return self.lm_head(hidden)
 
     def _head_split(self) -> SplitHead | None:
-        """The LM head over two threads (see ``farmesh_core.split_head``) if it is a large plain linear layer."""
+        """The LM head over two threads (see ``farmesh_core.split_head``) if it is a large plain linear
+        layer; decided again when the head's weight is replaced (another dtype, new weights)."""
         head = self.lm_head
-        if self._split_head is None and type(head) is nn.Linear and head.bias is None and SplitHead.fits(head.weight):
-            self._split_head = SplitHead(head.weight)
+        weight = getattr(head, "weight", None)
+        key = None if weight is None else (id(weight), weight.data_ptr(), weight.dtype, weight.shape)
+        if key != self._split_for:
+            fits = type(head) is nn.Linear and head.bias is None and SplitHead.fits(weight)
+            self._split_head = SplitHead(weight) if fits else None
+            self._split_for = key
         return self._split_head
 
 

@@ -70,6 +70,10 @@ def test_client_head_splits_large_heads_only_without_autograd(weight, monkeypatc
     with torch.inference_mode():
         assert torch.equal(head.logits(x), expected)
     assert head._split_head is not None
+    head.double()  # the head's weight is replaced: the split is decided again, on the new weight
+    with torch.inference_mode():
+        assert torch.equal(head.logits(x.double()), F.linear(head.final_norm(x.double()), lm_head.weight))
+    assert head._split_head.parts[0].dtype == torch.float64
     small = ClientHead(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 16, bias=False))
     with torch.inference_mode():
         small.logits(torch.randn(1, 8))

@@ -137,9 +137,6 @@ class PushInboxes:
         self._early: dict[str, list[tuple[float, PushedStep, runtime_pb2.ExpertRequest]]] = {}
         self._early_bytes = 0
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._open
-
     def open(self, session_id: str, key: str) -> asyncio.Queue:
         """The inbox of a session that opens now, holding the pushes that came for it already."""
         if session_id in self._open:
