@@ -14,8 +14,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -96,47 +97,54 @@ def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
     return ids, decode_metrics(times)
 
 
-def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
-    """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
-    (push off), run for run alternately with the default (nodes push outputs to the next node)."""
-    from farmesh_core.client import DistributedInferenceClient
-
+@contextmanager
+def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Iterator[list[str]]:
+    """A DHT and nodes serving ``spans`` (with ``threads`` torch threads each), up until the block
+    ends; yields the DHT's addresses."""
     dht, addrs = spawn_dht()
     extra = ["--num-threads", str(threads)] if threads else []
     nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
     try:
         wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
-        with ExitStack() as clients:
-            client = clients.enter_context(DistributedInferenceClient(model_dir, addrs))
-            relaying = None
-            if len(spans) > 1:
-                relaying = clients.enter_context(DistributedInferenceClient(model_dir, addrs, push=False))
-            results, relayed, ids = [], [], None
-            for _ in range(runs + 1):
-                ids, metrics = generation(client, input_ids)
-                results.append(metrics)
-                if relaying is not None:
-                    relayed_ids, metrics = generation(relaying, input_ids)
-                    relayed.append(metrics)
-                    assert relayed_ids == ids, "relayed and pushed sessions gave different tokens"
-            x = torch.randn(4, 128, client.model_config.hidden_size)
-            forward = []
-            for _ in range(runs + 1):
-                began = time.perf_counter()
-                client.layers(x)
-                forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
-            hops = len(client.inference_session(8).route)
-            concurrency = bench_concurrency(client, CONCURRENT_SESSIONS) if len(spans) == 2 else None
-        out = _collect(results[1:], forward[1:])
-        out["hops"] = hops
-        if relayed:
-            out["relayed_by_client"] = _collect(relayed[1:])
-        if concurrency:
-            out["concurrency"] = concurrency
-        return out, ids
+        yield addrs
     finally:
         for proc in [*nodes, dht]:
             stop_process(proc)
+
+
+def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
+    """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
+    (push off), run for run alternately with the default (nodes push outputs to the next node)."""
+    from farmesh_core.client import DistributedInferenceClient
+
+    with running_mesh(model_dir, spans, threads) as addrs, ExitStack() as clients:
+        client = clients.enter_context(DistributedInferenceClient(model_dir, addrs))
+        relaying = None
+        if len(spans) > 1:
+            relaying = clients.enter_context(DistributedInferenceClient(model_dir, addrs, push=False))
+        results, relayed, ids = [], [], None
+        for _ in range(runs + 1):
+            ids, metrics = generation(client, input_ids)
+            results.append(metrics)
+            if relaying is not None:
+                relayed_ids, metrics = generation(relaying, input_ids)
+                relayed.append(metrics)
+                assert relayed_ids == ids, "relayed and pushed sessions gave different tokens"
+        x = torch.randn(4, 128, client.model_config.hidden_size)
+        forward = []
+        for _ in range(runs + 1):
+            began = time.perf_counter()
+            client.layers(x)
+            forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
+        hops = len(client.inference_session(8).route)
+        concurrency = bench_concurrency(client, CONCURRENT_SESSIONS) if len(spans) == 2 else None
+    out = _collect(results[1:], forward[1:])
+    out["hops"] = hops
+    if relayed:
+        out["relayed_by_client"] = _collect(relayed[1:])
+    if concurrency:
+        out["concurrency"] = concurrency
+    return out, ids
 
 
 def bench_extra_hop(model_dir: str, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
@@ -145,33 +153,25 @@ def bench_extra_hop(model_dir: str, input_ids: torch.Tensor, runs: int, threads:
     minutes, which made the difference of two separate runs' medians swing by a millisecond)."""
     from farmesh_core.client import DistributedInferenceClient
 
-    extra = ["--num-threads", str(threads)] if threads else []
-    procs = []
-    try:
-        meshes = {}
-        for name, spans in {"1_node": ["0:8"], "2_nodes": ["0:4", "4:8"]}.items():
-            dht, addrs = spawn_dht()
-            nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
-            procs += [*nodes, dht]
-            wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
-            meshes[name] = addrs
-        ms_per_token: dict[str, list[float]] = {name: [] for name in meshes}
-        with ExitStack() as stack:
-            clients = {name: stack.enter_context(DistributedInferenceClient(model_dir, addrs))
-                       for name, addrs in meshes.items()}  # fmt: skip
-            for run in range(2 * runs + 1):
-                for name, client in clients.items():
-                    metrics = generation(client, input_ids)[1]
-                    if run:
-                        ms_per_token[name].append(1000 / metrics["steady_tok_s"])
-        differences = [b - a for a, b in zip(ms_per_token["1_node"], ms_per_token["2_nodes"], strict=True)]
-        return {
-            "extra_hop_ms": summary(differences),
-            **{f"ms_per_token_{k}": summary(v) for k, v in ms_per_token.items()},
+    layouts = {"1_node": ["0:8"], "2_nodes": ["0:4", "4:8"]}
+    ms_per_token: dict[str, list[float]] = {name: [] for name in layouts}
+    with ExitStack() as stack:
+        clients = {
+            name: stack.enter_context(
+                DistributedInferenceClient(model_dir, stack.enter_context(running_mesh(model_dir, spans, threads)))
+            )
+            for name, spans in layouts.items()
         }
-    finally:
-        for proc in procs:
-            stop_process(proc)
+        for run in range(2 * runs + 1):
+            for name, client in clients.items():
+                metrics = generation(client, input_ids)[1]
+                if run:
+                    ms_per_token[name].append(1000 / metrics["steady_tok_s"])
+    differences = [b - a for a, b in zip(ms_per_token["1_node"], ms_per_token["2_nodes"], strict=True)]
+    return {
+        "extra_hop_ms": summary(differences),
+        **{f"ms_per_token_{k}": summary(v) for k, v in ms_per_token.items()},
+    }
 
 
 def bench_concurrency(client, sessions: int) -> dict:
