@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Failover: kill the node in use mid-generation, measure the pause, check the text is unchanged.
 
-Three Far Nodes (0:4, 4:8, 4:8) of the tiny Llama; each run generates 64 greedy tokens and SIGKILLs
-the 4:8 node of the chain after token 16, then restarts a spare so the next run can kill again.
+Three Far Nodes (0:4, 4:8, 4:8 for the tiny Llama: the first half of the layers, then the second
+half twice); each run generates 64 greedy tokens and SIGKILLs the second-half node of the chain
+after token 16, then restarts a spare so the next run can kill again.
 Prints JSON: pause after each kill, total time vs a run without a fault, identical yes/no.
 """
 
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 
-import torch
+from bench_model import BenchModel
 
 from farmesh_core.checkpoint_maker import ensure_checkpoint
 from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
@@ -52,10 +53,12 @@ def main() -> None:
         nodes[node_peer_id(log)] = proc
 
     try:
-        for span in ("0:4", "4:8", "4:8"):
+        model = BenchModel(model_dir)
+        first, second = model.two_nodes
+        for span in (first, second, second):
             start(span)
         wait_for_layers(model_dir, addrs, num_nodes=3, procs=list(nodes.values()))
-        input_ids = torch.randint(3, 1024, (1, 34), generator=torch.Generator().manual_seed(0))
+        input_ids = model.random_prompt(0)
         runs = []
         with DistributedInferenceClient(model_dir, addrs) as client:
             expected, clean_times = timed_generation(client, input_ids)
@@ -63,13 +66,13 @@ def main() -> None:
 
                 def kill(count, session):
                     if count == KILL_AFTER:
-                        victim = next(h.peer_id for h in session.route if h.start == 4)
+                        victim = next(h.peer_id for h in session.route if h.start == model.half)
                         kill_process_group(nodes.pop(victim))
 
                 tokens, times = timed_generation(client, input_ids, kill)
                 pause = max(b - a for a, b in zip(times[KILL_AFTER - 1 :], times[KILL_AFTER:], strict=False))
                 runs.append({"pause_s": pause, "total_s": times[-1], "identical": tokens == expected})
-                start("4:8")  # a new spare for the next kill
+                start(second)  # a new spare for the next kill
                 wait_for_layers(model_dir, addrs, num_nodes=3, procs=list(nodes.values()))
                 client.mesh.records(refresh=True)
         pauses = [r["pause_s"] for r in runs]

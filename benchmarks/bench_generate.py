@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Decode speed, time to first token and batch forward: local transformers, FarMesh 1 node, 2 nodes.
 
-Everything is measured in one run on the same machine, with the tiny Llama of the Petals baseline
-(hidden 256, 8 layers, vocab 1024), a 34-token prompt and 64 greedy tokens. Petals' figures from a
-run of ../shared/baselines/petals-bench on the same machine can be merged in with --petals DIR.
-Prints one JSON object.
+Everything is measured in one run on the same machine, by default with the tiny Llama of the Petals
+baseline (hidden 256, 8 layers, vocab 1024), the Petals benchmark's prompt (34 tokens) and 64 greedy
+tokens; any checkpoint can be given with --model (two nodes split its layers in half). Petals'
+figures from a run of ../shared/baselines/petals-bench on the same machine can be merged in with
+--petals DIR. Prints one JSON object.
 """
 
 import argparse
@@ -19,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import torch
+from bench_model import BenchModel
 
 from farmesh_core.checkpoint_maker import ensure_checkpoint
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
-PROMPT_TOKENS, NEW_TOKENS = 34, 64
+NEW_TOKENS = 64
 CONCURRENT_SESSIONS = 8
 
 
@@ -92,7 +94,7 @@ def _collect(results: list[dict], forward: list[float] | None = None) -> dict:
 
 
 def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
-    with client.inference_session(PROMPT_TOKENS + NEW_TOKENS + 1) as session:
+    with client.inference_session(input_ids.shape[1] + NEW_TOKENS + 1) as session:
         ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session))
     return ids, decode_metrics(times)
 
@@ -112,16 +114,16 @@ def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Itera
             stop_process(proc)
 
 
-def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
+def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
     """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
     (push off), run for run alternately with the default (nodes push outputs to the next node)."""
     from farmesh_core.client import DistributedInferenceClient
 
-    with running_mesh(model_dir, spans, threads) as addrs, ExitStack() as clients:
-        client = clients.enter_context(DistributedInferenceClient(model_dir, addrs))
+    with running_mesh(model.dir, spans, threads) as addrs, ExitStack() as clients:
+        client = clients.enter_context(DistributedInferenceClient(model.dir, addrs))
         relaying = None
         if len(spans) > 1:
-            relaying = clients.enter_context(DistributedInferenceClient(model_dir, addrs, push=False))
+            relaying = clients.enter_context(DistributedInferenceClient(model.dir, addrs, push=False))
         results, relayed, ids = [], [], None
         for _ in range(runs + 1):
             ids, metrics = generation(client, input_ids)
@@ -137,7 +139,7 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
             client.layers(x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
         hops = len(client.inference_session(8).route)
-        concurrency = bench_concurrency(client, CONCURRENT_SESSIONS) if len(spans) == 2 else None
+        concurrency = bench_concurrency(client, model, CONCURRENT_SESSIONS) if len(spans) == 2 else None
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
     if relayed:
@@ -147,18 +149,18 @@ def bench_mesh(model_dir: str, input_ids: torch.Tensor, spans: list[str], runs: 
     return out, ids
 
 
-def bench_extra_hop(model_dir: str, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
+def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
     """The cost of a second node: a 1-node and a 2-node mesh up at once, generation for generation
     alternately, so that both see the same machine (its speed drifts by tens of percent within
     minutes, which made the difference of two separate runs' medians swing by a millisecond)."""
     from farmesh_core.client import DistributedInferenceClient
 
-    layouts = {"1_node": ["0:8"], "2_nodes": ["0:4", "4:8"]}
+    layouts = {"1_node": model.one_node, "2_nodes": model.two_nodes}
     ms_per_token: dict[str, list[float]] = {name: [] for name in layouts}
     with ExitStack() as stack:
         clients = {
             name: stack.enter_context(
-                DistributedInferenceClient(model_dir, stack.enter_context(running_mesh(model_dir, spans, threads)))
+                DistributedInferenceClient(model.dir, stack.enter_context(running_mesh(model.dir, spans, threads)))
             )
             for name, spans in layouts.items()
         }
@@ -174,11 +176,9 @@ def bench_extra_hop(model_dir: str, input_ids: torch.Tensor, runs: int, threads:
     }
 
 
-def bench_concurrency(client, sessions: int) -> dict:
+def bench_concurrency(client, model: BenchModel, sessions: int) -> dict:
     """``sessions`` generations at once (one thread each) vs the same ones one after another."""
-    prompts = [
-        torch.randint(3, 1024, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(i)) for i in range(sessions)
-    ]
+    prompts = [model.random_prompt(i) for i in range(sessions)]
 
     def run(prompt):
         return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
@@ -252,7 +252,7 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(title)
         for i, v in enumerate(data.values()):
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
-    fig.suptitle(f"tiny Llama (hidden 256, 8 layers), {result['cpu_count']} CPU cores, same machine, same day")
+    fig.suptitle(f"{result['model_shape']}, {result['cpu_count']} CPU cores, same machine, same day")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -266,8 +266,9 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write a PNG chart here (needs matplotlib)")
     args = parser.parse_args()
     model_dir = args.model or ensure_checkpoint(os.path.join(tempfile.gettempdir(), "farmesh-bench-tiny-llama"))
+    model = BenchModel(model_dir)
     torch.manual_seed(0)
-    input_ids = torch.randint(3, 1024, (1, PROMPT_TOKENS))
+    input_ids = model.prompt()
 
     local, local_ids = bench_local(model_dir, input_ids, args.runs)
     # torch's default (one thread per core) collapses when other processes hold a core; one thread
@@ -276,12 +277,14 @@ def main() -> None:
     torch.set_num_threads(1)
     local_one_thread, _ = bench_local(model_dir, input_ids, args.runs)
     torch.set_num_threads(default_threads)
-    one, one_ids = bench_mesh(model_dir, input_ids, ["0:8"], args.runs, args.num_threads)
-    two, two_ids = bench_mesh(model_dir, input_ids, ["0:4", "4:8"], args.runs, args.num_threads)
-    hop = bench_extra_hop(model_dir, input_ids, args.runs, args.num_threads)
+    one, one_ids = bench_mesh(model, input_ids, model.one_node, args.runs, args.num_threads)
+    two, two_ids = bench_mesh(model, input_ids, model.two_nodes, args.runs, args.num_threads)
+    hop = bench_extra_hop(model, input_ids, args.runs, args.num_threads)
     result = {
         "model": model_dir,
-        "prompt_tokens": PROMPT_TOKENS,
+        "model_shape": model.describe(),
+        "spans_2_nodes": model.two_nodes,
+        "prompt_tokens": input_ids.shape[1],
         "new_tokens": NEW_TOKENS,
         "cpu_count": os.cpu_count(),
         "local_transformers": local,

@@ -20,9 +20,9 @@ from transformers import PretrainedConfig
 
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
+from farmesh_core.head_batch import HeadBatcher
 from farmesh_core.lean_layer import lean_llama_layer
 from farmesh_core.rotary import RotaryRows
-from farmesh_core.split_head import SplitHead
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class ClientHead(nn.Module):
         super().__init__()
         self.embeddings, self.final_norm, self.lm_head = embeddings, final_norm, lm_head
         self.embeddings_norm = embeddings_norm
-        self._split_head: SplitHead | None = None
-        self._split_for: tuple | None = None  # the head weight (its storage) that ``_split_head`` was decided for
+        self._head_batcher: HeadBatcher | None = None
+        self._batcher_for: tuple | None = None  # the head weight (its storage) that ``_head_batcher`` was made for
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states the first layer takes: token embeddings, normalised where the family does so."""
@@ -65,23 +65,22 @@ class ClientHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.final_norm(hidden)
-        if not torch.is_grad_enabled() and (split := self._head_split()) is not None:
-            logits = split(hidden)
-            if logits is not None:
-                return logits
+        batcher = None if torch.is_grad_enabled() else self._batcher()
+        if batcher is not None and batcher.takes(hidden):
+            return batcher(hidden)
         return self.lm_head(hidden)
 
-    def _head_split(self) -> SplitHead | None:
-        """The LM head over two threads (see ``farmesh_core.split_head``) if it is a large plain linear
-        layer; decided again when the head's weight is replaced (another dtype, new weights)."""
+    def _batcher(self) -> HeadBatcher | None:
+        """The one-token rows' path through a plain linear LM head (``farmesh_core.head_batch``);
+        made again when the head's weight is replaced (another dtype, new weights)."""
         head = self.lm_head
         weight = getattr(head, "weight", None)
         key = None if weight is None else (id(weight), weight.data_ptr(), weight.dtype, weight.shape)
-        if key != self._split_for:
-            fits = type(head) is nn.Linear and head.bias is None and SplitHead.fits(weight)
-            self._split_head = SplitHead(weight) if fits else None
-            self._split_for = key
-        return self._split_head
+        if key != self._batcher_for:
+            plain = type(head) is nn.Linear and head.bias is None
+            self._head_batcher = HeadBatcher(weight) if plain else None
+            self._batcher_for = key
+        return self._head_batcher
 
 
 class ArchitectureAdapter:

@@ -52,6 +52,20 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
+def few_rows_limit(in_features: int) -> int:
+    """Up to how many rows :func:`_few_rows_linear` beats ``F.linear`` for weights of ``in_features`` columns."""
+    return max(2, 2048 // in_features)
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``; a few rows (one-token steps of several sessions) go the faster
+    :func:`_few_rows_linear` way, one row keeps ``F.linear``'s bits."""
+    rows = x.numel() // x.shape[-1]
+    if 2 <= rows <= few_rows_limit(weight.shape[1]):
+        return _few_rows_linear(x, weight)
+    return F.linear(x, weight)
+
+
 _SPLIT_VERDICTS: dict[tuple, bool] = {}  # (shape, strides, dtype, threads) -> bmm over row blocks gives F.linear's bits
 
 
@@ -139,7 +153,7 @@ class LeanLlamaLayer:
         self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        self.few_rows = max(2, 2048 // self.q.shape[1])  # batches up to this size use _few_rows_linear
+        self.few_rows = few_rows_limit(self.q.shape[1])  # batches up to this size use _few_rows_linear
         self.one_row_threads = one_row_threads
         weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
         blocks = {id(weight): _row_blocks(weight, one_row_threads) for weight in weights}

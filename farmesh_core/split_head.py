@@ -6,7 +6,8 @@ took 4.4 ms per token here with cold caches, as much as the step through 8 layer
 the head's rows on two threads took 2.5 ms. The second half runs on a helper thread with one torch
 thread (no OpenMP team: its spinning after each step would take a core from nodes on the same
 machine), and each output is still a dot product over the whole row, so the logits keep their bits;
-that is checked once on the weight before the halves are used.
+that is checked once on the weight before the halves are used. The rows of concurrent sessions
+(batched by :mod:`farmesh_core.head_batch`) are split the same way.
 """
 
 import logging
@@ -17,24 +18,29 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from farmesh_core.lean_layer import rows_linear
+
 logger = logging.getLogger(__name__)
 
 MIN_WEIGHT_BYTES = 8 * 1024**2  # smaller heads take well under a millisecond on one core
 
 
 class SplitHead:
-    """``F.linear(x, weight)`` for one row ``x``, half of ``weight``'s rows on a helper thread."""
+    """``F.linear(x, weight)`` with half of ``weight``'s rows on a helper thread.
+
+    One caller at a time: the client's :class:`~farmesh_core.head_batch.HeadBatcher` makes sure."""
 
     def __init__(self, weight: torch.Tensor):
         half = weight.shape[0] // 2
         self.parts = (weight[:half], weight[half:])
-        self._lock = threading.Lock()  # one split at a time: other callers meanwhile use F.linear
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_serve, args=(self._jobs, self.parts[1]), name="farmesh-head", daemon=True).start()
-        weakref.finalize(self, self._jobs.put, None)  # the helper ends with the head (it holds no reference)
+        # The helper ends with the head (it holds no reference to it), but not at interpreter exit: a
+        # thread ending then raced the process's own teardown ("terminate called", exit code 134).
+        weakref.finalize(self, self._jobs.put, None).atexit = False
         with torch.inference_mode():
             rows = [torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device) for _ in range(3)]
-            self.exact = all(torch.equal(self._split(x), F.linear(x, weight)) for x in rows)
+            self.exact = all(torch.equal(self(x), F.linear(x, weight)) for x in rows)
         if not self.exact:
             logger.debug("the LM head stays on one thread: its halves change the bits of the logits")
 
@@ -42,20 +48,11 @@ class SplitHead:
     def fits(weight: torch.Tensor) -> bool:
         return weight.device.type == "cpu" and weight.is_contiguous() and weight.nbytes >= MIN_WEIGHT_BYTES
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The logits of one row ``x`` [..., hidden], or None where this cannot help (the caller then
-        uses the whole head): more than one row, or another thread in the middle of a split."""
-        if not self.exact or x.numel() != x.shape[-1] or not self._lock.acquire(blocking=False):
-            return None
-        try:
-            return self._split(x)
-        finally:
-            self._lock.release()
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x`` [..., hidden]: one row keeps ``F.linear``'s bits where ``exact``."""
         done, out = threading.Event(), []
         self._jobs.put((x, out, done))
-        first = F.linear(x, self.parts[0])
+        first = rows_linear(x, self.parts[0])
         done.wait()
         if isinstance(out[0], BaseException):
             raise out[0]
@@ -69,7 +66,7 @@ def _serve(jobs: queue.SimpleQueue, weight: torch.Tensor) -> None:
         x, out, done = job
         try:
             with torch.inference_mode():
-                out.append(F.linear(x, weight))
+                out.append(rows_linear(x, weight))
         except BaseException as e:  # handed to the caller, which raises it
             out.append(e)
         done.set()

@@ -9,6 +9,7 @@ import torch
 
 from farmesh import DistributedInferenceClient, DistributedModel
 from farmesh_core import split_head
+from farmesh_core.split_head import SplitHead
 from tests.helpers import (
     NUM_LAYERS,
     PROMPT,
@@ -214,7 +215,8 @@ def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, 
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
     with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
         steps = list(client.generate_ids(prompt_ids(mesh.model_dir), 32))
-        assert client.head._split_head is not None and client.head._split_head.exact
+        split = client.head._head_batcher.linear
+        assert isinstance(split, SplitHead) and split.exact
         assert torch.cat(steps).tolist() == list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
         sampling = dict(temperature=0.8, top_k=50, top_p=0.9)
         sampled = client.generate_ids(prompt_ids(mesh.model_dir), 16, seed=77, **sampling)

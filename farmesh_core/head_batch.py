@@ -1,0 +1,119 @@
+"""One pass through the client's LM head for the concurrent sessions' rows.
+
+Each session's one-token step ends in the client with a one-row ``F.linear`` through the LM head, a
+GEMV that streams the whole head weight from memory for one row: with a 32k vocabulary and hidden
+size 256 that is 33 MB and several milliseconds per token. Sessions of one client that reach the
+head together (threads generating at once, the coordinator's requests) share one GEMM instead: a
+caller that finds the head idle computes its row alone, and the callers that arrive meanwhile are
+computed together as soon as it is done, by the first of them. Steps of several sessions often
+end together (a node answers a batch of them at once), but their threads reach the head one after
+another, tens of microseconds apart: so a caller that finds the head idle waits up to
+``LINGER_S`` for the other threads that used the head within ``RECENT_S``. A lone session never
+waits and always gets its own row's exact bits; rows computed together can differ from them in the
+last bits, as the nodes' batched steps can.
+"""
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from farmesh_core.lean_layer import rows_linear
+from farmesh_core.split_head import SplitHead
+
+LINGER_S = 0.0005  # how long an idle head's first caller waits for the rows of other recent callers
+RECENT_S = 0.05  # callers seen within this long count as active (a session steps every few ms to tens)
+
+
+class _Waiting:
+    __slots__ = ("row", "out")
+
+    def __init__(self, row: torch.Tensor):
+        self.row = row
+        self.out: torch.Tensor | BaseException | None = None
+
+
+class HeadBatcher:
+    """``F.linear(x, weight)`` for one row ``x`` at a time from many threads, batched; over two
+    threads (:class:`~farmesh_core.split_head.SplitHead`) where the head is large."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        split = SplitHead(weight) if SplitHead.fits(weight) else None
+        self.linear: Callable[[torch.Tensor], torch.Tensor] = (
+            split if split is not None and split.exact else functools.partial(rows_linear, weight=weight)
+        )
+        self.passes = self.rows = 0  # how many passes through the head, for how many rows
+        lock = threading.Lock()
+        self._turn = threading.Condition(lock)  # callers wait here for their logits
+        self._arrival = threading.Condition(lock)  # a lingering caller waits here for other rows
+        self._busy = False
+        self._queue: list[_Waiting] = []
+        self._last_call: dict[int, float] = {}  # thread id -> when it last called
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is one row this head can batch with others (else the caller uses the module)."""
+        weight = self.weight
+        return x.numel() == x.shape[-1] == weight.shape[1] and (x.dtype, x.device) == (weight.dtype, weight.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of one row ``x`` ([..., hidden] with one row), shaped ``[..., vocab]``."""
+        me = _Waiting(x)
+        with self._turn:
+            now = time.monotonic()
+            self._last_call[threading.get_ident()] = now
+            self._queue.append(me)
+            self._arrival.notify()
+            while self._busy and me.out is None:
+                self._turn.wait()
+            if me.out is None:  # the head is idle: compute every row waiting, this one included
+                self._busy = True
+                self._linger(now)
+                batch, self._queue = self._queue, []
+        if me.out is None:
+            self._compute(batch)
+        if isinstance(me.out, BaseException):
+            raise me.out
+        return me.out
+
+    def _linger(self, now: float) -> None:
+        """Wait (up to ``LINGER_S``) until every caller active within ``RECENT_S`` has queued its row."""
+        self._last_call = {k: t for k, t in self._last_call.items() if now - t < RECENT_S}
+        deadline = now + LINGER_S
+        while len(self._queue) < len(self._last_call) and (left := deadline - time.monotonic()) > 0:
+            self._arrival.wait(left)
+
+    def _compute(self, batch: list[_Waiting]) -> None:
+        try:
+            if len(batch) == 1:
+                outs = [self.linear(batch[0].row)]
+            else:
+                with _one_torch_thread():  # no OpenMP team of this thread spinning after it
+                    logits = self.linear(torch.cat([w.row.reshape(1, -1) for w in batch]))
+                outs = [row.view(*w.row.shape[:-1], -1) for row, w in zip(logits, batch, strict=True)]
+        except BaseException as e:  # every caller of the pass raises it; the head goes on
+            outs = [e] * len(batch)
+        with self._turn:
+            for waiting, out in zip(batch, outs, strict=True):
+                waiting.out = out
+            self.passes += 1
+            self.rows += len(batch)
+            self._busy = False
+            self._turn.notify_all()
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """This thread's torch ops on one thread within the block (torch's thread count is per thread here)."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

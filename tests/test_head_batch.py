@@ -1,0 +1,173 @@
+"""HeadBatcher: the client's LM head computes the rows of sessions that reach it together in one pass."""
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from farmesh_core import split_head
+from farmesh_core.architecture import ClientHead
+from farmesh_core.head_batch import HeadBatcher
+from farmesh_core.split_head import SplitHead
+
+HIDDEN, VOCAB = 64, 3000
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+
+def rows(count: int) -> list[torch.Tensor]:
+    return [torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(i)) for i in range(count)]
+
+
+def call_while_busy(batcher: HeadBatcher, xs: list[torch.Tensor]) -> list:
+    """Call ``batcher`` with each row from its own thread while the head is held busy, then let it go:
+    the rows that queued meanwhile are computed together."""
+    out: list = [None] * len(xs)
+
+    def run(i):
+        try:
+            out[i] = batcher(xs[i])
+        except Exception as e:
+            out[i] = e
+
+    with batcher._turn:
+        batcher._busy = True
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for thread in threads:
+        thread.start()
+    for _ in range(500):
+        with batcher._turn:
+            if len(batcher._queue) == len(xs):
+                break
+        time.sleep(0.01)
+    with batcher._turn:
+        assert len(batcher._queue) == len(xs)
+        batcher._busy = False
+        batcher._turn.notify_all()
+    for thread in threads:
+        thread.join()
+    return out
+
+
+def test_a_lone_row_gets_the_exact_logits_of_its_own_gemv(weight):
+    batcher = HeadBatcher(weight)
+    with torch.inference_mode():
+        for x in rows(5):
+            assert torch.equal(batcher(x), F.linear(x, weight))
+    assert (batcher.passes, batcher.rows) == (5, 5)
+
+
+def test_rows_that_wait_together_share_one_pass(weight):
+    batcher = HeadBatcher(weight)
+    xs = rows(6)
+    with torch.inference_mode():
+        out = call_while_busy(batcher, xs)
+    assert (batcher.passes, batcher.rows) == (1, 6)
+    for logits, x in zip(out, xs, strict=True):
+        assert logits.shape == (1, 1, VOCAB)
+        torch.testing.assert_close(logits, F.linear(x, weight))
+
+
+def test_a_large_head_batches_over_its_two_halves(weight, monkeypatch):
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    batcher = HeadBatcher(weight)
+    assert isinstance(batcher.linear, SplitHead)
+    xs = rows(4)
+    with torch.inference_mode():
+        out = call_while_busy(batcher, xs)
+        assert torch.equal(batcher(xs[0]), F.linear(xs[0], weight))  # alone again: exact
+    assert batcher.passes == 2
+    for logits, x in zip(out, xs, strict=True):
+        torch.testing.assert_close(logits, F.linear(x, weight))
+
+
+def test_an_error_reaches_every_caller_of_its_pass_and_the_head_goes_on(weight):
+    batcher = HeadBatcher(weight)
+    batcher.linear = lambda x: F.linear(x, weight[:, :-1])  # a head that fails on every row
+    out = call_while_busy(batcher, rows(3))
+    assert all(isinstance(o, RuntimeError) for o in out)
+    batcher.linear = lambda x: F.linear(x, weight)
+    x = rows(1)[0]
+    assert torch.equal(batcher(x), F.linear(x, weight))
+    assert not batcher._busy and not batcher._queue
+
+
+def test_many_threads_at_once_each_get_their_own_logits(weight):
+    batcher = HeadBatcher(weight)
+    xs = rows(8)
+    out: list = [None] * len(xs)
+
+    def run(i):
+        with torch.inference_mode():
+            for _ in range(20):
+                out[i] = batcher(xs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert batcher.rows == 8 * 20
+    for logits, x in zip(out, xs, strict=True):
+        torch.testing.assert_close(logits, F.linear(x, weight))
+
+
+def test_client_head_batches_one_row_steps_only_without_autograd(weight, monkeypatch):
+    lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    lm_head.weight.data.copy_(weight)
+    head = ClientHead(nn.Embedding(10, HIDDEN), nn.LayerNorm(HIDDEN), lm_head)
+    x = torch.randn(1, HIDDEN)
+    with torch.inference_mode():
+        assert torch.equal(head.logits(x), lm_head(head.final_norm(x)))
+        assert head._head_batcher.rows == 1
+        head.logits(torch.randn(3, HIDDEN))  # several rows (a prompt's logits): the module's GEMM
+        with pytest.raises(RuntimeError):
+            head.logits(x.double())  # another dtype than the head's: the module's call, which refuses it
+    assert head._head_batcher.rows == 1
+    head.double()  # the head's weight is replaced: a new batcher, on the new weight
+    with torch.inference_mode():
+        assert torch.equal(head.logits(x.double()), F.linear(head.final_norm(x.double()), lm_head.weight))
+    assert head._head_batcher.weight.dtype == torch.float64
+    head.logits(torch.randn(1, HIDDEN, dtype=torch.float64)).sum().backward()  # autograd: the module's call
+    assert head._head_batcher.rows == 1 and lm_head.weight.grad is not None
+    biased = ClientHead(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 16))
+    with torch.inference_mode():
+        biased.logits(torch.randn(1, 8))
+    assert biased._head_batcher is None
+
+
+def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight, monkeypatch):
+    from farmesh_core import head_batch
+
+    monkeypatch.setattr(head_batch, "LINGER_S", 5.0)
+    batcher = HeadBatcher(weight)
+    x, y = rows(2)
+    out, called_once = {}, threading.Event()
+
+    def other():  # a session stepping every 0.2 s
+        with torch.inference_mode():
+            batcher(y)
+            called_once.set()
+            time.sleep(0.2)
+            out["y"] = batcher(y)
+
+    with torch.inference_mode():
+        thread = threading.Thread(target=other)
+        began = time.monotonic()
+        thread.start()
+        called_once.wait()
+        assert time.monotonic() - began < 2.0  # the first caller was alone: it did not wait
+        began = time.monotonic()
+        first = batcher(x)  # the other caller is active: wait for its row, though not the whole 5 s
+        waited = time.monotonic() - began
+        thread.join()
+    assert 0.1 < waited < 2.0
+    assert (batcher.passes, batcher.rows) == (2, 3)
+    torch.testing.assert_close(first, F.linear(x, weight))
+    torch.testing.assert_close(out["y"], F.linear(y, weight))
