@@ -48,14 +48,6 @@ def cmd_dht(args) -> None:
 
 
 def cmd_node(args) -> None:
-    # GNU OpenMP's workers (torch's CPU threads) spin about 3 ms after a parallel region before they
-    # sleep. A one-token step makes one parallel region per matmul (lean_layer._row_blocks) with gaps
-    # of tens of microseconds, and on a machine that runs a chain of nodes, a node spinning after its
-    # step takes a core from the next one. About 50 us covers the gaps and gives the core back.
-    # Measured here, 2 nodes on 2 cores: 6.0 ms per token against 9.7 with the default (1 node: 4.6
-    # against 4.7). OpenMP reads it once, when torch loads: so here, before any import of torch.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("GOMP_SPINCOUNT", "5000")
     from farmesh_core.node import FarNode
 
     options = dict(

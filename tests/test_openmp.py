@@ -2,6 +2,8 @@
 multi-threaded torch op started end when it is called, and start again with the next such op."""
 
 import os
+import subprocess
+import sys
 import threading
 
 import torch
@@ -31,3 +33,20 @@ def test_workers_end_on_release_and_come_back():
     thread.join()
     alone, *cycles = counts
     assert cycles == [alone + 1, alone] * 3
+
+
+def _fresh_python(code: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_farmesh_shortens_the_openmp_spin_unless_torch_came_first_or_it_is_set():
+    show = "import os, farmesh_core; print(os.environ.get('GOMP_SPINCOUNT'), farmesh_core.OPENMP_SPIN_SET)"
+    assert _fresh_python(show) == "5000 True"
+    assert _fresh_python("import torch; " + show) == "None False"  # too late: FarNode warns
+    assert _fresh_python("import torch; " + show, GOMP_SPINCOUNT="300000") == "300000 True"
+    assert _fresh_python(show, GOMP_SPINCOUNT="100") == "100 True"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+import farmesh_core
 from farmesh_core import __version__
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
@@ -60,6 +61,11 @@ class FarNode:
         """Load the layers, join the DHT, register the RPC handlers and announce; returns at once."""
         config = self.config
         self._stop.clear()
+        if not farmesh_core.OPENMP_SPIN_SET and config.device == "cpu":
+            logger.warning(
+                "torch was imported before farmesh, so its OpenMP threads spin ~3 ms after each step and take "
+                "cores from other nodes on this machine: import farmesh first or set GOMP_SPINCOUNT=5000"
+            )
         load_plugins()
         checkpoint = Checkpoint(config.model_id)
         adapter = adapter_for(checkpoint.config)
