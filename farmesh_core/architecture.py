@@ -70,6 +70,23 @@ class ClientHead(nn.Module):
             return batcher(hidden)
         return self.lm_head(hidden)
 
+    def approximate_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """Logits of one row ``hidden`` by the quickest path, which may differ from :meth:`logits` in the
+        last bits, and a bound on how far each may be from them; None where there is no quicker path
+        (then use :meth:`logits`). For callers that need only what the bound cannot change (a greedy
+        choice with a clear winner, see ``TokenChooser.certain``)."""
+        batcher = None if torch.is_grad_enabled() else self._batcher()
+        if batcher is None or batcher.transposed is None:
+            return None
+        hidden = self.final_norm(hidden)
+        if not batcher.takes(hidden):
+            return None
+        return batcher(hidden, fast=True), batcher.error_bound(hidden)
+
+    def module_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` by the modules' own calls, alone: the bits of a single-process model."""
+        return self.lm_head(self.final_norm(hidden))
+
     def _batcher(self) -> HeadBatcher | None:
         """The one-token rows' path through a plain linear LM head (``farmesh_core.head_batch``);
         made again when the head's weight is replaced (another dtype, new weights)."""

@@ -171,3 +171,37 @@ def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight,
     assert (batcher.passes, batcher.rows) == (2, 3)
     torch.testing.assert_close(first, F.linear(x, weight))
     torch.testing.assert_close(out["y"], F.linear(y, weight))
+
+
+def test_a_large_head_gives_quick_approximate_logits_within_their_bound(monkeypatch):
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3))
+    batcher = HeadBatcher(weight)
+    assert batcher.transposed is not None
+    with torch.inference_mode():
+        for x in rows(5):
+            x = x * 30  # large logits: their rounding errors are too
+            exact, quick = F.linear(x, weight), batcher(x, fast=True)
+            assert quick.shape == exact.shape
+            assert float((quick - exact).abs().max()) <= batcher.error_bound(x)
+            assert torch.equal(batcher(x), exact)  # without fast=True: F.linear's bits
+    assert HeadBatcher(weight.double()).transposed is None  # float32 only
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", weight.nbytes + 1)
+    assert HeadBatcher(weight).transposed is None  # small heads: F.linear is quick enough
+
+
+def test_client_head_approximate_and_module_logits(monkeypatch):
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    head = ClientHead(nn.Embedding(10, HIDDEN), nn.LayerNorm(HIDDEN), lm_head).requires_grad_(False)
+    x = torch.randn(1, HIDDEN)
+    with torch.inference_mode():
+        exact = head.module_logits(x)
+        assert torch.equal(exact, lm_head(head.final_norm(x)))
+        logits, bound = head.approximate_logits(x)
+        assert float((logits - exact).abs().max()) <= bound
+        assert head.approximate_logits(torch.randn(2, HIDDEN)) is None  # one row only
+    small = ClientHead(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 16, bias=False))
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 1 << 40)
+    with torch.inference_mode():
+        assert small.approximate_logits(torch.randn(1, 8)) is None

@@ -28,3 +28,18 @@ def test_greedy_choice_waits_for_min_new_tokens_before_eos():
     assert chooser(torch.zeros(1, 3, dtype=torch.long), logits).tolist() == [2]
     assert chooser(torch.zeros(1, 4, dtype=torch.long), logits).tolist() == [2]
     assert chooser(torch.zeros(1, 5, dtype=torch.long), logits).tolist() == [1]
+
+
+def test_a_greedy_choice_is_certain_only_when_the_bound_cannot_change_it():
+    chooser = TokenChooser()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    logits = torch.tensor([[0.0, 2.0, 1.9, -1.0]])
+    assert chooser.certain(ids, logits, bound=0.04).tolist() == [1]  # leads by 0.1 > 2 * 0.04
+    assert chooser.certain(ids, logits, bound=0.06) is None  # the exact logits might rank 2 first
+    assert TokenChooser(temperature=0.7).certain(ids, logits, bound=0.0) is None  # sampling: exact logits
+    assert TokenChooser(repetition_penalty=1.3).certain(ids, logits, bound=0.0) is None  # rescales scores
+    eos_held = TokenChooser(min_new_tokens=2, prompt_length=3, eos_token_ids=[1])
+    assert eos_held.takes_bounds
+    assert eos_held.certain(ids, logits, bound=0.9).tolist() == [2]  # EOS (1) is out: 2 leads 0 by 1.9
+    assert eos_held.certain(ids, logits, bound=1.0) is None
+    assert TokenChooser().certain(ids, torch.tensor([[3.0]]), bound=1.0).tolist() == [0]  # one choice only

@@ -63,6 +63,27 @@ class TokenChooser:
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
 
+    @property
+    def takes_bounds(self) -> bool:
+        """Whether :meth:`certain` can choose from approximate logits (greedy, no processor that
+        rescales scores)."""
+        return self.greedy and all(isinstance(p, NoEosBefore) for p in self.processors)
+
+    def certain(self, input_ids: torch.Tensor, logits: torch.Tensor, bound: float) -> torch.Tensor | None:
+        """The greedy choice from ``logits`` that are within ``bound`` of the exact ones, if those must
+        make the same choice (every row's best score leads the next by more than ``2 * bound``); else
+        None (then choose from the exact logits)."""
+        if not self.takes_bounds:
+            return None
+        scores = logits.float()
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
+        if scores.shape[-1] > 1:
+            top = scores.topk(2, dim=-1).values
+            if not bool(((top[:, 0] - top[:, 1]) > 2 * bound).all()):
+                return None
+        return scores.argmax(dim=-1)
+
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""
         scores = logits.float()

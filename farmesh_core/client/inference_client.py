@@ -120,8 +120,7 @@ class DistributedInferenceClient:
             new_input = input_ids
             for _ in range(max_new_tokens):
                 hidden = session.step(self.head.embed(new_input))
-                logits = self.head.logits(hidden[:, -1].to(self.head.lm_head.weight.dtype))
-                token = choose(input_ids, logits)
+                token = self._next_token(choose, input_ids, hidden[:, -1].to(self.head.lm_head.weight.dtype))
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
                 yield token
                 finished |= torch.isin(token, eos)
@@ -131,6 +130,15 @@ class DistributedInferenceClient:
         finally:
             if own_session:
                 session.close()
+
+    def _next_token(self, choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The next token from the last position's hidden states: a greedy choice from the head's quick
+        approximate logits where their error bound cannot change it, else from exact logits."""
+        approximate = self.head.approximate_logits(last) if choose.takes_bounds else None
+        if approximate is None:
+            return choose(input_ids, self.head.logits(last))
+        token = choose.certain(input_ids, *approximate)
+        return choose(input_ids, self.head.module_logits(last)) if token is None else token
 
     def _eos_ids(self) -> torch.Tensor:
         eos = self.model_config.eos_token_id

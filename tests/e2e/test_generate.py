@@ -9,6 +9,8 @@ import torch
 
 from farmesh import DistributedInferenceClient, DistributedModel
 from farmesh_core import split_head
+from farmesh_core.client.generation import TokenChooser
+from farmesh_core.head_batch import HeadBatcher
 from farmesh_core.split_head import SplitHead
 from tests.helpers import (
     NUM_LAYERS,
@@ -210,14 +212,24 @@ def test_gradient_through_remote_layers_equals_local(client, mesh):
 
 
 def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, monkeypatch):
-    """With the LM head over two threads (here forced for a small head), greedy and seeded sampled
-    tokens are still transformers'."""
+    """With the LM head over two threads (here forced for a small head), seeded sampled tokens are
+    still transformers'; greedy ones too, chosen from the quick approximate logits where their bound
+    allows (every token here) and from exact ones where it does not (every token, with a huge bound)."""
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    outcomes = []
+    certain = TokenChooser.certain
+    monkeypatch.setattr(TokenChooser, "certain", lambda *a: outcomes.append(certain(*a)) or outcomes[-1])
+    expected = list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
     with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
         steps = list(client.generate_ids(prompt_ids(mesh.model_dir), 32))
         split = client.head._head_batcher.linear
         assert isinstance(split, SplitHead) and split.exact
-        assert torch.cat(steps).tolist() == list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
+        assert torch.cat(steps).tolist() == expected
+        assert len(outcomes) == 32 and all(o is not None for o in outcomes)
+        monkeypatch.setattr(HeadBatcher, "error_bound", lambda self, x: 1e9)
+        outcomes.clear()
+        assert torch.cat(list(client.generate_ids(prompt_ids(mesh.model_dir), 32))).tolist() == expected
+        assert len(outcomes) == 32 and all(o is None for o in outcomes)
         sampling = dict(temperature=0.8, top_k=50, top_p=0.9)
         sampled = client.generate_ids(prompt_ids(mesh.model_dir), 16, seed=77, **sampling)
         assert torch.cat(list(sampled)).tolist() == hf_sampled_ids(mesh.model_dir, PROMPT, 16, seed=77, **sampling)
