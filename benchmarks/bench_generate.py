@@ -95,7 +95,8 @@ def _collect(results: list[dict], forward: list[float] | None = None) -> dict:
 
 def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
     with client.inference_session(input_ids.shape[1] + NEW_TOKENS + 1) as session:
-        ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session))
+        # min_new_tokens as local transformers has it: a prompt whose continuation holds EOS goes on to 64
+        ids, times = token_times(client.generate_ids(input_ids, NEW_TOKENS, session=session, min_new_tokens=NEW_TOKENS))
     return ids, decode_metrics(times)
 
 

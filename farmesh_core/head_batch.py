@@ -9,8 +9,9 @@ computed together as soon as it is done, by the first of them. Steps of several 
 end together (a node answers a batch of them at once), but their threads reach the head one after
 another, tens of microseconds apart: so a caller that finds the head idle waits up to
 ``LINGER_S`` for the other threads that used the head within ``RECENT_S``. A lone session never
-waits and always gets its own row's exact bits; rows computed together can differ from them in the
-last bits, as the nodes' batched steps can.
+waits, and its row alone gets ``F.linear``'s exact bits (unless it asks for quicker approximate
+logits); rows computed together can differ from them in the last bits, as the nodes' batched steps
+can.
 """
 
 import functools
@@ -26,8 +27,6 @@ from farmesh_core.split_head import SplitHead
 
 LINGER_S = 0.0005  # how long an idle head's first caller waits for the rows of other recent callers
 RECENT_S = 0.05  # callers seen within this long count as active (a session steps every few ms to tens)
-
-
 FAST_MAX_BYTES = 512 * 1024**2  # larger float32 heads get no second, transposed copy
 
 
