@@ -54,13 +54,12 @@ class HeadBatcher:
         self.linear: Callable[[torch.Tensor], torch.Tensor] = (
             split if split is not None and split.exact else functools.partial(rows_linear, weight=weight)
         )
-        self.transposed: torch.Tensor | None = None
-        if split is not None and weight.dtype == torch.float32 and weight.nbytes <= FAST_MAX_BYTES:
-            self.transposed = weight.t().contiguous()
-            # Any float32 dot product of n terms is within n*u/(1-n*u) * sum|w_i x_i| of the exact sum,
-            # whatever the order of its sums (u = 2^-24); sum|w_i x_i| <= |w| |x| (Cauchy-Schwarz).
-            n, u = weight.shape[1], 2.0**-24
-            self._bound_per_norm = 2 * n * u / (1 - n * u) * float(weight.norm(dim=1).max()) * 1.01
+        quick = split is not None and weight.dtype == torch.float32 and weight.nbytes <= FAST_MAX_BYTES
+        self.transposed = weight.t().contiguous() if quick else None
+        # Any float32 dot product of n terms is within n*u/(1-n*u) * sum|w_i x_i| of the exact sum,
+        # whatever the order of its sums (u = 2^-24); sum|w_i x_i| <= |w| |x| (Cauchy-Schwarz).
+        n, u = weight.shape[1], 2.0**-24
+        self._bound_per_norm = 2 * n * u / (1 - n * u) * float(weight.float().norm(dim=1).max()) * 1.01
         self.passes = self.rows = 0  # how many passes through the head, for how many rows
         lock = threading.Lock()
         self._turn = threading.Condition(lock)  # callers wait here for their logits
@@ -75,8 +74,8 @@ class HeadBatcher:
         return x.numel() == x.shape[-1] == weight.shape[1] and (x.dtype, x.device) == (weight.dtype, weight.device)
 
     def error_bound(self, x: torch.Tensor) -> float:
-        """How far any logit of ``self(x, fast=True)`` may be from ``F.linear(x, weight)``'s (the sums
-        of both are within half of it of the exact ones)."""
+        """How far any float32 logit of ``self(x, fast=True)`` (or of a batch) may be from
+        ``F.linear(x, weight)``'s (the sums of both are within half of it of the exact ones)."""
         return self._bound_per_norm * float(x.norm())
 
     def __call__(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:

@@ -146,15 +146,16 @@ def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight,
     from farmesh_core import head_batch
 
     monkeypatch.setattr(head_batch, "LINGER_S", 5.0)
+    monkeypatch.setattr(head_batch, "RECENT_S", 60.0)  # a loaded machine may take long between the calls
     batcher = HeadBatcher(weight)
     x, y = rows(2)
     out, called_once = {}, threading.Event()
 
-    def other():  # a session stepping every 0.2 s
+    def other():  # a session stepping every 0.3 s
         with torch.inference_mode():
             batcher(y)
             called_once.set()
-            time.sleep(0.2)
+            time.sleep(0.3)
             out["y"] = batcher(y)
 
     with torch.inference_mode():
@@ -162,13 +163,13 @@ def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight,
         began = time.monotonic()
         thread.start()
         called_once.wait()
-        assert time.monotonic() - began < 2.0  # the first caller was alone: it did not wait
+        assert time.monotonic() - began < 4.0  # the first caller was alone: it did not wait 5 s
         began = time.monotonic()
         first = batcher(x)  # the other caller is active: wait for its row, though not the whole 5 s
         waited = time.monotonic() - began
         thread.join()
-    assert 0.1 < waited < 2.0
-    assert (batcher.passes, batcher.rows) == (2, 3)
+    assert waited < 4.0
+    assert (batcher.passes, batcher.rows) == (2, 3)  # x waited for y: they went through together
     torch.testing.assert_close(first, F.linear(x, weight))
     torch.testing.assert_close(out["y"], F.linear(y, weight))
 
