@@ -60,7 +60,7 @@ class SplitHead:
 
 
 def _serve(jobs: queue.SimpleQueue, weight: torch.Tensor) -> None:
-    """The helper thread: ``F.linear(x, weight)`` for each job, until None comes."""
+    """The helper thread: ``rows_linear(x, weight)`` for each job (one row: ``F.linear``), until None comes."""
     torch.set_num_threads(1)
     while (job := jobs.get()) is not None:
         x, out, done = job
