@@ -7,9 +7,9 @@ head together (threads generating at once, the coordinator's requests) share one
 caller that finds the head idle computes its row alone, and the callers that arrive meanwhile are
 computed together as soon as it is done, by the first of them. Steps of several sessions often
 end together (a node answers a batch of them at once), but their threads reach the head one after
-another, tens of microseconds apart: so a caller that finds the head idle waits up to
-``LINGER_S`` for the other threads that used the head within ``RECENT_S``. A lone session never
-waits, and its row alone gets ``F.linear``'s exact bits (unless it asks for quicker approximate
+another, tens of microseconds apart: so where a pass through the head costs more than that wait
+(heads of ``LINGER_MIN_BYTES`` or more), a caller that finds the head idle waits up to ``LINGER_S``
+for the other threads that used the head within ``RECENT_S``. A lone session never waits, and its row alone gets ``F.linear``'s exact bits (unless it asks for quicker approximate
 logits); rows computed together can differ from them in the last bits, as the nodes' batched steps
 can.
 """
@@ -27,6 +27,7 @@ from farmesh_core.split_head import SplitHead
 
 LINGER_S = 0.0005  # how long an idle head's first caller waits for the rows of other recent callers
 RECENT_S = 0.05  # callers seen within this long count as active (a session steps every few ms to tens)
+LINGER_MIN_BYTES = 8 * 1024**2  # smaller heads take well under LINGER_S a pass: waiting would cost more
 FAST_MAX_BYTES = 512 * 1024**2  # larger float32 heads get no second, transposed copy
 
 
@@ -66,7 +67,8 @@ class HeadBatcher:
         self._arrival = threading.Condition(lock)  # a lingering caller waits here for other rows
         self._busy = False
         self._queue: list[_Waiting] = []
-        self._last_call: dict[int, float] = {}  # thread id -> when it last called
+        self._lingers = weight.nbytes >= LINGER_MIN_BYTES
+        self._last_call: dict[int, float] = {}  # thread id -> when it last called (heads that linger)
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is one row this head can batch with others (else the caller uses the module)."""
@@ -83,15 +85,17 @@ class HeadBatcher:
         takes approximate ones (within :meth:`error_bound`) where that is quicker."""
         me = _Waiting(x, fast and self.transposed is not None)
         with self._turn:
-            now = time.monotonic()
-            self._last_call[threading.get_ident()] = now
             self._queue.append(me)
-            self._arrival.notify()
+            if self._lingers:
+                now = time.monotonic()
+                self._last_call[threading.get_ident()] = now
+                self._arrival.notify()
             while self._busy and me.out is None:
                 self._turn.wait()
             if me.out is None:  # the head is idle: compute every row waiting, this one included
                 self._busy = True
-                self._linger(now)
+                if self._lingers:
+                    self._linger(now)
                 batch, self._queue = self._queue, []
         if me.out is None:
             self._compute(batch)

@@ -146,6 +146,7 @@ def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight,
     from farmesh_core import head_batch
 
     monkeypatch.setattr(head_batch, "LINGER_S", 5.0)
+    monkeypatch.setattr(head_batch, "LINGER_MIN_BYTES", 0)  # the test's head is small
     monkeypatch.setattr(head_batch, "RECENT_S", 60.0)  # a loaded machine may take long between the calls
     batcher = HeadBatcher(weight)
     x, y = rows(2)
@@ -206,3 +207,20 @@ def test_client_head_approximate_and_module_logits(monkeypatch):
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 1 << 40)
     with torch.inference_mode():
         assert small.approximate_logits(torch.randn(1, 8)) is None
+
+
+def test_a_small_head_does_not_wait_for_other_callers(weight, monkeypatch):
+    from farmesh_core import head_batch
+
+    monkeypatch.setattr(head_batch, "LINGER_S", 5.0)
+    monkeypatch.setattr(head_batch, "RECENT_S", 60.0)
+    batcher = HeadBatcher(weight)  # 0.8 MB: a pass costs less than waiting would
+    x, y = rows(2)
+    with torch.inference_mode():
+        thread = threading.Thread(target=batcher, args=(y,))
+        thread.start()
+        thread.join()  # another thread used the head just now
+        began = time.monotonic()
+        torch.testing.assert_close(batcher(x), F.linear(x, weight))
+        assert time.monotonic() - began < 4.0
+    assert (batcher.passes, batcher.rows) == (2, 2)

@@ -20,6 +20,9 @@ def test_no_eos_before_gives_transformers_min_new_tokens_scores(eos):
         expected = theirs(ids, scores)
         assert torch.equal(ours(ids, scores), expected)
     assert torch.equal(scores, torch.randn(2, 100, generator=torch.Generator().manual_seed(0)))  # not in place
+    small = torch.randn(1, 6)  # another vocabulary: EOS ids beyond it are left out
+    ids = torch.zeros(1, prompt_length, dtype=torch.long)
+    assert torch.equal(ours(ids, small), theirs(ids, small))
 
 
 def test_greedy_choice_waits_for_min_new_tokens_before_eos():

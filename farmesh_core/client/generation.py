@@ -15,18 +15,21 @@ from transformers import (
 
 class NoEosBefore(LogitsProcessor):
     """transformers' ``MinNewTokensLengthLogitsProcessor``: EOS scores at -inf until the ids reach
-    ``length``, without its mask over the whole vocabulary on every step (0.3 ms with 32k tokens)."""
+    ``length``, without its mask over the whole vocabulary on every step (0.3 ms with 32k tokens):
+    one ``index_fill`` with the EOS ids within the vocabulary, found once."""
 
     def __init__(self, length: int, eos_token_ids: list[int]):
         self.length = length
-        self.eos = torch.tensor(eos_token_ids, dtype=torch.long)
+        self.eos_token_ids = eos_token_ids
+        self._within: dict[int, torch.Tensor] = {}  # vocabulary size -> the EOS ids below it
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[-1] >= self.length:
             return scores
-        scores = scores.clone()
-        scores[:, self.eos[(self.eos >= 0) & (self.eos < scores.shape[-1])]] = -math.inf
-        return scores
+        vocab = scores.shape[-1]
+        if vocab not in self._within:
+            self._within[vocab] = torch.tensor([i for i in self.eos_token_ids if 0 <= i < vocab], dtype=torch.long)
+        return scores.index_fill(-1, self._within[vocab], -math.inf)
 
 
 class TokenChooser:

@@ -116,6 +116,7 @@ class DistributedInferenceClient:
         if own_session:
             session = self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0], adapter)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
         try:
             new_input = input_ids
             for _ in range(max_new_tokens):
@@ -123,9 +124,10 @@ class DistributedInferenceClient:
                 token = self._next_token(choose, input_ids, hidden[:, -1].to(self.head.lm_head.weight.dtype))
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
                 yield token
-                finished |= torch.isin(token, eos)
-                if finished.all():
-                    return
+                if not eos_ids.isdisjoint(token.tolist()):
+                    finished |= torch.isin(token, eos)
+                    if finished.all():
+                        return
                 new_input = token[:, None]
         finally:
             if own_session:
