@@ -24,8 +24,14 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 MAX_METADATA_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in ALLOWED_DTYPES.items()}
 # The exponent bits of each dtype: all of them set means infinity or NaN.
-_EXPONENTS = {"float32": (np.uint32, 0x7F800000), "float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80)}
+_EXPONENTS = {
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+}
 MAX_DIMS = 4
 MAX_ERROR_BYTES = 64 * 1024
 
@@ -197,11 +203,15 @@ def decode_meta(raw: bytes, model: type[M]) -> M:
 
 
 def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in ALLOWED_DTYPES:
+    dtype = _NAMES.get(tensor.dtype)
+    if dtype is None:
         raise TypeError(f"cannot send {tensor.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return runtime_pb2.Tensor(buffer=flat.cpu().numpy().tobytes(), size=tensor.shape, dtype=dtype)
+    # Through numpy with as few torch calls as may be: with the caches as cold as a one-token step
+    # leaves them, each costs several microseconds (33 against 13 us for one token's hidden states).
+    array = tensor if tensor.is_cpu and not tensor.requires_grad else tensor.detach().cpu()
+    if dtype == "bfloat16":
+        array = array.view(torch.int16)  # numpy has no bfloat16: the same bytes
+    return runtime_pb2.Tensor(buffer=array.numpy().tobytes(), size=tensor.shape, dtype=dtype)
 
 
 def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) -> torch.Tensor:
@@ -212,6 +222,7 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
     if proto.compression != runtime_pb2.CompressionType.NONE:
         raise RequestError("compressed tensors are not accepted")
     shape = tuple(proto.size)
+    buffer = proto.buffer  # each read of the field copies it
     if not 1 <= len(shape) <= MAX_DIMS:
         raise RequestError(f"tensor of rank {len(shape)} is not allowed (1 to {MAX_DIMS} dimensions)")
     numel = 1
@@ -219,21 +230,21 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
         numel *= dim
     if max_numel is not None and numel > max_numel:
         raise RequestError(f"tensor of shape {list(shape)} exceeds the limit of {max_numel} elements")
-    itemsize = torch.finfo(dtype).bits // 8
-    if numel * itemsize != len(proto.buffer):
-        raise RequestError(f"tensor buffer has {len(proto.buffer)} bytes, shape {list(shape)} needs {numel * itemsize}")
+    itemsize = _ITEMSIZE[proto.dtype]
+    if numel * itemsize != len(buffer):
+        raise RequestError(f"tensor buffer has {len(buffer)} bytes, shape {list(shape)} needs {numel * itemsize}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(proto.buffer, dtype=dtype).view(shape)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
-def all_finite(proto: runtime_pb2.Tensor) -> bool:
-    """Whether a tensor's buffer (already checked by ``deserialize_tensor``) holds no infinity or NaN.
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a float tensor (as ``deserialize_tensor`` gives it) holds no infinity or NaN.
 
-    Read as integers with numpy: with caches as cold as a node's between steps, that took half the
-    time of ``torch.isfinite(...).all()`` (69 against 137 us for one token's hidden states)."""
-    kind, exponent = _EXPONENTS[proto.dtype]
-    return not np.any(np.bitwise_and(np.frombuffer(proto.buffer, dtype=kind), exponent) == exponent)
+    Its bits read as integers with numpy: with caches as cold as a node's between steps, that took
+    half the time of ``torch.isfinite(...).all()`` (69 against 137 us for one token's hidden states)."""
+    kind, exponent = _EXPONENTS[tensor.dtype]
+    return not np.any(np.bitwise_and(tensor.view(kind).numpy(), exponent) == exponent)
 
 
 def chunked_messages(
@@ -264,7 +275,7 @@ async def receive_chunked(
 
     Without ``meta_type`` (responses), metadata on a message means the peer refused the request.
     """
-    meta, tensors, received, pending = None, [], 0, 0
+    meta, headers, parts, received, pending = None, [], [], 0, 0  # parts: each tensor's buffers, joined at the end
     async for message in messages:
         if meta_type is None:
             raise_if_error(message, "the remote peer")
@@ -273,21 +284,27 @@ async def receive_chunked(
         if len(message.tensors) != 1:
             raise RequestError("each message must carry exactly one tensor part")
         part = message.tensors[0]
-        received += len(part.buffer)
+        buffer = part.buffer  # each read of the field copies it
+        received += len(buffer)
         if received > max_bytes:
             raise RequestError(f"request exceeds the limit of {max_bytes} bytes")
         if pending == 0:
-            if len(tensors) == max_tensors:
+            if len(headers) == max_tensors:
                 raise RequestError(f"too many tensors (at most {max_tensors})")
             if part.chunks < 1:
                 raise RequestError("the first part of a tensor must say how many parts it has")
-            tensors.append(runtime_pb2.Tensor(size=part.size, dtype=part.dtype, buffer=part.buffer))
+            headers.append(part)
+            parts.append([buffer])
             pending = part.chunks - 1
         else:
-            tensors[-1].buffer += part.buffer
+            parts[-1].append(buffer)
             pending -= 1
-    if (meta is None and meta_type is not None) or pending or not tensors:
+    if (meta is None and meta_type is not None) or pending or not headers:
         raise RequestError("the stream ended early")
+    tensors = [
+        runtime_pb2.Tensor(size=head.size, dtype=head.dtype, buffer=b"".join(buffers))
+        for head, buffers in zip(headers, parts, strict=True)
+    ]
     return meta, tensors
 
 

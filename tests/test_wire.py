@@ -229,11 +229,12 @@ def test_receive_chunked_turns_an_error_reply_into_request_error():
 def test_all_finite_agrees_with_torch(dtype):
     info = torch.finfo(dtype)
     edges = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, info.eps], dtype=dtype)
-    assert all_finite(serialize_tensor(edges))
+    assert all_finite(deserialize_tensor(serialize_tensor(edges)))
     for bad in (float("inf"), float("-inf"), float("nan")):
         for index in (0, 5, 1023):
             values = torch.randn(1024, dtype=dtype) * 100
             values[index] = bad
             assert torch.isfinite(values).all().item() is False
-            assert not all_finite(serialize_tensor(values.view(4, 16, 16)))
-    assert all_finite(serialize_tensor(torch.randn(2, 3, 8, dtype=dtype)))
+            assert not all_finite(deserialize_tensor(serialize_tensor(values.view(4, 16, 16))))
+            assert not all_finite(values.view(4, 16, 16).transpose(0, 2))  # any strides
+    assert all_finite(deserialize_tensor(serialize_tensor(torch.randn(2, 3, 8, dtype=dtype))))

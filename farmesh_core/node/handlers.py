@@ -145,7 +145,7 @@ class NodeHandlers:
             raise RequestError(f"batch of {hidden.shape[0]} exceeds the limit of {self.config.max_batch_size}")
         if hidden.shape[0] * hidden.shape[1] > self.config.max_tokens_per_request:
             raise RequestError(f"a step may carry at most {self.config.max_tokens_per_request} tokens")
-        if not all_finite(proto):
+        if not all_finite(hidden):
             raise RequestError("hidden states contain NaN or infinity")
         return hidden
 
