@@ -7,13 +7,14 @@ the head's rows on two threads took 2.5 ms. The second half runs on a helper thr
 thread (no OpenMP team: its spinning after each step would take a core from nodes on the same
 machine), and each output is still a dot product over the whole row, so the logits keep their bits;
 that is checked once on the weight before the halves are used. The rows of concurrent sessions
-(batched by :mod:`farmesh_core.head_batch`) are split the same way.
+(batched by :mod:`farmesh_core.head_batch`), and its quick approximate logits, are split the same way.
 """
 
 import logging
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class SplitHead:
         half = weight.shape[0] // 2
         self.parts = (weight[:half], weight[half:])
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=_serve, args=(self._jobs, self.parts[1]), name="farmesh-head", daemon=True).start()
+        threading.Thread(target=_serve, args=(self._jobs,), name="farmesh-head", daemon=True).start()
         # The helper ends with the head (it holds no reference to it), but not at interpreter exit: a
         # thread ending then raced the process's own teardown ("terminate called", exit code 134).
         weakref.finalize(self, self._jobs.put, None).atexit = False
@@ -50,23 +51,27 @@ class SplitHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of ``x`` [..., hidden]: one row keeps ``F.linear``'s bits where ``exact``."""
+        return self.halves(rows_linear, x, *self.parts)
+
+    def halves(self, fn: Callable, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``cat(fn(x, first), fn(x, second))`` along the last dimension, the second on the helper thread."""
         done, out = threading.Event(), []
-        self._jobs.put((x, out, done))
-        first = rows_linear(x, self.parts[0])
+        self._jobs.put((fn, x, second, out, done))
+        mine = fn(x, first)
         done.wait()
         if isinstance(out[0], BaseException):
             raise out[0]
-        return torch.cat([first, out[0]], dim=-1)
+        return torch.cat([mine, out[0]], dim=-1)
 
 
-def _serve(jobs: queue.SimpleQueue, weight: torch.Tensor) -> None:
-    """The helper thread: ``rows_linear(x, weight)`` for each job (one row: ``F.linear``), until None comes."""
+def _serve(jobs: queue.SimpleQueue) -> None:
+    """The helper thread: ``fn(x, weight)`` for each job, until None comes."""
     torch.set_num_threads(1)
     while (job := jobs.get()) is not None:
-        x, out, done = job
+        fn, x, weight, out, done = job
         try:
             with torch.inference_mode():
-                out.append(rows_linear(x, weight))
+                out.append(fn(x, weight))
         except BaseException as e:  # handed to the caller, which raises it
             out.append(e)
         done.set()

@@ -49,3 +49,14 @@ def test_the_helper_thread_ends_with_the_head(weight):
             break
         time.sleep(0.01)
     assert sum(t.name == "farmesh-head" for t in threading.enumerate()) == before
+
+
+def test_halves_runs_any_product_with_the_second_half_on_the_helper(weight):
+    head = SplitHead(weight)
+    first, second = (part.t().contiguous() for part in head.parts)
+    x = torch.randn(1, 128, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.equal(head.halves(torch.mm, x, first, second), torch.cat([x @ first, x @ second], dim=-1))
+        with pytest.raises(RuntimeError):
+            head.halves(torch.mm, x, first, second[:64])  # the helper's error reaches the caller
+        torch.testing.assert_close(head.halves(torch.mm, x, first, second), F.linear(x, weight))
