@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from farmesh_core import split_head
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
@@ -98,3 +99,21 @@ def test_backward_through_forward_matches_transformers(model, reference):
         grads.append(embeds.grad)
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_plain_greedy_generate_takes_quick_logits_and_stays_exact(mesh, reference, monkeypatch):
+    """Petals-style greedy generate with a large head (forced here for a small one) chooses from the
+    quick approximate logits where their bound allows, and its tokens are still transformers'."""
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    model_dir, bootstrap = mesh
+    input_ids = torch.tensor([PROMPT])
+    greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    penalised = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.3)
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap) as model:
+        with model.inference_session(max_length=len(PROMPT) + 24):
+            assert torch.equal(model.generate(input_ids, **greedy), reference.generate(input_ids, **greedy))
+        assert model.quick_logits > 12  # of 24 steps (a step whose bound could change its choice is exact)
+        quick = model.quick_logits
+        assert torch.equal(model.generate(input_ids, **penalised), reference.generate(input_ids, **penalised))
+        assert model.quick_logits == quick  # a processor that rescales scores: exact logits only

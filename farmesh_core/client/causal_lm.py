@@ -5,9 +5,15 @@ generation loop (logits processors, stopping criteria, streamers) while the embe
 and LM head run here and the decoder layers on the mesh. Generation is stateful on the nodes: the
 KV caches live in an ``InferenceSession``, and the ``Cache`` transformers sees (``RemoteCache``) only
 counts tokens. That is also why beam search is refused: nodes cannot reorder their caches.
+
+Plain greedy ``generate`` calls (no logits processor but a minimum length's EOS mask) take the LM
+head's quick approximate logits where their error bound cannot change the greedy choice (see
+``ClientHead.approximate_logits``), as ``DistributedInferenceClient.generate`` does: the tokens stay
+those of exact logits.
 """
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +22,7 @@ from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedMod
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from farmesh_core.client.generation import greedy_is_certain
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -76,6 +83,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.head = adapter.load_client_head(checkpoint, self.config, dtype or _config_dtype(self.config))
             self.layers = DistributedModel.over(mesh, 0, adapter.num_layers(self.config))
             self._active_cache: RemoteCache | None = None
+            self._greedy_eos: list[int] | None = None  # a plain greedy generate runs: its EOS ids
+            self.quick_logits = 0  # steps whose logits came from the quick approximate head
             self.eval()
         except BaseException:
             mesh.close()
@@ -169,7 +178,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if inputs.shape[1] <= cache.skip:
                 raise ValueError("input_ids hold no token the session has not processed yet")
         sent_before = cache.session.position
-        result = super().generate(inputs, *args, cache=cache, **kwargs)
+        self._greedy_eos = _plain_greedy_eos(self.generation_config, kwargs)
+        try:
+            result = super().generate(inputs, *args, cache=cache, **kwargs)
+        finally:
+            self._greedy_eos = None
         sequences = result.sequences if isinstance(result, ModelOutput) else result
         if inputs is not None:  # ids returned but never sent (the last generated token) come first next time
             cache.pending = sequences[:, cache.skip + cache.session.position - sent_before :]
@@ -231,11 +244,62 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             cache.record(input_ids)
         if logits_to_keep:  # generate needs the last position only: skip the LM head on the rest
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.head.logits(hidden.to(self.head.lm_head.weight.dtype))
+        hidden = hidden.to(self.head.lm_head.weight.dtype)
+        logits = self._quick_logits(hidden) if self._greedy_eos is not None and cache is not None else None
+        if logits is None:
+            logits = self.head.logits(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def _quick_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Approximate logits of one position of one sequence, if greedy decoding picks from them what
+        it would from the exact ones (see the module's docstring); else None."""
+        approximate = self.head.approximate_logits(hidden) if hidden.shape[:2] == (1, 1) else None
+        if approximate is None or not greedy_is_certain(*approximate, self._greedy_eos):
+            return None
+        self.quick_logits += 1
+        return approximate[0]
+
+
+# GenerationConfig fields that leave greedy decoding's scores alone (or matter only when sampling,
+# or for beams), so a call that sets no others may take quick logits.
+_SCORE_NEUTRAL = {
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "max_time", "stop_strings",
+    "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache",
+    "temperature", "top_k", "top_p", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    "early_stopping", "length_penalty", "return_dict_in_generate", "output_attentions",
+    "output_hidden_states", "transformers_version", "cache_implementation", "cache_config",
+    "compile_config", "disable_compile",
+}  # fmt: skip
+# generate() arguments besides the config's fields that change no scores
+_ARGS_NEUTRAL = {"generation_config", "streamer", "stopping_criteria", "synced_gpus", "tokenizer", "inputs_embeds"}
+
+
+def _plain_greedy_eos(defaults: GenerationConfig, kwargs: dict[str, Any]) -> list[int] | None:
+    """The EOS ids of a ``generate`` call that decodes greedily with no logits processor but a minimum
+    length's (which masks EOS), one sequence at a time; None for any other call."""
+    config = copy.deepcopy(kwargs.get("generation_config") or defaults)
+    unused = set()
+    for key, value in kwargs.items():  # as GenerationConfig.update, without its validation's warnings
+        if key != "generation_config" and hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            unused.add(key)
+    if unused - _ARGS_NEUTRAL or config.do_sample or (config.num_beams or 1) != 1:
+        return None
+    if (config.num_return_sequences or 1) != 1:
+        return None
+    plain = GenerationConfig()
+    for source in (config, defaults):  # transformers may fill a given config's unset fields from the model's
+        changed = {k for k, v in vars(source).items() if not k.startswith("_") and getattr(plain, k, None) != v}
+        if changed - _SCORE_NEUTRAL - {"do_sample", "num_beams", "num_return_sequences"}:
+            return None
+    eos = set()
+    for ids in (config.eos_token_id, defaults.eos_token_id):  # all that either may mask
+        eos.update([] if ids is None else [ids] if isinstance(ids, int) else ids)
+    return sorted(eos)
 
 
 def _config_dtype(config: Any) -> torch.dtype:

@@ -1,6 +1,7 @@
 """Choosing the next token with transformers' logits processors, and decoding text as it grows."""
 
 import math
+from collections.abc import Iterable
 
 import torch
 from transformers import (
@@ -30,6 +31,21 @@ class NoEosBefore(LogitsProcessor):
         if vocab not in self._within:
             self._within[vocab] = torch.tensor([i for i in self.eos_token_ids if 0 <= i < vocab], dtype=torch.long)
         return scores.index_fill(-1, self._within[vocab], -math.inf)
+
+
+def greedy_is_certain(logits: torch.Tensor, bound: float, eos_token_ids: Iterable[int]) -> bool:
+    """Whether the greedy choice from one row of ``logits``, each within ``bound`` of the exact one,
+    is the exact logits' choice both as they are and with the EOS ids masked (a minimum length's
+    processor may or may not mask them at this step): the best score must lead the next by more
+    than ``2 * bound``, among all tokens and among those that are not EOS."""
+    eos = set(eos_token_ids)
+    scores = logits.reshape(-1)
+    top = scores.topk(min(scores.numel(), len(eos) + 2))  # holds the best two that are not EOS
+    values, ids = top.values.tolist(), top.indices.tolist()
+    if not all(map(math.isfinite, values)):
+        return False
+    others = [value for value, i in zip(values, ids, strict=True) if i not in eos]
+    return all(len(v) < 2 or v[0] - v[1] > 2 * bound for v in (values, others))
 
 
 class TokenChooser:
