@@ -93,6 +93,18 @@ def _collect(results: list[dict], forward: list[float] | None = None) -> dict:
     return out
 
 
+def petals_style_generation(model, input_ids: torch.Tensor) -> tuple[list[int], dict]:
+    """The Petals-compatible API as Petals' own benchmark calls it: transformers' ``generate`` with a
+    streamer, inside an inference session."""
+    streamer = _Streamer()
+    with torch.inference_mode(), model.inference_session(max_length=input_ids.shape[1] + NEW_TOKENS):
+        model.generate(
+            input_ids, streamer=streamer, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+            num_beams=1, pad_token_id=0,
+        )  # fmt: skip
+    return streamer.ids, decode_metrics(streamer.times)
+
+
 def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
     with client.inference_session(input_ids.shape[1] + NEW_TOKENS + 1) as session:
         # min_new_tokens as local transformers has it: a prompt whose continuation holds EOS goes on to 64
@@ -117,15 +129,18 @@ def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Itera
 
 def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
     """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
-    (push off), run for run alternately with the default (nodes push outputs to the next node)."""
+    (push off), run for run alternately with the default (nodes push outputs to the next node); and
+    through the Petals-compatible API (transformers' ``generate``), as Petals' benchmark calls Petals."""
     from farmesh_core.client import DistributedInferenceClient
+    from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 
     with running_mesh(model.dir, spans, threads) as addrs, ExitStack() as clients:
         client = clients.enter_context(DistributedInferenceClient(model.dir, addrs))
+        causal_lm = clients.enter_context(DistributedModelForCausalLM.from_pretrained(model.dir, dht_bootstrap=addrs))
         relaying = None
         if len(spans) > 1:
             relaying = clients.enter_context(DistributedInferenceClient(model.dir, addrs, push=False))
-        results, relayed, ids = [], [], None
+        results, relayed, petals_style, ids = [], [], [], None
         for _ in range(runs + 1):
             ids, metrics = generation(client, input_ids)
             results.append(metrics)
@@ -133,6 +148,9 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
                 relayed_ids, metrics = generation(relaying, input_ids)
                 relayed.append(metrics)
                 assert relayed_ids == ids, "relayed and pushed sessions gave different tokens"
+            petals_ids, metrics = petals_style_generation(causal_lm, input_ids)
+            petals_style.append(metrics)
+            assert petals_ids == ids, "transformers' generate and generate_ids gave different tokens"
         x = torch.randn(4, 128, client.model_config.hidden_size)
         forward = []
         for _ in range(runs + 1):
@@ -145,6 +163,7 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
     out["hops"] = hops
     if relayed:
         out["relayed_by_client"] = _collect(relayed[1:])
+    out["transformers_generate"] = _collect(petals_style[1:])
     if concurrency:
         out["concurrency"] = concurrency
     return out, ids

@@ -9,9 +9,9 @@ computed together as soon as it is done, by the first of them. Steps of several 
 end together (a node answers a batch of them at once), but their threads reach the head one after
 another, tens of microseconds apart: so where a pass through the head costs more than that wait
 (heads of ``LINGER_MIN_BYTES`` or more), a caller that finds the head idle waits up to ``LINGER_S``
-for the other threads that used the head within ``RECENT_S``. A lone session never waits, and its row alone gets ``F.linear``'s exact bits (unless it asks for quicker approximate
-logits); rows computed together can differ from them in the last bits, as the nodes' batched steps
-can.
+for the other threads that used the head within ``RECENT_S``. A lone session never waits, and its
+row alone gets ``F.linear``'s exact bits (unless it asks for quicker approximate logits); rows
+computed together can differ from them in the last bits, as the nodes' batched steps can.
 """
 
 import functools
