@@ -33,6 +33,12 @@ class NoEosBefore(LogitsProcessor):
         return scores.index_fill(-1, self._within[vocab], -math.inf)
 
 
+def _leads(best: list[float], bound: float) -> bool:
+    """Whether the best of scores each within ``bound`` of exact ones (``best``: the top ones, in
+    order) must be the best of the exact ones too: it leads the next by more than ``2 * bound``."""
+    return len(best) < 2 or best[0] - best[1] > 2 * bound
+
+
 def greedy_is_certain(logits: torch.Tensor, bound: float, eos_token_ids: Iterable[int]) -> bool:
     """Whether the greedy choice from one row of ``logits``, each within ``bound`` of the exact one,
     is the exact logits' choice both as they are and with the EOS ids masked (a minimum length's
@@ -45,7 +51,7 @@ def greedy_is_certain(logits: torch.Tensor, bound: float, eos_token_ids: Iterabl
     if not all(map(math.isfinite, values)):
         return False
     others = [value for value, i in zip(values, ids, strict=True) if i not in eos]
-    return all(len(v) < 2 or v[0] - v[1] > 2 * bound for v in (values, others))
+    return _leads(values, bound) and _leads(others, bound)
 
 
 class TokenChooser:
@@ -97,10 +103,8 @@ class TokenChooser:
         scores = logits.float()
         for processor in self.processors:
             scores = processor(input_ids, scores)
-        if scores.shape[-1] > 1:
-            top = scores.topk(2, dim=-1).values
-            if not bool(((top[:, 0] - top[:, 1]) > 2 * bound).all()):
-                return None
+        if not all(_leads(row, bound) for row in scores.topk(min(2, scores.shape[-1]), dim=-1).values.tolist()):
+            return None
         return scores.argmax(dim=-1)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
