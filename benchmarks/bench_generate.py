@@ -78,7 +78,7 @@ def bench_local(model_dir: str, input_ids: torch.Tensor, runs: int) -> tuple[dic
     with torch.inference_mode():
         for _ in range(runs + 1):
             began = time.perf_counter()
-            model.model(inputs_embeds=x)
+            model.base_model(inputs_embeds=x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
     return _collect(results[1:], forward[1:]), ids
 

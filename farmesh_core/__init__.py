@@ -6,7 +6,7 @@ import sys
 __version__ = "0.1.0"
 
 # GNU OpenMP's workers (torch's CPU threads) spin about 3 ms after a parallel region before they
-# sleep. A one-token step makes one parallel region per matmul (lean_layer._row_blocks) with gaps of
+# sleep. A one-token step makes one parallel region per matmul (row_matmul.row_blocks) with gaps of
 # tens of microseconds, and on a machine that runs a chain of nodes (or a client beside its nodes), a
 # process spinning after its step takes a core from the next one. About 50 us covers the gaps and
 # gives the core back: 2 nodes on 2 cores, 6.5 against 10.7 ms per token with the default. OpenMP

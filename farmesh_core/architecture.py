@@ -46,6 +46,26 @@ def causal_mask(
     return mask[None, None]
 
 
+def decode_batch_keys(positions: list[int], device: torch.device) -> torch.Tensor:
+    """[rows, keys] booleans of a decode batch whose keys are padded to the longest session: row i's
+    own keys, positions 0 to ``positions[i]``."""
+    keys = torch.arange(max(positions) + 1, device=device)
+    return keys[None, :] <= torch.tensor(positions, device=device)[:, None]
+
+
+def decode_batch_mask(
+    positions: list[int], dtype: torch.dtype, device: torch.device, window: int | None = None
+) -> torch.Tensor:
+    """Additive mask [rows, 1, 1, keys] of a decode batch: row i sees its own keys, not the padding,
+    and with ``window`` only the ``window`` last of them, as :func:`causal_mask` does."""
+    seen = decode_batch_keys(positions, device)
+    if window is not None:
+        keys = torch.arange(seen.shape[1], device=device)
+        seen &= keys[None, :] > torch.tensor(positions, device=device)[:, None] - window
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
 class ClientHead(nn.Module):
     """What a client runs locally: token embeddings in, logits out."""
 
@@ -120,6 +140,9 @@ class ArchitectureAdapter:
     attn_implementation: ClassVar[str] = "sdpa"
     # The keyword a layer takes its KV cache by (older layers call it ``layer_past``).
     cache_argument: ClassVar[str] = "cache"
+    # The family's linear modules that compute ``x @ W^T + b`` (a subclass of ``nn.Linear`` may not):
+    # in inference steps a ``row_matmul.StepLinear`` stands in for them, where the layer runs no lean call.
+    linear_classes: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
 
     # ---- node side -------------------------------------------------------------------------
     def num_layers(self, config: PretrainedConfig) -> int:
@@ -190,16 +213,22 @@ class ArchitectureAdapter:
     def prepare_decode_batch(self, context: Any, hidden: torch.Tensor, positions: list[int]) -> dict[str, Any] | None:
         """Keyword arguments for one-token steps of several sessions at once (row i at ``positions[i]``).
 
-        Keys and values come padded to the longest session, so each row gets a mask hiding the padding.
-        Returns None where the family cannot batch this way; then each session steps alone. Families
-        that customise ``prepare`` (alibi, sliding windows) opt out unless they override this too.
+        Keys and values come padded to the longest session, so each row gets a mask hiding the padding
+        (:func:`decode_batch_mask`). Returns None where the family cannot batch this way; then each
+        session steps alone. Families that customise ``prepare`` (alibi, sliding windows) opt out
+        unless they override this too.
         """
         if type(self).prepare is not ArchitectureAdapter.prepare:
             return None
+        return self.rotary_decode_batch(context, hidden, positions)
+
+    def rotary_decode_batch(
+        self, context: Any, hidden: torch.Tensor, positions: list[int], window: int | None = None
+    ) -> dict[str, Any]:
+        """``prepare_decode_batch`` for rotary families: each row's position ids, rotary terms and mask
+        (``window``: the sliding window, see :func:`decode_batch_mask`)."""
         position_ids = torch.tensor(positions, device=hidden.device)[:, None]
-        keys = torch.arange(max(positions) + 1, device=hidden.device)
-        mask = torch.zeros(len(positions), 1, 1, keys.numel(), dtype=hidden.dtype, device=hidden.device)
-        mask.masked_fill_((keys[None, :] > position_ids)[:, None, None, :], torch.finfo(hidden.dtype).min)
+        mask = decode_batch_mask(positions, hidden.dtype, hidden.device, window)
         kwargs: dict[str, Any] = {"position_ids": position_ids, "attention_mask": mask}
         if isinstance(context, RotaryRows):
             kwargs["position_embeddings"] = context.rows(hidden, positions)

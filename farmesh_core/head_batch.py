@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from farmesh_core.lean_layer import rows_linear
+from farmesh_core.row_matmul import rows_linear
 from farmesh_core.split_head import SplitHead
 
 LINGER_S = 0.0005  # how long an idle head's first caller waits for the rows of other recent callers

@@ -10,9 +10,6 @@ returns None and the node calls the module as usual. Autograd (the backward pass
 """
 
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +26,8 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import is_torch_npu_available
 
+from farmesh_core.row_matmul import few_rows_limit, few_rows_linear, row_blocks, split_linear, splits_lone_rows
+
 logger = logging.getLogger(__name__)
 
 _SILU = type(ACT2FN["silu"])
@@ -36,91 +35,6 @@ _LINEARS = (
     *(f"self_attn.{name}_proj" for name in "qkvo"),
     *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
 )
-
-
-def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for an x of a few rows, as ``(weight @ x^T)^T``.
-
-    On CPU the GEMM behind ``F.linear`` is slow for a few rows: 2 rows took 2-2.5x the time of one
-    (hidden sizes 256 to 1024), more than two one-row steps, so batching decode steps saved nothing.
-    ``weight @ x^T`` costs about one row's time for 2 rows, but grows with the rows faster than the
-    GEMM does: it wins up to about 2048 / hidden_size rows (measured at 256, 512 and 1024), see
-    ``LeanLlamaLayer.few_rows``. The sums run in another order, so rows can differ from a lone
-    step's in the last bits, as any batched multiplication's may.
-    """
-    rows = x.reshape(-1, x.shape[-1])
-    return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
-def few_rows_limit(in_features: int) -> int:
-    """Up to how many rows :func:`_few_rows_linear` beats ``F.linear`` for weights of ``in_features`` columns."""
-    return max(2, 2048 // in_features)
-
-
-def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)``; a few rows (one-token steps of several sessions) go the faster
-    :func:`_few_rows_linear` way, one row keeps ``F.linear``'s bits."""
-    rows = x.numel() // x.shape[-1]
-    if 2 <= rows <= few_rows_limit(weight.shape[1]):
-        return _few_rows_linear(x, weight)
-    return F.linear(x, weight)
-
-
-_SPLIT_VERDICTS: dict[tuple, bool] = {}  # (shape, strides, dtype, threads) -> bmm over row blocks gives F.linear's bits
-
-
-def _row_blocks(weight: torch.Tensor, threads: int) -> torch.Tensor | None:
-    """``weight`` ([out, in]) as ``threads`` blocks of its output rows, ``[threads, in, out / threads]``
-    for ``torch.bmm``, if a one-row step through them gives ``F.linear``'s exact bits, else None.
-
-    A one-token step's matmuls stream every weight from memory once; on CPU a one-row ``F.linear`` is
-    a GEMV that uses one core whatever the torch threads, and one core's share of memory bandwidth is
-    the limit (measured here: two processes each ran their 8 layers' matmuls as fast as one alone).
-    ``bmm`` over row blocks runs one block per thread, each a dot product over the same whole input
-    row, so the bits stay F.linear's. Whether they do is a property of the kernels for this shape,
-    so it is checked once per shape and dtype, on this weight, before the blocks are used.
-    """
-    out_features, in_features = weight.shape
-    if threads < 2 or weight.device.type != "cpu" or out_features % threads or not weight.is_contiguous():
-        return None
-    blocks = weight.view(threads, out_features // threads, in_features).transpose(1, 2)
-    key = (tuple(weight.shape), weight.stride(), weight.dtype, threads)
-    if key not in _SPLIT_VERDICTS:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
-                _SPLIT_VERDICTS[key] = all(torch.equal(F.linear(x, weight), _blocks_linear(x, blocks)) for x in rows)
-        finally:
-            torch.set_num_threads(previous)
-        if not _SPLIT_VERDICTS[key]:
-            logger.debug("weights %s keep F.linear: row blocks change its bits", key)
-    return blocks if _SPLIT_VERDICTS[key] else None
-
-
-_local = threading.local()  # this thread's lone one-token steps split their matmuls unless _local.one_thread
-
-
-@contextmanager
-def matmuls_on_one_thread() -> Iterator[None]:
-    """Within it, lone one-token steps on this thread keep their matmuls on the caller's torch threads.
-
-    A node busy with several sessions gets its parallelism from them (batches, and the nodes of a
-    chain working at once): splitting its lone steps as well only makes the threads wait for cores.
-    """
-    before = getattr(_local, "one_thread", False)
-    _local.one_thread = True
-    try:
-        yield
-    finally:
-        _local.one_thread = before
-
-
-def _blocks_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for a one-row x and ``blocks = _row_blocks(weight, threads)``."""
-    out = torch.bmm(x.reshape(1, 1, -1).expand(blocks.shape[0], 1, -1), blocks)
-    return out.view(*x.shape[:-1], -1)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,8 +54,8 @@ class LeanLlamaLayer:
     ``position_embeddings``) and a cache with the transformers ``update`` protocol, or None.
 
     With ``one_row_threads`` > 1, a lone one-token step runs its matmuls on that many torch threads
-    (see :func:`_row_blocks`) and the rest on the caller's: attention stays on one thread where that
-    is the caller's count, because SDPA's sums depend on the threads.
+    (see ``row_matmul.row_blocks``) and the rest on the caller's: attention stays on one thread where
+    that is the caller's count, because SDPA's sums depend on the threads.
     """
 
     def __init__(self, layer: LlamaDecoderLayer, one_row_threads: int = 1):
@@ -153,20 +67,17 @@ class LeanLlamaLayer:
         self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        self.few_rows = few_rows_limit(self.q.shape[1])  # batches up to this size use _few_rows_linear
-        self.one_row_threads = one_row_threads
+        self.few_rows = few_rows_limit(self.q.shape[1])  # batches up to this size use few_rows_linear
         weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        blocks = {id(weight): _row_blocks(weight, one_row_threads) for weight in weights}
+        blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in weights}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
         if batched:
-            linear = _few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
+            linear = few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
         else:
-            one_row = (
-                self.row_blocks and hidden.numel() == hidden.shape[-1] and not getattr(_local, "one_thread", False)
-            )
+            one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
             linear = self._one_row_linear if one_row else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
@@ -191,14 +102,7 @@ class LeanLlamaLayer:
 
     def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         blocks = self.row_blocks.get(id(weight))
-        if blocks is None:
-            return F.linear(x, weight)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.one_row_threads)
-        try:
-            return _blocks_linear(x, blocks)
-        finally:
-            torch.set_num_threads(threads)
+        return F.linear(x, weight) if blocks is None else split_linear(x, blocks)
 
     def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from farmesh_core.lean_layer import rows_linear
+from farmesh_core.row_matmul import rows_linear
 
 logger = logging.getLogger(__name__)
 

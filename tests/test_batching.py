@@ -8,6 +8,7 @@ import torch
 
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.node.batching import JOIN_TURNS, DecodeBatcher
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
@@ -96,7 +97,7 @@ def test_a_step_does_not_wait_forever_for_idle_sessions(span):
 
 
 def bmm_calls(fn) -> int:
-    """How many ``aten::bmm`` ops ``fn()`` ran: split one-token matmuls are bmm (lean_layer._row_blocks)."""
+    """How many ``aten::bmm`` ops ``fn()`` ran: split one-token matmuls are bmm (row_matmul.row_blocks)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         fn()
     return sum(event.count for event in profile.key_averages() if event.key == "aten::bmm")
@@ -116,3 +117,90 @@ def test_a_lone_step_splits_its_matmuls_only_on_an_otherwise_idle_node(tiny_llam
 
     blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
     assert bmm_calls(lambda: asyncio.run(run())) == (blocks if split else 0)
+
+
+# ---- the other families: their layers run as modules, with StepLinears (farmesh_core/row_matmul.py) ----
+FAMILIES = {
+    "mistral-window-12": ("mistral", {"sliding_window": 12}),
+    "mixtral": ("mixtral", {}),
+    "falcon-new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon-multi-query": ("falcon", {"multi_query": True, "new_decoder_architecture": False}),
+    "falcon-alibi": ("falcon", {"alibi": True}),
+    "bloom": ("bloom", {}),
+}
+FAMILY_LAYERS = 4
+
+
+def family_spans(model_dir: str) -> tuple[LayerSpan, LayerSpan]:
+    """Layers 0:4 as a node runs them (StepLinears, lone steps split over 2 threads) and as modules."""
+    checkpoint = Checkpoint(model_dir)
+    adapter = adapter_for(checkpoint.config)
+    quick = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", one_row_threads=2)
+    modules = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", lean_layers=False)
+    return quick, modules
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def step_alone(span: LayerSpan, caches: list[SessionCache], lengths: list[int], seed: int) -> list[torch.Tensor]:
+    """A step of ``lengths[i]`` tokens for each session ``caches[i]``, one after another."""
+    return [
+        span.forward(randn(1, length, span.hidden_size, seed=seed + i), 0, FAMILY_LAYERS, cache, cache.length)
+        for i, (cache, length) in enumerate(zip(caches, lengths, strict=True))
+    ]
+
+
+async def step_batched(span: LayerSpan, caches: list[SessionCache], hiddens: list[torch.Tensor]):
+    """One-token steps of every session through a node's batcher; the batcher and their outputs."""
+    batcher = DecodeBatcher(span, sessions=lambda: len(caches))
+    steps = [batcher.submit(h, 0, FAMILY_LAYERS, c, c.length) for h, c in zip(hiddens, caches, strict=True)]
+    return batcher, await asyncio.gather(*steps)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_batches_its_sessions_one_token_steps(tmp_path, family):
+    """Sessions of 10, 13 and 16 tokens (past Mistral's window of 12): a lone step of each keeps the
+    modules' bits with its matmuls split over 2 threads; then two decode steps of all three run as
+    one batch each, every row within 1e-4 of its step through the modules, and a lone step after them
+    finds the batches' keys and values in its session's cache."""
+    model_type, overrides = FAMILIES[family]
+    quick, modules = family_spans(make_checkpoint(str(tmp_path / "model"), model_type, **overrides))
+    assert quick.step_linear_count > 0 and modules.step_linear_count == 0
+    caches = {span: [SessionCache(32) for _ in range(3)] for span in (quick, modules)}
+    for span in (quick, modules):
+        step_alone(span, caches[span], [10, 13, 16], seed=0)
+    for one, other in zip(
+        *(step_alone(span, caches[span], [1, 1, 1], seed=10) for span in (quick, modules)), strict=True
+    ):
+        assert torch.equal(one, other)
+
+    for seed in (20, 30):
+        hiddens = [randn(1, 1, quick.hidden_size, seed=seed + i) for i in range(3)]
+        batcher, outputs = asyncio.run(step_batched(quick, caches[quick], hiddens))
+        assert (batcher.batches, batcher.steps) == (1, 3)
+        expected = step_alone(modules, caches[modules], [1, 1, 1], seed=seed)
+        for out, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert [c.length for c in caches[quick]] == [c.length for c in caches[modules]] == [13, 16, 19]
+    for one, other in zip(
+        *(step_alone(span, caches[span], [1, 1, 1], seed=40) for span in (quick, modules)), strict=True
+    ):
+        torch.testing.assert_close(one, other, rtol=1e-4, atol=1e-4)
+
+
+def test_long_sessions_step_alone_where_padding_would_copy_more_than_the_weights(tmp_path):
+    """Module layers take a batch's keys and values padded into one tensor, a copy per layer; past the
+    span's weight bytes, batching saves less than it copies and the steps run alone."""
+    quick, _ = family_spans(make_checkpoint(str(tmp_path / "model"), "bloom"))
+    weights = sum(p.numel() * p.element_size() for layer in quick.layers.values() for p in layer.parameters())
+    per_row_token = quick.kv_bytes_per_token(0, FAMILY_LAYERS)  # every layer's keys and values
+    long = weights // (3 * per_row_token) + 1
+    for length, batched in [(long - 8, True), (long, False)]:
+        caches = [SessionCache(length + 1) for _ in range(3)]
+        for i, cache in enumerate(caches):
+            quick.forward(randn(1, length - i, quick.hidden_size, seed=i), 0, FAMILY_LAYERS, cache, 0)
+        hiddens = [randn(1, 1, quick.hidden_size, seed=10 + i) for i in range(3)]
+        outputs = quick.forward_decode_batch(hiddens, 0, FAMILY_LAYERS, caches, [c.length for c in caches])
+        assert (outputs is not None) == batched

@@ -14,9 +14,10 @@ from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.cli import build_parser
 from farmesh_core.config import NodeConfig
-from farmesh_core.lean_layer import LeanLlamaLayer, _blocks_linear, _few_rows_linear, _row_blocks, lean_llama_layer
+from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks
 from farmesh_plugins.quantization import int8_quantization
 from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids
 
@@ -152,7 +153,7 @@ def test_batched_decoding_with_either_multiplication(spans, sessions):
 def test_few_rows_linear_is_a_contiguous_linear():
     """Contiguous like F.linear's output: SDPA picks its kernel by the query's strides."""
     weight, x = randn(688, 256, seed=1), randn(3, 1, 256, seed=2)
-    out = _few_rows_linear(x, weight)
+    out = few_rows_linear(x, weight)
     assert out.shape == (3, 1, 688) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
@@ -168,7 +169,7 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
             blocks = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
             torch.set_num_threads(2)
             x = randn(1, 1, weight.shape[1], seed=weight.shape[0])
-            identical = torch.equal(_blocks_linear(x, blocks), F.linear(x, weight))
+            identical = torch.equal(blocks_linear(x, blocks), F.linear(x, weight))
             assert (id(weight) in call.row_blocks) == identical
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -188,9 +189,9 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
 
 
 def test_row_blocks_only_for_weights_they_split_evenly():
-    assert _row_blocks(randn(687, 256, seed=1), 2) is None
-    assert _row_blocks(randn(688, 256, seed=1), 1) is None
-    assert _row_blocks(randn(688, 256, seed=1).t(), 2) is None  # not contiguous
+    assert row_blocks(randn(687, 256, seed=1), 2) is None
+    assert row_blocks(randn(688, 256, seed=1), 1) is None
+    assert row_blocks(randn(688, 256, seed=1).t(), 2) is None  # not contiguous
 
 
 def test_forward_without_cache_and_a_sub_range(spans):

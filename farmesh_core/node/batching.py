@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from farmesh_core import metrics
-from farmesh_core.lean_layer import matmuls_on_one_thread
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.row_matmul import matmuls_on_one_thread
 
 logger = logging.getLogger(__name__)
 

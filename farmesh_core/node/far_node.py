@@ -87,7 +87,7 @@ class FarNode:
         dtype = DTYPES.get(config.dtype) or checkpoint.config.dtype or torch.float32
         if isinstance(dtype, str):
             dtype = DTYPES[dtype]
-        # One-token steps split their matmuls over the node's threads (bit-identical): see lean_layer._row_blocks.
+        # One-token steps split their matmuls over the node's threads (bit-identical): see row_matmul.row_blocks.
         self._threads = config.num_threads or torch.get_num_threads()
         self._span_args = (checkpoint, adapter, dtype, prepare)  # also to load other layers when it moves
         # A progress bar on a terminal (disable=None: none when stderr is a file or a pipe).

@@ -3,7 +3,7 @@
 A refused request gets an error reply naming the problem; the node, and every other session, keep
 going. Small steps (decoding, short prefills) run inline on the event loop on one torch thread, the
 fastest path here (a hand-off to another thread costs more than it saves), except the matmuls of a
-lone one-token step, which are split over ``num_threads`` (see ``lean_layer._row_blocks``); large
+lone one-token step, which are split over ``num_threads`` (see ``row_matmul.row_blocks``); large
 ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so they
 use every core and do not stall other sessions' messages.
 """

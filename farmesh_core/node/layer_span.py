@@ -11,7 +11,9 @@ from transformers import PretrainedConfig
 
 from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.lean_layer import LeanLlamaLayer
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
+from farmesh_core.row_matmul import decode_batch_rows, step_linears
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +51,24 @@ class LayerSpan:
         # method: every request runs them with its adapter active (None: the base model), see _using.
         self.switchable = [layer for layer in self.layers.values() if hasattr(layer, "farmesh_set_adapter")]
         # How inference steps (no autograd) call each layer: the adapter's lean call where it has one for
-        # the layer as prepared (not quantized, no LoRA: see ArchitectureAdapter.lean_layer), else run_layer.
+        # the layer as prepared (not quantized, no LoRA: see ArchitectureAdapter.lean_layer), else run_layer,
+        # with StepLinears in place of its plain linears (see row_matmul) unless lean_layers is off.
         self.step_calls: dict[int, LayerCall] = {}
-        self.lean_count = 0
+        self.lean_count = self.step_linear_count = 0
         for index, layer in self.layers.items():
-            lean = adapter.lean_layer(layer, one_row_threads) if lean_layers and layer not in self.switchable else None
+            quick = lean_layers and layer not in self.switchable
+            lean = adapter.lean_layer(layer, one_row_threads) if quick else None
             self.step_calls[index] = partial(adapter.run_layer, layer) if lean is None else lean
             self.lean_count += lean is not None
-        logger.debug("layers %d:%d: %d of them run lean", start, end, self.lean_count)
+            if quick and lean is None:
+                self.step_linear_count += step_linears(layer, one_row_threads, adapter.linear_classes)
+        logger.debug(
+            "layers %d:%d: %d of them run lean, %d linears of the others run as StepLinear",
+            start, end, self.lean_count, self.step_linear_count,
+        )  # fmt: skip
+        self._weight_bytes = {
+            i: sum(p.numel() * p.element_size() for p in layer.parameters()) for i, layer in self.layers.items()
+        }
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
 
@@ -112,16 +124,29 @@ class LayerSpan:
     ) -> list[torch.Tensor] | None:
         """One-token steps [1, 1, hidden] of several sessions (all with adapter ``adapter_name``) as one
         batch; None if the family can't."""
+        if self._padding_outweighs_batching(len(hiddens), max(positions) + 1, start, end):
+            return None
         hidden = torch.cat(hiddens).to(self.device, self.dtype)
         kwargs = self.adapter.prepare_decode_batch(self.context, hidden, positions)
         if kwargs is None:
             return None
         cache = BatchedDecodeCache(caches, positions)
-        with self._using(adapter_name):
+        with self._using(adapter_name), decode_batch_rows():
             for index in range(start, end):
                 hidden = self.step_calls[index](hidden, cache, kwargs)
         cache.end_step()
         return list(hidden.split(1))
+
+    def _padding_outweighs_batching(self, rows: int, length: int, start: int, end: int) -> bool:
+        """Whether a decode batch would copy more bytes of keys and values than the layers' weights.
+
+        Layers that run as modules (all but lean ones) take the batch's keys and values padded into one
+        tensor, a copy of every row's cache per layer (``BatchedDecodeCache``); batching saves reading
+        the weights once per row. Past that point, with long sessions, the rows step alone.
+        """
+        modules = [i for i in range(start, end) if not isinstance(self.step_calls[i], LeanLlamaLayer)]
+        padded = rows * length * self.adapter.kv_bytes_per_token(self.config, self.dtype) * len(modules)
+        return padded > sum(self._weight_bytes[i] for i in modules)
 
     def backward(
         self, hidden: torch.Tensor, grad_output: torch.Tensor, start: int, end: int, adapter_name: str | None = None

@@ -4,7 +4,7 @@ GNU OpenMP, torch's CPU threading here, keeps a team of worker threads for every
 multi-threaded op, for as long as that thread lives. Once a process holds more such workers than
 there are cores, OpenMP stops spinning between parallel regions and wakes its workers through the
 kernel each time. A one-token step on the event loop makes a parallel region per matmul (see
-``lean_layer._row_blocks``): with the loading thread's and the large-step worker's teams alive, its
+``row_matmul.row_blocks``): with the loading thread's and the large-step worker's teams alive, its
 split matmuls ran slower than on one thread (5.4 against 2.5 ms for 56 of them). So the threads that
 run large steps, and the one that loaded the layers, end their workers when done (OpenMP 5.0's
 ``omp_pause_resource_all``); the next large step starts them again, which costs far less than a

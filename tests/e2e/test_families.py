@@ -2,10 +2,12 @@
 
 Each family (Mistral, Mixtral, Falcon with the new decoder architecture, multi-query Falcon, Bloom)
 gets a tiny seeded checkpoint from the maker and its own mesh of real processes, compared with plain
-transformers on the same checkpoint: greedy tokens identical, hidden states within 1e-5. Variants
-that need no mesh to show their difference (alibi Falcon, Mistral past its sliding window) are
-checked on local layers. A model type without an adapter names the package to install.
+transformers on the same checkpoint: greedy tokens identical (concurrent sessions too), hidden states
+within 1e-5. Variants that need no mesh to show their difference (alibi Falcon, Mistral past its
+sliding window) are checked on local layers. A model type without an adapter names the package to install.
 """
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -113,6 +115,16 @@ def test_session_continued_with_a_second_prompt_equals_transformers(family):
         second_tokens = family.generate(torch.cat([pending, second], dim=1), 16, session=session)
     assert first_tokens == hf_greedy(family.hf, family.prompt, 16)
     assert second_tokens == hf_greedy(family.hf, torch.cat([seen, second], dim=1), 16)
+
+
+def test_concurrent_sessions_each_equal_transformers(family):
+    """Three sessions at once: the nodes batch their one-token steps (each family's
+    ``prepare_decode_batch``), and each session still gets transformers' greedy tokens."""
+    texts = [PROMPT, SECOND_PROMPT, " A wrapper around the file object"]
+    prompts = [family.client.tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    expected = [hf_greedy(family.hf, prompt, 24) for prompt in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(lambda prompt: family.generate(prompt, 24), prompts)) == expected
 
 
 # ---- variants checked on local layers (no mesh needed) --------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch.nn import LayerNorm
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from farmesh_core.architecture import ArchitectureAdapter
+from farmesh_core.architecture import ArchitectureAdapter, decode_batch_keys, decode_batch_mask
 from farmesh_core.hookspecs import hookimpl
 
 
@@ -33,6 +33,12 @@ class BloomAdapter(ArchitectureAdapter):
         ones = torch.ones(batch, position + q_len, device=hidden.device)
         alibi = build_alibi_tensor(ones, num_heads, hidden.dtype)
         return {"alibi": alibi, "attention_mask": super().prepare(None, hidden, position)["attention_mask"]}
+
+    def prepare_decode_batch(self, num_heads, hidden, positions):
+        # Alibi counts the keys a row sees (build_alibi_tensor's cumsum): a row's padding changes nothing.
+        seen = decode_batch_keys(positions, hidden.device).to(hidden.dtype)
+        alibi = build_alibi_tensor(seen, num_heads, hidden.dtype)
+        return {"alibi": alibi, "attention_mask": decode_batch_mask(positions, hidden.dtype, hidden.device)}
 
 
 @hookimpl

@@ -26,6 +26,9 @@ class MistralAdapter(ArchitectureAdapter):
             kwargs["attention_mask"] = causal_mask(q_len, position, hidden.dtype, hidden.device, window)
         return kwargs
 
+    def prepare_decode_batch(self, context, hidden, positions):
+        return self.rotary_decode_batch(context, hidden, positions, window=context.config.sliding_window)
+
 
 class MixtralAdapter(MistralAdapter):
     model_type = "mixtral"

@@ -1,0 +1,196 @@
+"""The matmuls of a node's one-token steps, quicker on a CPU than ``F.linear`` and its GEMV.
+
+A lone one-token step splits each matmul over threads with ``F.linear``'s exact bits
+(:func:`row_blocks`); the rows of several sessions' one-token steps run together through
+``W @ X^T`` (:func:`few_rows_linear`). Llama's lean layers call these directly; for the layers of other
+families, :func:`step_linears` puts a :class:`StepLinear` in place of each plain linear.
+"""
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for an x of a few rows, as ``(weight @ x^T)^T``.
+
+    On CPU the GEMM behind ``F.linear`` is slow for a few rows: 2 rows took 2-2.5x the time of one
+    (hidden sizes 256 to 1024), more than two one-row steps, so batching decode steps saved nothing.
+    ``weight @ x^T`` costs about one row's time for 2 rows, but grows with the rows faster than the
+    GEMM does: it wins up to about 2048 / hidden_size rows (measured at 256, 512 and 1024), see
+    :func:`few_rows_limit`. The sums run in another order, so rows can differ from a lone step's in
+    the last bits, as any batched multiplication's may.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.mm(weight, rows.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def few_rows_limit(in_features: int) -> int:
+    """Up to how many rows :func:`few_rows_linear` beats ``F.linear`` for weights of ``in_features`` columns."""
+    return max(2, 2048 // in_features)
+
+
+def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``; a few rows (one-token steps of several sessions) go the faster
+    :func:`few_rows_linear` way, one row keeps ``F.linear``'s bits."""
+    rows = x.numel() // x.shape[-1]
+    if 2 <= rows <= few_rows_limit(weight.shape[1]):
+        return few_rows_linear(x, weight)
+    return F.linear(x, weight)
+
+
+# (shape, strides, dtype, threads, what the blocks stand in for) -> the blocks give its bits
+_SPLIT_VERDICTS: dict[tuple, bool] = {}
+
+
+def row_blocks(
+    weight: torch.Tensor,
+    threads: int,
+    bias: torch.Tensor | None = None,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kind: str = "F.linear",
+) -> torch.Tensor | None:
+    """``weight`` ([out, in]) as ``threads`` blocks of its output rows, ``[threads, in, out / threads]``
+    for ``torch.bmm``, if a one-row step through them (plus ``bias``) gives the exact bits of
+    ``reference`` (``F.linear(x, weight, bias)``, or ``kind``'s own forward), else None.
+
+    A one-token step's matmuls stream every weight from memory once; on CPU a one-row ``F.linear`` is
+    a GEMV that uses one core whatever the torch threads, and one core's share of memory bandwidth is
+    the limit (measured here: two processes each ran their 8 layers' matmuls as fast as one alone).
+    ``bmm`` over row blocks runs one block per thread, each a dot product over the same whole input
+    row, so the bits stay F.linear's. Whether they do is a property of the kernels for this shape,
+    so it is checked once per shape, dtype and ``kind``, on this weight, before the blocks are used.
+    """
+    out_features, in_features = weight.shape
+    if threads < 2 or weight.device.type != "cpu" or out_features % threads or not weight.is_contiguous():
+        return None
+    blocks = weight.view(threads, out_features // threads, in_features).transpose(1, 2)
+    key = (tuple(weight.shape), weight.stride(), weight.dtype, threads, kind, bias is not None)
+    if key not in _SPLIT_VERDICTS:
+        if reference is None:
+
+            def reference(x: torch.Tensor) -> torch.Tensor:
+                return F.linear(x, weight, bias)
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
+                _SPLIT_VERDICTS[key] = all(
+                    torch.equal(reference(x), _plus(blocks_linear(x, blocks), bias)) for x in rows
+                )
+        finally:
+            torch.set_num_threads(previous)
+        if not _SPLIT_VERDICTS[key]:
+            logger.debug("weights %s keep their own matmul: row blocks change its bits", key)
+    return blocks if _SPLIT_VERDICTS[key] else None
+
+
+def _plus(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
+
+
+def blocks_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a one-row x and ``blocks = row_blocks(weight, threads)``."""
+    out = torch.bmm(x.reshape(1, 1, -1).expand(blocks.shape[0], 1, -1), blocks)
+    return out.view(*x.shape[:-1], -1)
+
+
+def split_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """:func:`blocks_linear` on one torch thread per block, whatever the caller's count (which it keeps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(blocks.shape[0])
+    try:
+        return blocks_linear(x, blocks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+_local = threading.local()  # this thread's: .one_thread (see matmuls_on_one_thread), .batch (decode_batch_rows)
+
+
+@contextmanager
+def matmuls_on_one_thread() -> Iterator[None]:
+    """Within it, lone one-token steps on this thread keep their matmuls on the caller's torch threads.
+
+    A node busy with several sessions gets its parallelism from them (batches, and the nodes of a
+    chain working at once): splitting its lone steps as well only makes the threads wait for cores.
+    """
+    before = getattr(_local, "one_thread", False)
+    _local.one_thread = True
+    try:
+        yield
+    finally:
+        _local.one_thread = before
+
+
+def splits_lone_rows() -> bool:
+    """Whether a lone one-token row on this thread may split its matmuls (see :func:`matmuls_on_one_thread`)."""
+    return not getattr(_local, "one_thread", False)
+
+
+@contextmanager
+def decode_batch_rows() -> Iterator[None]:
+    """Within it, the rows that reach a :class:`StepLinear` on this thread are a decode batch's, one
+    per session: a few of them go through :func:`few_rows_linear`. (A short prefill's rows keep the
+    module's own matmul, and its bits.)"""
+    before = getattr(_local, "batch", False)
+    _local.batch = True
+    try:
+        yield
+    finally:
+        _local.batch = before
+
+
+class StepLinear(nn.Linear):
+    """A layer's linear with the quicker paths of a node's inference steps, for families that have no
+    lean layer. It shares the parameters of the module it replaces (``nn.Linear``, or a family's
+    subclass computing ``x @ W^T + b``, see ``ArchitectureAdapter.linear_classes``).
+
+    - A lone one-token row, where :func:`splits_lone_rows`, runs split over ``threads`` threads if that
+      gives the replaced module's bits (:func:`row_blocks`, checked on this weight).
+    - A decode batch's few rows (:func:`decode_batch_rows`) go through :func:`few_rows_linear`.
+    - Everything else (prefills, forward calls, autograd) is the replaced module's own forward.
+    """
+
+    def __init__(self, linear: nn.Linear, threads: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_parameter("weight", linear.weight)
+        self.register_parameter("bias", linear.bias)
+        self.replaced = type(linear)
+        self.few_rows = few_rows_limit(self.in_features)
+        self.blocks = row_blocks(
+            self.weight.detach(), threads, None if self.bias is None else self.bias.detach(),
+            reference=lambda x: self.replaced.forward(self, x), kind=self.replaced.__qualname__,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            rows = x.numel() // x.shape[-1]
+            if rows == 1 and self.blocks is not None and splits_lone_rows():
+                return _plus(split_linear(x, self.blocks), self.bias)
+            if 2 <= rows <= self.few_rows and getattr(_local, "batch", False):
+                return _plus(few_rows_linear(x, self.weight), self.bias)
+        return self.replaced.forward(self, x)
+
+
+def step_linears(layer: nn.Module, threads: int, classes: tuple[type[nn.Module], ...]) -> int:
+    """Put a :class:`StepLinear` in place of each linear of ``layer`` whose type is one of ``classes``
+    (exactly: subclasses may compute something else) and that has no hooks; returns how many."""
+    replaced = 0
+    for name, module in list(layer.named_modules()):
+        if type(module) not in classes or module._forward_hooks or module._forward_pre_hooks:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(layer.get_submodule(parent), child, StepLinear(module, threads))
+        replaced += 1
+    return replaced
