@@ -9,9 +9,11 @@ from transformers import AutoModelForCausalLM
 from farmesh_core import split_head
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.causal_lm import DistributedModelForCausalLM
+from farmesh_core.client.generation import NoEosBefore
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
 PROMPT = [1, 57, 300, 12, 801, 44, 9]
+masked = NoEosBefore.__call__
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,22 @@ def test_plain_greedy_generate_takes_quick_logits_and_stays_exact(mesh, referenc
         quick = model.quick_logits
         assert torch.equal(model.generate(input_ids, **penalised), reference.generate(input_ids, **penalised))
         assert model.quick_logits == quick  # a processor that rescales scores: exact logits only
+
+
+@pytest.mark.timeout(300)
+def test_minimum_lengths_hold_back_eos_as_transformers_does(model, reference, monkeypatch):
+    """``min_new_tokens`` and ``min_length`` mask EOS through FarMesh's ``NoEosBefore`` (no vocabulary
+    mask per step) with transformers' tokens. EOS is made a token the greedy continuation reaches at
+    its 5th step, so the masks change the output."""
+    calls = []
+    monkeypatch.setattr(NoEosBefore, "__call__", lambda self, ids, scores: calls.append(1) or masked(self, ids, scores))
+    input_ids = torch.tensor([PROMPT])
+    eos = int(hf_greedy(reference, input_ids, 5)[0, -1])
+    unmasked = dict(max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    stopped = model.generate(input_ids, **unmasked)
+    assert stopped.shape[1] <= len(PROMPT) + 5 and int(stopped[0, -1]) == eos
+    for minimum in ({"min_new_tokens": 12}, {"min_length": len(PROMPT) + 12}):
+        calls.clear()
+        out = model.generate(input_ids, **unmasked, **minimum)
+        assert torch.equal(out, reference.generate(input_ids, **unmasked, **minimum))
+        assert out.shape[1] >= len(PROMPT) + 12 and len(calls) >= 12

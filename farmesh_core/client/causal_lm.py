@@ -18,11 +18,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Cache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    Cache,
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from farmesh_core.client.generation import greedy_is_certain
+from farmesh_core.client.generation import NoEosBefore, greedy_is_certain
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -193,6 +201,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             result.sequences = sequences
             return result
         return sequences
+
+    def _get_logits_processor(self, *args: Any, **kwargs: Any) -> LogitsProcessorList:
+        """transformers' processors for the call, its minimum-length ones swapped for :class:`NoEosBefore`:
+        the same scores, without a mask over the whole vocabulary built at every step (0.3 ms with 32k
+        tokens, as much as a 4-layer step of the tiny models)."""
+        processors = super()._get_logits_processor(*args, **kwargs)
+        for i, processor in enumerate(processors):
+            if type(processor) is MinNewTokensLengthLogitsProcessor:
+                length = processor.prompt_length_to_skip + processor.min_new_tokens
+            elif type(processor) is MinLengthLogitsProcessor:
+                length = processor.min_length
+            else:
+                continue
+            processors[i] = NoEosBefore(length, processor.eos_token_id.reshape(-1).tolist())
+        return processors
 
     def prepare_inputs_for_generation(
         self,
