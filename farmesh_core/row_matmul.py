@@ -9,7 +9,7 @@ families, :func:`step_linears` puts a :class:`StepLinear` in place of each plain
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -114,22 +114,27 @@ def split_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-_local = threading.local()  # this thread's: .one_thread (see matmuls_on_one_thread), .batch (decode_batch_rows)
+_local = threading.local()  # this thread's flags: one_thread (matmuls_on_one_thread), batch (decode_batch_rows)
 
 
 @contextmanager
-def matmuls_on_one_thread() -> Iterator[None]:
+def _flag(name: str) -> Iterator[None]:
+    """This thread's flag ``name`` raised within the block, and as it was after it."""
+    before = getattr(_local, name, False)
+    setattr(_local, name, True)
+    try:
+        yield
+    finally:
+        setattr(_local, name, before)
+
+
+def matmuls_on_one_thread() -> AbstractContextManager[None]:
     """Within it, lone one-token steps on this thread keep their matmuls on the caller's torch threads.
 
     A node busy with several sessions gets its parallelism from them (batches, and the nodes of a
     chain working at once): splitting its lone steps as well only makes the threads wait for cores.
     """
-    before = getattr(_local, "one_thread", False)
-    _local.one_thread = True
-    try:
-        yield
-    finally:
-        _local.one_thread = before
+    return _flag("one_thread")
 
 
 def splits_lone_rows() -> bool:
@@ -137,17 +142,11 @@ def splits_lone_rows() -> bool:
     return not getattr(_local, "one_thread", False)
 
 
-@contextmanager
-def decode_batch_rows() -> Iterator[None]:
+def decode_batch_rows() -> AbstractContextManager[None]:
     """Within it, the rows that reach a :class:`StepLinear` on this thread are a decode batch's, one
     per session: a few of them go through :func:`few_rows_linear`. (A short prefill's rows keep the
     module's own matmul, and its bits.)"""
-    before = getattr(_local, "batch", False)
-    _local.batch = True
-    try:
-        yield
-    finally:
-        _local.batch = before
+    return _flag("batch")
 
 
 class StepLinear(nn.Linear):
