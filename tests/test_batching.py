@@ -12,6 +12,7 @@ from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.node.batching import JOIN_TURNS, DecodeBatcher
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_plugins.quantization import module_nbytes
 from tests.helpers import HIDDEN_SIZE, NUM_LAYERS
 
 
@@ -194,7 +195,7 @@ def test_long_sessions_step_alone_where_padding_would_copy_more_than_the_weights
     """Module layers take a batch's keys and values padded into one tensor, a copy per layer; past the
     span's weight bytes, batching saves less than it copies and the steps run alone."""
     quick, _ = family_spans(make_checkpoint(str(tmp_path / "model"), "bloom"))
-    weights = sum(p.numel() * p.element_size() for layer in quick.layers.values() for p in layer.parameters())
+    weights = sum(module_nbytes(layer) for layer in quick.layers.values())
     per_row_token = quick.kv_bytes_per_token(0, FAMILY_LAYERS)  # every layer's keys and values
     long = weights // (3 * per_row_token) + 1
     for length, batched in [(long - 8, True), (long, False)]:

@@ -14,6 +14,7 @@ from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.lean_layer import LeanLlamaLayer
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
 from farmesh_core.row_matmul import decode_batch_rows, step_linears
+from farmesh_plugins.quantization import module_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,7 @@ class LayerSpan:
             "layers %d:%d: %d of them run lean, %d linears of the others run as StepLinear",
             start, end, self.lean_count, self.step_linear_count,
         )  # fmt: skip
-        self._weight_bytes = {
-            i: sum(p.numel() * p.element_size() for p in layer.parameters()) for i, layer in self.layers.items()
-        }
+        self._weight_bytes = {i: module_nbytes(layer) for i, layer in self.layers.items()}  # quantized ones too
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
 
