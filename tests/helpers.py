@@ -22,6 +22,11 @@ HIDDEN_SIZE = 256  # TINY_LLAMA
 NUM_LAYERS = 8
 
 
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    """A seeded standard-normal tensor (the global generator stays untouched)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 # ---- plain transformers, the definition of correct -----------------------------------------------
 @cache
 def hf_model(model_dir: str):

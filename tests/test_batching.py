@@ -13,7 +13,7 @@ from farmesh_core.node.batching import JOIN_TURNS, DecodeBatcher
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.quantization import module_nbytes
-from tests.helpers import HIDDEN_SIZE, NUM_LAYERS
+from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, randn
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,6 @@ def family_spans(model_dir: str) -> tuple[LayerSpan, LayerSpan]:
     quick = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", one_row_threads=2)
     modules = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", lean_layers=False)
     return quick, modules
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def step_alone(span: LayerSpan, caches: list[SessionCache], lengths: list[int], seed: int) -> list[torch.Tensor]:

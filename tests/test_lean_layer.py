@@ -19,7 +19,7 @@ from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks
 from farmesh_plugins.quantization import int8_quantization
-from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids
+from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids, randn
 
 STEPS = 20
 
@@ -31,10 +31,6 @@ def load_span(model_dir: str, prepare_layer=None, lean_layers: bool = True, one_
         checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer,
         lean_layers=lean_layers, one_row_threads=one_row_threads,
     )  # fmt: skip
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -8,10 +8,7 @@ from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 
 from farmesh_core.row_matmul import StepLinear, decode_batch_rows, matmuls_on_one_thread, step_linears
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import randn
 
 
 def linear(kind: type[nn.Linear], in_features: int, out_features: int, bias: bool) -> nn.Linear:
