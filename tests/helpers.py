@@ -27,6 +27,14 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def op_counts(fn) -> dict[str, int]:
+    """How many times ``fn()`` ran each torch op (``aten::bmm``: a one-token matmul split over threads,
+    see ``row_matmul.row_blocks``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return {event.key: event.count for event in profile.key_averages()}
+
+
 # ---- plain transformers, the definition of correct -----------------------------------------------
 @cache
 def hf_model(model_dir: str):

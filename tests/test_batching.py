@@ -13,7 +13,7 @@ from farmesh_core.node.batching import JOIN_TURNS, DecodeBatcher
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.quantization import module_nbytes
-from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, randn
+from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, op_counts, randn
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +97,6 @@ def test_a_step_does_not_wait_forever_for_idle_sessions(span):
     assert asyncio.run(run()) == (True, True)
 
 
-def bmm_calls(fn) -> int:
-    """How many ``aten::bmm`` ops ``fn()`` ran: split one-token matmuls are bmm (row_matmul.row_blocks)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return sum(event.count for event in profile.key_averages() if event.key == "aten::bmm")
-
-
 @pytest.mark.parametrize("open_sessions, split", [(1, True), (3, False)])
 def test_a_lone_step_splits_its_matmuls_only_on_an_otherwise_idle_node(tiny_llama, open_sessions, split):
     """On a node with one session a lone one-token step spreads its matmuls over the node's threads;
@@ -117,7 +110,7 @@ def test_a_lone_step_splits_its_matmuls_only_on_an_otherwise_idle_node(tiny_llam
         return await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)
 
     blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
-    assert bmm_calls(lambda: asyncio.run(run())) == (blocks if split else 0)
+    assert op_counts(lambda: asyncio.run(run())).get("aten::bmm", 0) == (blocks if split else 0)
 
 
 # ---- the other families: their layers run as modules, with StepLinears (farmesh_core/row_matmul.py) ----

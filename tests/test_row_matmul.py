@@ -8,7 +8,7 @@ from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 
 from farmesh_core.row_matmul import StepLinear, decode_batch_rows, matmuls_on_one_thread, step_linears
-from tests.helpers import randn
+from tests.helpers import op_counts, randn
 
 
 def linear(kind: type[nn.Linear], in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -18,12 +18,6 @@ def linear(kind: type[nn.Linear], in_features: int, out_features: int, bias: boo
         if bias:
             module.bias.copy_(randn(out_features, seed=2))
     return module.requires_grad_(False)
-
-
-def op_counts(fn) -> dict[str, int]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return {event.key: event.count for event in profile.key_averages()}
 
 
 CASES = [(nn.Linear, 256, 768, True), (nn.Linear, 1024, 256, True), (FalconLinear, 256, 1024, False),
