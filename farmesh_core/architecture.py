@@ -96,7 +96,7 @@ class ClientHead(nn.Module):
         (then use :meth:`logits`). For callers that need only what the bound cannot change (a greedy
         choice with a clear winner, see ``TokenChooser.certain``)."""
         batcher = None if torch.is_grad_enabled() else self._batcher()
-        if batcher is None or batcher.transposed is None:
+        if batcher is None or batcher.quick is None:
             return None
         hidden = self.final_norm(hidden)
         if not batcher.takes(hidden):

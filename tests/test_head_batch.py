@@ -25,14 +25,14 @@ def rows(count: int) -> list[torch.Tensor]:
     return [torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(i)) for i in range(count)]
 
 
-def call_while_busy(batcher: HeadBatcher, xs: list[torch.Tensor]) -> list:
-    """Call ``batcher`` with each row from its own thread while the head is held busy, then let it go:
-    the rows that queued meanwhile are computed together."""
+def call_while_busy(batcher: HeadBatcher, xs: list[torch.Tensor], fast: bool = False) -> list:
+    """Call ``batcher`` (with ``fast``) with each row from its own thread while the head is held busy,
+    then let it go: the rows that queued meanwhile are computed together."""
     out: list = [None] * len(xs)
 
     def run(i):
         try:
-            out[i] = batcher(xs[i])
+            out[i] = batcher(xs[i], fast=fast)
         except Exception as e:
             out[i] = e
 
@@ -179,17 +179,24 @@ def test_a_large_head_gives_quick_approximate_logits_within_their_bound(monkeypa
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
     weight = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3))
     batcher = HeadBatcher(weight)
-    assert batcher.transposed is not None
+    assert batcher.quick is not None
     with torch.inference_mode():
         for x in rows(5):
             x = x * 30  # large logits: their rounding errors are too
             exact, quick = F.linear(x, weight), batcher(x, fast=True)
             assert quick.shape == exact.shape
-            assert float((quick - exact).abs().max()) <= batcher.error_bound(x)
+            error = float((quick - exact).abs().max())
+            assert 0 < error <= batcher.error_bound(x)  # float16 weights: not the exact logits
             assert torch.equal(batcher(x), exact)  # without fast=True: F.linear's bits
-    assert HeadBatcher(weight.double()).transposed is None  # float32 only
+        # rows that reach the head together go through the float16 copy together, each within its bound
+        xs = rows(3)
+        quick = call_while_busy(batcher, xs, fast=True)
+        assert batcher.rows - batcher.passes == 2  # two of the three shared a pass
+        for x, logits in zip(xs, quick, strict=True):
+            assert float((logits - F.linear(x, weight)).abs().max()) <= batcher.error_bound(x)
+    assert HeadBatcher(weight.double()).quick is None  # float32 only
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", weight.nbytes + 1)
-    assert HeadBatcher(weight).transposed is None  # small heads: F.linear is quick enough
+    assert HeadBatcher(weight).quick is None  # small heads: F.linear is quick enough
 
 
 def test_client_head_approximate_and_module_logits(monkeypatch):

@@ -214,7 +214,7 @@ def test_gradient_through_remote_layers_equals_local(client, mesh):
 def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, monkeypatch):
     """With the LM head over two threads (here forced for a small head), seeded sampled tokens are
     still transformers'; greedy ones too, chosen from the quick approximate logits where their bound
-    allows (every token here) and from exact ones where it does not (every token, with a huge bound)."""
+    allows (most tokens here) and from exact ones where it does not (every token, with a huge bound)."""
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
     outcomes = []
     certain = TokenChooser.certain
@@ -225,7 +225,8 @@ def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, 
         split = client.head._head_batcher.linear
         assert isinstance(split, SplitHead) and split.exact
         assert torch.cat(steps).tolist() == expected
-        assert len(outcomes) == 32 and all(o is not None for o in outcomes)
+        # the float16 head's bound leaves a near tie now and then to the exact logits (3 of 32 here)
+        assert len(outcomes) == 32 and sum(o is not None for o in outcomes) > 24
         monkeypatch.setattr(HeadBatcher, "error_bound", lambda self, x: 1e9)
         outcomes.clear()
         assert torch.cat(list(client.generate_ids(prompt_ids(mesh.model_dir), 32))).tolist() == expected
