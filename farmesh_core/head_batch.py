@@ -16,6 +16,7 @@ computed together can differ from them in the last bits, as the nodes' batched s
 
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,7 +72,9 @@ class HeadBatcher:
             float((g * (exact.norm(dim=1) + rounded.norm(dim=1)) + (exact - rounded).norm(dim=1)).max())
             for exact, rounded in ((rows.double(), rows.half().double()) for rows in weight.detach().split(4096))
         )
-        # the float16 copy's two halves (the vocabulary's first and second half), packed for fbgemm
+        # the float16 copy's two halves (the vocabulary's first and second half), packed for fbgemm;
+        # none where a weight is beyond float16's range (the bound is infinite then)
+        quick = quick and math.isfinite(self._bound_per_norm)
         self.quick: tuple[torch.Tensor, ...] | None = _float16_halves(split, g) if quick else None
         self.passes = self.rows = 0  # how many passes through the head, for how many rows
         lock = threading.Lock()

@@ -195,6 +195,9 @@ def test_a_large_head_gives_quick_approximate_logits_within_their_bound(monkeypa
         for x, logits in zip(xs, quick, strict=True):
             assert float((logits - F.linear(x, weight)).abs().max()) <= batcher.error_bound(x)
     assert HeadBatcher(weight.double()).quick is None  # float32 only
+    huge = weight.clone()
+    huge[7, 3] = 1e5  # beyond float16's range: that logit's bound would be infinite
+    assert HeadBatcher(huge).quick is None
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", weight.nbytes + 1)
     assert HeadBatcher(weight).quick is None  # small heads: F.linear is quick enough
 
