@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
-from farmesh_core.head_batch import HeadBatcher
+from farmesh_core.head_batch import ApproximateLogits, HeadBatcher
 from farmesh_core.lean_layer import lean_llama_layer
 from farmesh_core.rotary import RotaryRows
 
@@ -90,18 +90,18 @@ class ClientHead(nn.Module):
             return batcher(hidden)
         return self.lm_head(hidden)
 
-    def approximate_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        """Logits of one row ``hidden`` by the quickest path, which may differ from :meth:`logits` in the
-        last bits, and a bound on how far each may be from them; None where there is no quicker path
-        (then use :meth:`logits`). For callers that need only what the bound cannot change (a greedy
-        choice with a clear winner, see ``TokenChooser.certain``)."""
+    def approximate_logits(self, hidden: torch.Tensor) -> ApproximateLogits | None:
+        """Logits of one row ``hidden`` by the quickest path, which may differ from :meth:`logits`, with
+        a bound on how far each may be from them and a way to score near ties again; None where there is
+        no quicker path (then use :meth:`logits`). For callers that need only what the bound cannot
+        change (a greedy choice, see ``TokenChooser.certain``)."""
         batcher = None if torch.is_grad_enabled() else self._batcher()
         if batcher is None or batcher.quick is None:
             return None
         hidden = self.final_norm(hidden)
         if not batcher.takes(hidden):
             return None
-        return batcher(hidden, fast=True), batcher.error_bound(hidden)
+        return batcher.approximate(hidden)
 
     def module_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` by the modules' own calls, alone: the bits of a single-process model."""

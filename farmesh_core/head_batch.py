@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,16 @@ LINGER_S = 0.0005  # how long an idle head's first caller waits for the rows of 
 RECENT_S = 0.05  # callers seen within this long count as active (a session steps every few ms to tens)
 LINGER_MIN_BYTES = 8 * 1024**2  # smaller heads take well under LINGER_S a pass: waiting would cost more
 FAST_MAX_BYTES = 512 * 1024**2  # larger float32 heads get no float16 copy
+
+
+class ApproximateLogits(NamedTuple):
+    """Quick logits of one row ``x``, each within ``bound`` of the exact ones (``F.linear``'s), and
+    ``refine(ids)``: those ids' logits summed in float64, with how far the exact ones may be from each
+    (see ``HeadBatcher.refine``), to settle near ties without the whole exact pass."""
+
+    logits: torch.Tensor
+    bound: float
+    refine: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Waiting:
@@ -67,7 +78,7 @@ class HeadBatcher:
         # sum, whatever the order of its sums (u = 2^-24), and sum|w_i x_i| <= |w| |x| (Cauchy-Schwarz).
         # The float16 copy's sums (of weights h) add |x.(w - h)| <= |w - h| |x|.
         n, u = weight.shape[1], 2.0**-24
-        g = n * u / (1 - n * u)
+        self._g = g = n * u / (1 - n * u)
         self._bound_per_norm = 1.01 * max(
             float((g * (exact.norm(dim=1) + rounded.norm(dim=1)) + (exact - rounded).norm(dim=1)).max())
             for exact, rounded in ((rows.double(), rows.half().double()) for rows in weight.detach().split(4096))
@@ -89,6 +100,17 @@ class HeadBatcher:
         """Whether ``x`` is one row this head can batch with others (else the caller uses the module)."""
         weight = self.weight
         return x.numel() == x.shape[-1] == weight.shape[1] and (x.dtype, x.device) == (weight.dtype, weight.device)
+
+    def approximate(self, x: torch.Tensor) -> ApproximateLogits:
+        """Quick approximate logits of one row ``x`` (needs :attr:`quick`)."""
+        return ApproximateLogits(self(x, fast=True), self.error_bound(x), functools.partial(self.refine, x))
+
+    def refine(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of ``ids`` for one row ``x`` summed in float64, and how far ``F.linear``'s (float32)
+        may be from each: within ``g |x| |w|`` of the exact sum (see ``__init__``); float64's own
+        error is some 2^29 times smaller, well inside the 1% added."""
+        rows, row = self.weight.detach()[ids].double(), x.detach().reshape(-1).double()
+        return rows @ row, 1.01 * self._g * float(row.norm()) * rows.norm(dim=1)
 
     def error_bound(self, x: torch.Tensor) -> float:
         """How far any float32 logit of ``self(x, fast=True)`` (or of a batch) may be from

@@ -210,8 +210,12 @@ def test_client_head_approximate_and_module_logits(monkeypatch):
     with torch.inference_mode():
         exact = head.module_logits(x)
         assert torch.equal(exact, lm_head(head.final_norm(x)))
-        logits, bound = head.approximate_logits(x)
+        logits, bound, refine = head.approximate_logits(x)
         assert float((logits - exact).abs().max()) <= bound
+        ids = torch.tensor([3, 0, VOCAB - 1])
+        closer, within = refine(ids)  # those ids scored again, in float64
+        assert closer.dtype == torch.float64 and bool((within < bound / 10).all())
+        assert bool(((closer - exact.reshape(-1)[ids].double()).abs() <= within).all())
         assert head.approximate_logits(torch.randn(2, HIDDEN)) is None  # one row only
     small = ClientHead(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 16, bias=False))
     monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 1 << 40)

@@ -5,7 +5,7 @@ import torch
 from transformers import GenerationConfig, MinNewTokensLengthLogitsProcessor
 
 from farmesh_core.client.causal_lm import _plain_greedy_eos
-from farmesh_core.client.generation import NoEosBefore, TokenChooser, greedy_is_certain
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, greedy_certain_logits
 
 
 @pytest.mark.parametrize("eos", [[2], [0, 5, 7], [3, 5000]])  # 5000: outside the vocabulary, ignored by both
@@ -51,13 +51,43 @@ def test_a_greedy_choice_is_certain_only_when_the_bound_cannot_change_it():
 
 def test_a_greedy_choice_is_certain_only_if_it_is_with_and_without_eos_masked():
     logits = torch.tensor([[0.0, 2.0, 1.9, 1.0]])  # token 1 leads 2 by 0.1
-    assert greedy_is_certain(logits, bound=0.04, eos_token_ids=[])
-    assert not greedy_is_certain(logits, bound=0.06, eos_token_ids=[])
+    assert torch.equal(greedy_certain_logits(logits, bound=0.04, eos_token_ids=[]), logits)
+    assert greedy_certain_logits(logits, bound=0.06, eos_token_ids=[]) is None
     eos_first = torch.tensor([[0.0, 3.0, 1.9, 1.8]])  # EOS (1) leads by 1.1; masked, 2 leads 3 by 0.1
-    assert greedy_is_certain(eos_first, bound=0.04, eos_token_ids=[1])
-    assert not greedy_is_certain(eos_first, bound=0.06, eos_token_ids=[1])
-    assert greedy_is_certain(eos_first, bound=0.06, eos_token_ids=[])  # no EOS mask to fear
-    assert not greedy_is_certain(torch.tensor([[0.0, float("nan"), 1.0]]), bound=0.0, eos_token_ids=[])
+    assert greedy_certain_logits(eos_first, bound=0.04, eos_token_ids=[1]) is not None
+    assert greedy_certain_logits(eos_first, bound=0.06, eos_token_ids=[1]) is None
+    assert greedy_certain_logits(eos_first, bound=0.06, eos_token_ids=[]) is not None  # no EOS mask to fear
+    assert greedy_certain_logits(torch.tensor([[0.0, float("nan"), 1.0]]), bound=0.0, eos_token_ids=[]) is None
+
+
+def refine_from(exact: list[float], within: float, asked: list):
+    """A ``refine`` that scores ids from ``exact`` (each within ``within``), noting which ids it was asked for."""
+
+    def refine(ids: torch.Tensor):
+        asked.append(ids.tolist())
+        values = torch.tensor(exact, dtype=torch.float64)[ids]
+        return values, torch.full((len(ids),), within, dtype=torch.float64)
+
+    return refine
+
+
+def test_near_ties_are_settled_by_scoring_only_their_ids_again():
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    logits = torch.tensor([[0.0, 2.0, 1.95, 1.0, 1.9]])  # 1, 2 and 4 are within 2 * 0.06 of the best
+    exact = [0.0, 1.97, 2.01, 1.0, 1.93]  # the exact scores (each within 0.06): 2 is the best
+    asked = []
+    assert TokenChooser().certain(ids, logits, 0.06, refine_from(exact, 0.001, asked)).tolist() == [2]
+    assert asked == [[1, 2, 4]]  # only the ids near the best were scored again
+    # too close to call even scored again: the exact logits decide
+    assert TokenChooser().certain(ids, logits, 0.06, refine_from(exact, 0.03, [])) is None
+    # transformers' loop gets the logits with those scores put in: its argmax is the exact one
+    out = greedy_certain_logits(logits, 0.06, [], refine_from(exact, 0.001, []))
+    assert int(out.argmax()) == 2 and out[0, 0] == 0.0 and float(out[0, 2]) == pytest.approx(2.01)
+    # with EOS (2) masked, 1 is the best (1.97 against 4's 1.93); the logits give both choices
+    masked = greedy_certain_logits(logits, 0.06, [2], refine_from(exact, 0.001, []))
+    assert int(masked.argmax()) == 2 and int(masked.index_fill(1, torch.tensor([2]), float("-inf")).argmax()) == 1
+    held = TokenChooser(min_new_tokens=2, prompt_length=3, eos_token_ids=[2])
+    assert held.certain(ids, logits, 0.06, refine_from(exact, 0.001, [])).tolist() == [1]
 
 
 def test_only_plain_greedy_generate_calls_take_quick_logits():

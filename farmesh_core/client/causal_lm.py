@@ -30,7 +30,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from farmesh_core.client.generation import NoEosBefore, greedy_is_certain
+from farmesh_core.client.generation import NoEosBefore, greedy_certain_logits
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -280,10 +280,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Approximate logits of one position of one sequence, if greedy decoding picks from them what
         it would from the exact ones (see the module's docstring); else None."""
         approximate = self.head.approximate_logits(hidden) if hidden.shape[:2] == (1, 1) else None
-        if approximate is None or not greedy_is_certain(*approximate, self._greedy_eos):
-            return None
-        self.quick_logits += 1
-        return approximate[0]
+        logits = None
+        if approximate is not None:
+            logits = greedy_certain_logits(approximate.logits, approximate.bound, self._greedy_eos, approximate.refine)
+        if logits is not None:
+            self.quick_logits += 1
+        return logits
 
 
 # GenerationConfig fields that leave greedy decoding's scores alone (or matter only when sampling,

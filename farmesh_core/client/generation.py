@@ -1,7 +1,7 @@
 """Choosing the next token with transformers' logits processors, and decoding text as it grows."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import (
@@ -33,25 +33,68 @@ class NoEosBefore(LogitsProcessor):
         return scores.index_fill(-1, self._within[vocab], -math.inf)
 
 
-def _leads(best: list[float], bound: float) -> bool:
-    """Whether the best of scores each within ``bound`` of exact ones (``best``: the top ones, in
-    order) must be the best of the exact ones too: it leads the next by more than ``2 * bound``."""
-    return len(best) < 2 or best[0] - best[1] > 2 * bound
+# refine(ids) -> (the logits of those ids summed closer, in float64; how far the exact float32
+# logits of each may be from them): see HeadBatcher.refine
+Refine = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MAX_REFINED = 64  # more ids than this near the best: the exact logits are the quicker way
 
 
-def greedy_is_certain(logits: torch.Tensor, bound: float, eos_token_ids: Iterable[int]) -> bool:
-    """Whether the greedy choice from one row of ``logits``, each within ``bound`` of the exact one,
-    is the exact logits' choice both as they are and with the EOS ids masked (a minimum length's
-    processor may or may not mask them at this step): the best score must lead the next by more
-    than ``2 * bound``, among all tokens and among those that are not EOS."""
-    eos = set(eos_token_ids)
-    scores = logits.reshape(-1)
-    top = scores.topk(min(scores.numel(), len(eos) + 2))  # holds the best two that are not EOS
-    values, ids = top.values.tolist(), top.indices.tolist()
-    if not all(map(math.isfinite, values)):
-        return False
-    others = [value for value, i in zip(values, ids, strict=True) if i not in eos]
-    return _leads(values, bound) and _leads(others, bound)
+def certain_best(
+    scores: torch.Tensor, bound: float, refine: Refine | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """The id that the exact scores rank first, from one row of approximate ``scores`` (each within
+    ``bound`` of the exact one; masked ones -inf), if that is certain, with the ids that ``refine``
+    scored again on the way and their new scores (both empty if none were needed); else None.
+
+    Certain when the best leads the next by more than ``2 * bound``. Otherwise the best exact score is
+    one of those within ``2 * bound`` of the best approximate one: ``refine`` scores these again,
+    within a far smaller bound each, and the one whose lowest possible score beats every other's
+    highest (theirs, or the other ids' approximate ones plus ``bound``) is certain."""
+    top = scores.topk(min(2, scores.numel()))
+    values = top.values.tolist()
+    if not math.isfinite(values[0]):  # NaN (topk ranks it first), or nothing left unmasked
+        return None
+    if len(values) < 2 or values[0] - values[1] > 2 * bound:
+        return int(top.indices[0]), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64)
+    near = (scores >= values[0] - 2 * bound).nonzero().flatten()
+    if refine is None or near.numel() > MAX_REFINED:
+        return None
+    exact, within = refine(near)
+    low, high = exact - within, exact + within
+    best = int(low.argmax())
+    high[best] = -math.inf
+    others = scores.clone()
+    others[near] = -math.inf
+    if float(low[best]) > max(float(high.max()), float(others.max()) + bound):
+        return int(near[best]), near, exact
+    return None
+
+
+def greedy_certain_logits(
+    logits: torch.Tensor, bound: float, eos_token_ids: Iterable[int], refine: Refine | None = None
+) -> torch.Tensor | None:
+    """One row of ``logits``, each within ``bound`` of the exact ones, with the scores ``refine`` gave
+    near ties put in (see :func:`certain_best`), if the greedy choice from them is the exact logits'
+    both as they are and with the EOS ids masked (a minimum length's processor may or may not mask
+    them at this step); else None."""
+    row = logits.reshape(-1)
+    eos = sorted(i for i in set(eos_token_ids) if 0 <= i < row.numel())
+    variants = [row]
+    if eos:
+        variants.append(row.index_fill(0, torch.tensor(eos), -math.inf))
+    out, choices = logits.clone(), []
+    for scores in variants:
+        found = certain_best(scores, bound, refine)
+        if found is None:
+            return None
+        best, ids, exact = found
+        choices.append(best)
+        out.view(-1)[ids] = exact.to(out.dtype)
+    # the scores put in keep each variant's choice first (they are far closer than ``bound``): checked
+    chosen = [int(out.reshape(-1).argmax())]
+    if eos:
+        chosen.append(int(out.reshape(-1).index_fill(0, torch.tensor(eos), -math.inf).argmax()))
+    return out if chosen == choices else None
 
 
 class TokenChooser:
@@ -94,18 +137,24 @@ class TokenChooser:
         rescales scores)."""
         return self.greedy and all(isinstance(p, NoEosBefore) for p in self.processors)
 
-    def certain(self, input_ids: torch.Tensor, logits: torch.Tensor, bound: float) -> torch.Tensor | None:
+    def certain(
+        self, input_ids: torch.Tensor, logits: torch.Tensor, bound: float, refine: Refine | None = None
+    ) -> torch.Tensor | None:
         """The greedy choice from ``logits`` that are within ``bound`` of the exact ones, if those must
-        make the same choice (every row's best score leads the next by more than ``2 * bound``); else
-        None (then choose from the exact logits)."""
+        make the same choice (see :func:`certain_best`; ``refine`` scores near ties of a one-row
+        ``logits`` again); else None (then choose from the exact logits)."""
         if not self.takes_bounds:
             return None
         scores = logits.float()
         for processor in self.processors:
             scores = processor(input_ids, scores)
-        if not all(_leads(row, bound) for row in scores.topk(min(2, scores.shape[-1]), dim=-1).values.tolist()):
-            return None
-        return scores.argmax(dim=-1)
+        choices = []
+        for row in scores:
+            found = certain_best(row, bound, refine if scores.shape[0] == 1 else None)
+            if found is None:
+                return None
+            choices.append(found[0])
+        return torch.tensor(choices)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""

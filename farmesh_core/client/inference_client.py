@@ -139,7 +139,7 @@ class DistributedInferenceClient:
         approximate = self.head.approximate_logits(last) if choose.takes_bounds else None
         if approximate is None:
             return choose(input_ids, self.head.logits(last))
-        token = choose.certain(input_ids, *approximate)
+        token = choose.certain(input_ids, approximate.logits, approximate.bound, approximate.refine)
         return choose(input_ids, self.head.module_logits(last)) if token is None else token
 
     def _eos_ids(self) -> torch.Tensor:
