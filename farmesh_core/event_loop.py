@@ -15,7 +15,7 @@ class BackgroundLoop:
 
     Torch ops on the loop's thread (decoding tensors, a node's small steps) use one torch thread:
     they are small, and a multi-threaded one would start an OpenMP team for this thread besides the
-    caller's, which made copying a 2 MB answer take 6-8 ms instead of 0.2 (see node/openmp.py).
+    caller's, which made copying a 2 MB answer take 6-8 ms instead of 0.2 (see openmp.py).
     """
 
     def __init__(self, name: str = "farmesh-loop"):

@@ -19,12 +19,12 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from farmesh_core.openmp import torch_threads
 from farmesh_core.row_matmul import rows_linear
 from farmesh_core.split_head import SplitHead
 
@@ -150,14 +150,14 @@ class HeadBatcher:
     def _compute(self, batch: list[_Waiting]) -> None:
         try:
             if all(waiting.fast for waiting in batch):
-                with _one_torch_thread():  # the helper computes the other half
+                with torch_threads(1):  # the helper computes the other half
                     logits = self._split.halves(_float16_linear, torch.cat([w.row.reshape(1, -1) for w in batch]),
                                                 *self.quick)  # fmt: skip
                 outs = [row.view(*w.row.shape[:-1], -1) for row, w in zip(logits, batch, strict=True)]
             elif len(batch) == 1:
                 outs = [self.linear(batch[0].row)]
             else:
-                with _one_torch_thread():  # no OpenMP team of this thread spinning after it
+                with torch_threads(1):  # no OpenMP team of this thread spinning after it
                     logits = self.linear(torch.cat([w.row.reshape(1, -1) for w in batch]))
                 outs = [row.view(*w.row.shape[:-1], -1) for row, w in zip(logits, batch, strict=True)]
         except BaseException as e:  # every caller of the pass raises it; the head goes on
@@ -171,20 +171,6 @@ class HeadBatcher:
             self._turn.notify_all()
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """This thread's torch ops on one thread within the block (torch's thread count is per thread here)."""
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _float16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
 
@@ -195,7 +181,7 @@ def _float16_halves(split: SplitHead, g: float) -> tuple[torch.Tensor, torch.Ten
     (within ``g |x| |h|``, checked on some rows): the rounding the error bound counts. Else None."""
     try:
         packed = tuple(torch.ops.quantized.linear_prepack_fp16(part.detach(), None) for part in split.parts)
-        with torch.inference_mode(), _one_torch_thread():
+        with torch.inference_mode(), torch_threads(1):
             for part, half in zip(split.parts, packed, strict=True):
                 rounded = part.detach().half().double()
                 for scale in (1.0, 100.0):

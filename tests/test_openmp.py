@@ -1,4 +1,4 @@
-"""release_worker_threads (farmesh_core/node/openmp.py): the OpenMP worker threads a thread's
+"""release_worker_threads (farmesh_core/openmp.py): the OpenMP worker threads a thread's
 multi-threaded torch op started end when it is called, and start again with the next such op."""
 
 import os
@@ -8,7 +8,7 @@ import threading
 
 import torch
 
-from farmesh_core.node.openmp import release_worker_threads
+from farmesh_core.openmp import release_worker_threads
 
 
 def threads_of_this_process() -> int:

@@ -20,9 +20,9 @@ from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.node.openmp import release_worker_threads
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
 from farmesh_core.node.push import PushLinks
+from farmesh_core.openmp import release_worker_threads
 from farmesh_core.plugins import (
     get_auth_providers,
     get_payment_ledgers,

@@ -3,9 +3,10 @@
 A refused request gets an error reply naming the problem; the node, and every other session, keep
 going. Small steps (decoding, short prefills) run inline on the event loop on one torch thread, the
 fastest path here (a hand-off to another thread costs more than it saves), except the matmuls of a
-lone one-token step, which are split over ``num_threads`` (see ``row_matmul.row_blocks``); large
-ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so they
-use every core and do not stall other sessions' messages.
+lone one-token step, which are split over ``num_threads`` (see ``row_matmul.row_blocks``), and a short
+prefill of the node's only session while the node is warm (``WARM_S``), which uses ``num_threads``;
+large ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so
+they use every core and do not stall other sessions' messages.
 """
 
 import asyncio
@@ -27,9 +28,9 @@ from farmesh_core.node.batching import DecodeBatcher
 from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.node.openmp import release_worker_threads
 from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
+from farmesh_core.openmp import release_worker_threads, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
     FarNodeRPC,
@@ -49,6 +50,10 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
+# An inline prefill uses ``num_threads`` only if the node stepped within this long: a 2-thread prefill
+# right after idling took 17-23 ms here against 6 on one thread (the cores of this VM are slow to
+# wake), where back to back it took 3.5.
+WARM_S = 0.02
 
 
 def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
@@ -76,8 +81,9 @@ class NodeHandlers:
         self.config, self.span, self.auth, self.ledger, self.peer_id = config, span, auth, ledger, peer_id
         self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
+        self._stepped_at = 0.0
         self.record_json = b"{}"
-        threads = config.num_threads or torch.get_num_threads()
+        self._threads = threads = config.num_threads or torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
@@ -150,9 +156,12 @@ class NodeHandlers:
         return hidden
 
     async def _compute(self, tokens: int, fn, *args):
-        if tokens <= INLINE_TOKENS:
+        if tokens > INLINE_TOKENS:
+            return await self._on_worker(fn, *args)
+        if self.active_sessions > 1 or time.perf_counter() - self._stepped_at > WARM_S:
             return fn(*args)
-        return await self._on_worker(fn, *args)
+        with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
+            return fn(*args)
 
     async def _on_worker(self, fn, *args):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
@@ -306,6 +315,7 @@ class NodeHandlers:
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
         )
+        self._stepped_at = time.perf_counter()
         return response
 
     # ---- forward / backward ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Ending the OpenMP worker threads that a Far Node's large steps and loading started.
+"""Torch's thread count for a block, and ending the OpenMP worker threads that a Far Node's large
+steps and loading started.
 
 GNU OpenMP, torch's CPU threading here, keeps a team of worker threads for every thread that ran a
 multi-threaded op, for as long as that thread lives. Once a process holds more such workers than
@@ -13,6 +14,8 @@ fresh thread per step did (33 against 41 ms for a [4x128] forward through 4 laye
 
 import ctypes
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -47,3 +50,17 @@ def release_worker_threads() -> None:
     runtime = _runtime()
     if runtime is not None:
         runtime.omp_pause_resource_all(_OMP_PAUSE_SOFT)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """The calling thread's torch ops on ``threads`` threads within the block (torch's count is per thread)."""
+    previous = torch.get_num_threads()
+    if previous == threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

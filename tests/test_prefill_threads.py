@@ -1,0 +1,50 @@
+"""A Far Node's short prefills (inline on its event loop): on ``num_threads`` torch threads only while
+the node is warm and serves that session alone, else on the loop's one thread (see handlers.WARM_S)."""
+
+import asyncio
+import time
+
+import torch
+
+from farmesh_core.architecture import adapter_for
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.config import NodeConfig
+from farmesh_core.node import handlers
+from farmesh_core.node.handlers import NodeHandlers
+from farmesh_core.node.kv_cache import SessionCache
+from farmesh_core.node.layer_span import LayerSpan
+from farmesh_plugins.auth import OpenAuth
+from farmesh_plugins.ledgers import NullLedger
+
+
+def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_llama):
+    checkpoint = Checkpoint(tiny_llama)
+    span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, 2, torch.float32, "cpu")
+    config = NodeConfig(model_id=tiny_llama, num_threads=2)
+    node = NodeHandlers(config, span, OpenAuth(), NullLedger())
+    prompt = torch.randn(1, 12, span.hidden_size)
+    expected = span.forward(prompt, 0, 2, SessionCache(16), 0)
+
+    def prefill() -> tuple[int, torch.Tensor]:
+        return torch.get_num_threads(), span.forward(prompt, 0, 2, SessionCache(16), 0)
+
+    async def threads_of_a_prefill() -> int:
+        torch.set_num_threads(1)  # as on a node's event loop
+        threads, out = await node._compute(prompt.shape[1], prefill)
+        torch.testing.assert_close(out, expected)
+        assert torch.get_num_threads() == 1  # the loop's own count is back
+        return threads
+
+    try:
+        node.active_sessions = 1
+        assert asyncio.run(threads_of_a_prefill()) == 1  # never stepped yet: cold
+        node._stepped_at = time.perf_counter()
+        assert asyncio.run(threads_of_a_prefill()) == 2  # stepped just now: warm
+        node.active_sessions = 2
+        node._stepped_at = time.perf_counter()
+        assert asyncio.run(threads_of_a_prefill()) == 1  # other sessions give the node its parallelism
+        node.active_sessions = 1
+        node._stepped_at = time.perf_counter() - 2 * handlers.WARM_S
+        assert asyncio.run(threads_of_a_prefill()) == 1  # idle for a while: cold again
+    finally:
+        node.close()
