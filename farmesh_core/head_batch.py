@@ -79,14 +79,12 @@ class HeadBatcher:
         # The float16 copy's sums (of weights h) add |x.(w - h)| <= |w - h| |x|.
         n, u = weight.shape[1], 2.0**-24
         self._g = g = n * u / (1 - n * u)
-        self._bound_per_norm = 1.01 * max(
-            float((g * (exact.norm(dim=1) + rounded.norm(dim=1)) + (exact - rounded).norm(dim=1)).max())
-            for exact, rounded in ((rows.double(), rows.half().double()) for rows in weight.detach().split(4096))
-        )
+        self._bound_per_norm = _float16_bound(weight, g) if quick else math.inf
         # the float16 copy's two halves (the vocabulary's first and second half), packed for fbgemm;
         # none where a weight is beyond float16's range (the bound is infinite then)
-        quick = quick and math.isfinite(self._bound_per_norm)
-        self.quick: tuple[torch.Tensor, ...] | None = _float16_halves(split, g) if quick else None
+        self.quick: tuple[torch.Tensor, ...] | None = None
+        if math.isfinite(self._bound_per_norm):
+            self.quick = _float16_halves(split, g)
         self.passes = self.rows = 0  # how many passes through the head, for how many rows
         lock = threading.Lock()
         self._turn = threading.Condition(lock)  # callers wait here for their logits
@@ -113,8 +111,8 @@ class HeadBatcher:
         return rows @ row, 1.01 * self._g * float(row.norm()) * rows.norm(dim=1)
 
     def error_bound(self, x: torch.Tensor) -> float:
-        """How far any float32 logit of ``self(x, fast=True)`` (or of a batch) may be from
-        ``F.linear(x, weight)``'s (the sums of both are within half of it of the exact ones)."""
+        """How far any logit of ``self(x, fast=True)`` (alone or in a batch) may be from
+        ``F.linear(x, weight)``'s: both sums' rounding and the float16 weights' (see ``_float16_bound``)."""
         return self._bound_per_norm * float(x.norm())
 
     def __call__(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
@@ -173,6 +171,16 @@ class HeadBatcher:
 
 def _float16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic_fp16(x, packed)
+
+
+def _float16_bound(weight: torch.Tensor, g: float) -> float:
+    """Per unit of ``|x|``, how far a float16 logit may be from the float32 one: ``g (|w| + |h|) +
+    |w - h|`` for the row ``w`` whose is largest, ``h`` the row rounded to float16 (inf if one
+    overflows); in float64, 4096 rows at a time."""
+    return 1.01 * max(
+        float((g * (exact.norm(dim=1) + rounded.norm(dim=1)) + (exact - rounded).norm(dim=1)).max())
+        for exact, rounded in ((rows.double(), rows.half().double()) for rows in weight.detach().split(4096))
+    )
 
 
 def _float16_halves(split: SplitHead, g: float) -> tuple[torch.Tensor, torch.Tensor] | None:

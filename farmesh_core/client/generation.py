@@ -81,7 +81,7 @@ def greedy_certain_logits(
     eos = sorted(i for i in set(eos_token_ids) if 0 <= i < row.numel())
     variants = [row]
     if eos:
-        variants.append(row.index_fill(0, torch.tensor(eos), -math.inf))
+        variants.append(row.index_fill(0, torch.tensor(eos, device=row.device), -math.inf))
     out, choices = logits.clone(), []
     for scores in variants:
         found = certain_best(scores, bound, refine)
@@ -93,7 +93,7 @@ def greedy_certain_logits(
     # the scores put in keep each variant's choice first (they are far closer than ``bound``): checked
     chosen = [int(out.reshape(-1).argmax())]
     if eos:
-        chosen.append(int(out.reshape(-1).index_fill(0, torch.tensor(eos), -math.inf).argmax()))
+        chosen.append(int(out.reshape(-1).index_fill(0, torch.tensor(eos, device=row.device), -math.inf).argmax()))
     return out if chosen == choices else None
 
 
@@ -154,7 +154,7 @@ class TokenChooser:
             if found is None:
                 return None
             choices.append(found[0])
-        return torch.tensor(choices)
+        return torch.tensor(choices, device=logits.device)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""
