@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from farmesh_core.openmp import torch_threads
+
 logger = logging.getLogger(__name__)
 
 # Bump when the grammar or the recipe changes: a cached model made by another version is retrained.
@@ -255,12 +257,8 @@ def train(cfg: TrainConfig, progress: bool = True, threads: int | None = None):
     Deterministic for a given ``cfg`` and thread count on one machine: the corpus, the batches and
     the initial weights all come from ``cfg.seed``. ``threads`` defaults to ``training_threads()``.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or training_threads())
-    try:
+    with torch_threads(threads or training_threads()):
         return _train(cfg, progress)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _train(cfg: TrainConfig, progress: bool):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from farmesh_core.openmp import torch_threads
+
 logger = logging.getLogger(__name__)
 
 
@@ -79,16 +81,9 @@ def row_blocks(
             def reference(x: torch.Tensor) -> torch.Tensor:
                 return F.linear(x, weight, bias)
 
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.no_grad():
-                rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
-                _SPLIT_VERDICTS[key] = all(
-                    torch.equal(reference(x), _plus(blocks_linear(x, blocks), bias)) for x in rows
-                )
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(threads), torch.no_grad():
+            rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
+            _SPLIT_VERDICTS[key] = all(torch.equal(reference(x), _plus(blocks_linear(x, blocks), bias)) for x in rows)
         if not _SPLIT_VERDICTS[key]:
             logger.debug("weights %s keep their own matmul: row blocks change its bits", key)
     return blocks if _SPLIT_VERDICTS[key] else None
