@@ -37,6 +37,7 @@ class NoEosBefore(LogitsProcessor):
 # logits of each may be from them): see HeadBatcher.refine
 Refine = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAX_REFINED = 64  # more ids than this near the best: the exact logits are the quicker way
+_NONE_REFINED = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64))  # read only
 
 
 def certain_best(
@@ -55,7 +56,7 @@ def certain_best(
     if not math.isfinite(values[0]):  # NaN (topk ranks it first), or nothing left unmasked
         return None
     if len(values) < 2 or values[0] - values[1] > 2 * bound:
-        return int(top.indices[0]), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64)
+        return int(top.indices[0]), *_NONE_REFINED
     near = (scores >= values[0] - 2 * bound).nonzero().flatten()
     if refine is None or near.numel() > MAX_REFINED:
         return None
@@ -78,12 +79,14 @@ def greedy_certain_logits(
     both as they are and with the EOS ids masked (a minimum length's processor may or may not mask
     them at this step); else None."""
     row = logits.reshape(-1)
-    eos = sorted(i for i in set(eos_token_ids) if 0 <= i < row.numel())
-    variants = [row]
-    if eos:
-        variants.append(row.index_fill(0, torch.tensor(eos, device=row.device), -math.inf))
+    eos = torch.tensor(sorted(i for i in set(eos_token_ids) if 0 <= i < row.numel()), dtype=torch.long)
+
+    def variants(scores: torch.Tensor) -> list[torch.Tensor]:
+        """``scores`` as they are, and with the EOS ids masked if there are any."""
+        return [scores, scores.index_fill(0, eos.to(scores.device), -math.inf)] if eos.numel() else [scores]
+
     out, choices = logits.clone(), []
-    for scores in variants:
+    for scores in variants(row):
         found = certain_best(scores, bound, refine)
         if found is None:
             return None
@@ -91,9 +94,7 @@ def greedy_certain_logits(
         choices.append(best)
         out.view(-1)[ids] = exact.to(out.dtype)
     # the scores put in keep each variant's choice first (they are far closer than ``bound``): checked
-    chosen = [int(out.reshape(-1).argmax())]
-    if eos:
-        chosen.append(int(out.reshape(-1).index_fill(0, torch.tensor(eos, device=row.device), -math.inf).argmax()))
+    chosen = [int(scores.argmax()) for scores in variants(out.view(-1))]
     return out if chosen == choices else None
 
 
