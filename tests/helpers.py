@@ -73,6 +73,17 @@ def hf_greedy_ids(model_dir: str, prompt: str = PROMPT, max_new_tokens: int = RE
     return _hf_greedy_run(model_dir, prompt, max(max_new_tokens, REFERENCE_TOKENS))[:max_new_tokens]
 
 
+def hf_greedy_continuations(model_dir: str, prompts: list[torch.Tensor], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (ids [1, n]), exactly ``new_tokens`` long."""
+    with torch.no_grad():
+        return [
+            hf_model(model_dir)
+            .generate(p, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)[0, p.shape[1] :]
+            .tolist()
+            for p in prompts
+        ]
+
+
 def hf_sampled_ids(model_dir: str, prompt: str, max_new_tokens: int, seed: int, **sampling) -> list[int]:
     """The new token ids of transformers' sampling ``generate`` after ``torch.manual_seed(seed)``."""
     ids = prompt_ids(model_dir, prompt)

@@ -4,9 +4,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from farmesh_core.client import DistributedInferenceClient
+from tests.helpers import hf_greedy_continuations
 
 SESSIONS, NEW_TOKENS = 6, 32
 
@@ -20,17 +20,10 @@ def mesh(llama_mesh):
 @pytest.mark.timeout(300)
 def test_concurrent_sessions_each_equal_transformers(mesh):
     model_dir, addrs = mesh
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [
         torch.randint(3, 1024, (1, 8 + 5 * i), generator=torch.Generator().manual_seed(i)) for i in range(SESSIONS)
     ]
-    with torch.no_grad():
-        expected = [
-            hf.generate(p, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)[
-                0, p.shape[1] :
-            ].tolist()
-            for p in prompts
-        ]
+    expected = hf_greedy_continuations(model_dir, prompts, NEW_TOKENS)
     with DistributedInferenceClient(model_dir, addrs) as client:
 
         def generate(prompt):

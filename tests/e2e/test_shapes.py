@@ -17,7 +17,7 @@ from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.row_matmul import few_rows_limit
 from farmesh_core.split_head import MIN_WEIGHT_BYTES
-from tests.helpers import hf_model
+from tests.helpers import hf_greedy_continuations
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,18 +35,10 @@ def wide_mqa(tmp_path_factory, mesh_factory):
 
 @pytest.fixture(scope="module")
 def prompts_and_expected(wide_mqa):
-    hf = hf_model(wide_mqa.model_dir)
     prompts = [
         torch.randint(3, VOCAB, (1, 6 + 7 * i), generator=torch.Generator().manual_seed(i)) for i in range(SESSIONS)
     ]
-    with torch.no_grad():
-        expected = [
-            hf.generate(p, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)[
-                0, p.shape[1] :
-            ].tolist()
-            for p in prompts
-        ]
-    return prompts, expected
+    return prompts, hf_greedy_continuations(wide_mqa.model_dir, prompts, NEW_TOKENS)
 
 
 def test_the_shape_takes_the_paths_it_is_meant_to_cover():
