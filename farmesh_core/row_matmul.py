@@ -124,8 +124,7 @@ def prompt_blocks_exact(weight: torch.Tensor, blocks: torch.Tensor, rows: int) -
     key = (tuple(weight.shape), weight.stride(), weight.dtype, blocks.shape[0], "prompt", rows)
     if key not in _SPLIT_VERDICTS:
         with torch.no_grad():
-            generator = torch.Generator().manual_seed(rows)  # the global one is the caller's (sampling)
-            samples = [torch.randn(rows, weight.shape[1], generator=generator).to(weight.dtype) for _ in range(2)]
+            samples = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for _ in range(2)]
             _SPLIT_VERDICTS[key] = all(torch.equal(_blocks_rows(r, blocks), F.linear(r, weight)) for r in samples)
         if not _SPLIT_VERDICTS[key]:
             logger.debug("prompts of %d rows keep F.linear for weights %s: row blocks change its bits", rows, key)
