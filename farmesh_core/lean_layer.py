@@ -26,15 +26,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import is_torch_npu_available
 
-from farmesh_core.row_matmul import (
-    PROMPT_SPLIT_MAX_ROWS,
-    few_rows_limit,
-    few_rows_linear,
-    prompt_linear,
-    row_blocks,
-    split_linear,
-    splits_lone_rows,
-)
+from farmesh_core.row_matmul import few_rows_limit, few_rows_linear, row_blocks, split_linear, splits_lone_rows
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +55,7 @@ class LeanLlamaLayer:
 
     With ``one_row_threads`` > 1, a lone one-token step runs its matmuls on that many torch threads
     (see ``row_matmul.row_blocks``) and the rest on the caller's: attention stays on one thread where
-    that is the caller's count, because SDPA's sums depend on the threads. A short prompt run on that
-    many threads (a warm node's inline prefill) takes the same blocks (``row_matmul.prompt_linear``).
+    that is the caller's count, because SDPA's sums depend on the threads.
     """
 
     def __init__(self, layer: LlamaDecoderLayer, one_row_threads: int = 1):
@@ -78,7 +69,6 @@ class LeanLlamaLayer:
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.few_rows = few_rows_limit(self.q.shape[1])  # batches up to this size use few_rows_linear
         weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        self.split_threads = one_row_threads
         blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in weights}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
 
@@ -86,16 +76,9 @@ class LeanLlamaLayer:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
         if batched:
             linear = few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
-        elif hidden.numel() == hidden.shape[-1]:
-            linear = self._one_row_linear if self.row_blocks and splits_lone_rows() else F.linear
-        elif (
-            self.row_blocks
-            and hidden.numel() <= PROMPT_SPLIT_MAX_ROWS * hidden.shape[-1]
-            and torch.get_num_threads() == self.split_threads
-        ):
-            linear = self._prompt_linear  # a short prompt on as many threads as the blocks
         else:
-            linear = F.linear
+            one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
+            linear = self._one_row_linear if one_row else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
@@ -120,10 +103,6 @@ class LeanLlamaLayer:
     def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         blocks = self.row_blocks.get(id(weight))
         return F.linear(x, weight) if blocks is None else split_linear(x, blocks)
-
-    def _prompt_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        blocks = self.row_blocks.get(id(weight))
-        return F.linear(x, weight) if blocks is None else prompt_linear(x, weight, blocks)
 
     def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would

@@ -1,8 +1,7 @@
 """The matmuls of a node's one-token steps, quicker on a CPU than ``F.linear`` and its GEMV.
 
 A lone one-token step splits each matmul over threads with ``F.linear``'s exact bits
-(:func:`row_blocks`), and so does a short prompt run on that many threads (:func:`prompt_linear`);
-the rows of several sessions' one-token steps run together through
+(:func:`row_blocks`); the rows of several sessions' one-token steps run together through
 ``W @ X^T`` (:func:`few_rows_linear`). Llama's lean layers call these directly; for the layers of other
 families, :func:`step_linears` puts a :class:`StepLinear` in place of each plain linear.
 """
@@ -98,43 +97,6 @@ def blocks_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for a one-row x and ``blocks = row_blocks(weight, threads)``."""
     out = torch.bmm(x.reshape(1, 1, -1).expand(blocks.shape[0], 1, -1), blocks)
     return out.view(*x.shape[:-1], -1)
-
-
-PROMPT_SPLIT_MAX_ROWS = 128  # prompts of up to this many rows may run through row blocks (prompt_linear)
-
-
-def prompt_linear(x: torch.Tensor, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for an ``x`` of a few rows (a short prompt) on the caller's torch threads,
-    which must be as many as ``blocks = row_blocks(weight, threads)`` has: one GEMM per block of output
-    rows where that gives ``F.linear``'s bits for this many rows, else ``F.linear``.
-
-    With 2 threads, a prompt's ``F.linear`` splits poorly (34 rows of a 688x256 weight: 124 us against
-    180 on one thread); the blocks, one per thread, took 78. Whether the bits stay ``F.linear``'s
-    depends on the kernels for the number of rows too, so it is checked once per shape and row count.
-    """
-    rows = x.numel() // x.shape[-1]
-    if not prompt_blocks_exact(weight, blocks, rows):
-        return F.linear(x, weight)
-    return _blocks_rows(x.reshape(rows, -1), blocks).view(*x.shape[:-1], -1)
-
-
-def prompt_blocks_exact(weight: torch.Tensor, blocks: torch.Tensor, rows: int) -> bool:
-    """Whether ``rows`` rows through ``blocks`` give ``F.linear``'s bits for ``weight``'s shape on the
-    caller's torch threads; checked on random rows once per shape and row count."""
-    key = (tuple(weight.shape), weight.stride(), weight.dtype, blocks.shape[0], "prompt", rows)
-    if key not in _SPLIT_VERDICTS:
-        with torch.no_grad():
-            samples = [torch.randn(rows, weight.shape[1], dtype=weight.dtype) for _ in range(2)]
-            _SPLIT_VERDICTS[key] = all(torch.equal(_blocks_rows(r, blocks), F.linear(r, weight)) for r in samples)
-        if not _SPLIT_VERDICTS[key]:
-            logger.debug("prompts of %d rows keep F.linear for weights %s: row blocks change its bits", rows, key)
-    return _SPLIT_VERDICTS[key]
-
-
-def _blocks_rows(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[rows, in] through the blocks of ``row_blocks``: [rows, out]."""
-    out = torch.bmm(rows.unsqueeze(0).expand(blocks.shape[0], -1, -1), blocks)  # [blocks, rows, out / blocks]
-    return out.transpose(0, 1).reshape(rows.shape[0], -1)
 
 
 def split_linear(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -17,19 +17,9 @@ from farmesh_core.config import NodeConfig
 from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.row_matmul import PROMPT_SPLIT_MAX_ROWS, blocks_linear, few_rows_linear, row_blocks
+from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks
 from farmesh_plugins.quantization import int8_quantization
-from tests.helpers import (
-    HIDDEN_SIZE,
-    NUM_LAYERS,
-    PROMPT,
-    hf_greedy_ids,
-    hf_hidden_states,
-    hf_model,
-    op_counts,
-    prompt_ids,
-    randn,
-)
+from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids, randn
 
 STEPS = 20
 
@@ -190,37 +180,6 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
             assert_equal(*outs)
             hidden = outs[0][:, -1:]
             assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_short_prompts_on_the_split_threads_take_the_row_blocks(spans, model_dir):
-    """A prompt run on as many threads as the one-token blocks (a warm node's inline prefill) takes
-    them for its matmuls where they keep F.linear's bits for that many rows (checked here
-    independently), and stays bit-identical to the modules; on another thread count, or past
-    PROMPT_SPLIT_MAX_ROWS rows, it keeps F.linear."""
-    split, modules = load_span(model_dir, one_row_threads=2), spans[1]
-    weights = [w for call in split.step_calls.values() for w in (call.q, call.k, call.v, call.o, call.gate, call.up)]
-
-    def blocks_keep_bits(rows: int) -> bool:
-        x = randn(rows, HIDDEN_SIZE, seed=rows)
-        for weight in weights:
-            blocks = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
-            out = torch.bmm(x.unsqueeze(0).expand(2, -1, -1), blocks).transpose(0, 1).reshape(rows, -1)
-            if torch.equal(out, F.linear(x, weight)):
-                return True
-        return False
-
-    threads = torch.get_num_threads()
-    try:
-        for length, torch_threads in ((34, 2), (9, 2), (34, 1), (PROMPT_SPLIT_MAX_ROWS + 1, 2)):
-            torch.set_num_threads(torch_threads)
-            hidden = randn(1, length, HIDDEN_SIZE, seed=length)
-            outs = [span.forward(hidden, 0, NUM_LAYERS, SessionCache(256), 0) for span in (split, modules)]
-            assert_equal(*outs)
-            ops = op_counts(lambda hidden=hidden: split.forward(hidden, 0, NUM_LAYERS, SessionCache(256), 0))
-            takes_blocks = torch_threads == 2 and length <= PROMPT_SPLIT_MAX_ROWS and blocks_keep_bits(length)
-            assert ("aten::bmm" in ops) == takes_blocks
     finally:
         torch.set_num_threads(threads)
 

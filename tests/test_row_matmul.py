@@ -1,24 +1,13 @@
 """StepLinear (farmesh_core/row_matmul.py): the linears of layers without a lean call, in a node's
 inference steps. A lone one-token row splits over threads with the replaced module's exact bits, a
-decode batch's rows go through ``W @ X^T``, and everything else is the module's own forward. Also
-``prompt_linear``, the lean layers' short prompts on 2 threads: ``F.linear``'s bits, through row blocks."""
+decode batch's rows go through ``W @ X^T``, and everything else is the module's own forward."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 
-from farmesh_core.row_matmul import (
-    PROMPT_SPLIT_MAX_ROWS,
-    StepLinear,
-    decode_batch_rows,
-    matmuls_on_one_thread,
-    prompt_blocks_exact,
-    prompt_linear,
-    row_blocks,
-    step_linears,
-)
+from farmesh_core.row_matmul import StepLinear, decode_batch_rows, matmuls_on_one_thread, step_linears
 from tests.helpers import op_counts, randn
 
 
@@ -96,26 +85,3 @@ def test_step_linears_replace_only_plain_linears_and_share_their_parameters():
     assert type(layer.other) is FalconLinear  # a subclass counts only where the adapter names it
     assert step_linears(layer, 2, (FalconLinear,)) == 1 and type(layer.other) is StepLinear
     assert layer.other.replaced is FalconLinear
-
-
-@pytest.mark.parametrize("out_features, in_features", [(256, 256), (128, 256), (688, 256), (256, 688)])
-def test_a_short_prompt_on_the_blocks_threads_keeps_f_linears_bits(out_features, in_features):
-    weight = randn(out_features, in_features, seed=7) * 0.1
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        blocks = row_blocks(weight, 2)
-        assert blocks is not None
-        for rows in (2, 9, 34, PROMPT_SPLIT_MAX_ROWS):
-            x = randn(1, rows, in_features, seed=rows)
-            with torch.inference_mode():
-                assert torch.equal(prompt_linear(x, weight, blocks), F.linear(x, weight))
-                split = "aten::bmm" in op_counts(lambda x=x: prompt_linear(x, weight, blocks))
-            # the blocks ran where they keep the bits for this many rows, as checked here independently
-            rows_in = randn(rows, in_features, seed=100 + rows)
-            blocks_out = torch.bmm(rows_in.unsqueeze(0).expand(2, -1, -1), blocks).transpose(0, 1).reshape(rows, -1)
-            assert split == prompt_blocks_exact(weight, blocks, rows)
-            if split:
-                assert torch.equal(blocks_out, F.linear(rows_in, weight))
-    finally:
-        torch.set_num_threads(threads)
