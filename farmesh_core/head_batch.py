@@ -36,6 +36,11 @@ LINGER_MIN_BYTES = 8 * 1024**2  # smaller heads take well under LINGER_S a pass:
 FAST_MAX_BYTES = 512 * 1024**2  # larger float32 heads get no float16 copy
 
 
+# refine(ids) -> (the logits of those ids summed closer, in float64; how far the exact float32
+# logits of each may be from them): see HeadBatcher.refine
+Refine = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class ApproximateLogits(NamedTuple):
     """Quick logits of one row ``x``, each within ``bound`` of the exact ones (``F.linear``'s), and
     ``refine(ids)``: those ids' logits summed in float64, with how far the exact ones may be from each
@@ -43,7 +48,7 @@ class ApproximateLogits(NamedTuple):
 
     logits: torch.Tensor
     bound: float
-    refine: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    refine: Refine
 
 
 class _Waiting:

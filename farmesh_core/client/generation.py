@@ -1,7 +1,7 @@
 """Choosing the next token with transformers' logits processors, and decoding text as it grows."""
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from transformers import (
@@ -12,6 +12,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from farmesh_core.head_batch import Refine
 
 
 class NoEosBefore(LogitsProcessor):
@@ -33,9 +35,6 @@ class NoEosBefore(LogitsProcessor):
         return scores.index_fill(-1, self._within[vocab], -math.inf)
 
 
-# refine(ids) -> (the logits of those ids summed closer, in float64; how far the exact float32
-# logits of each may be from them): see HeadBatcher.refine
-Refine = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAX_REFINED = 64  # more ids than this near the best: the exact logits are the quicker way
 _NONE_REFINED = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64))  # read only
 
