@@ -161,7 +161,7 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             client.layers(x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
         hops = len(client.inference_session(8).route)
-        concurrency = bench_concurrency(client, model, CONCURRENT_SESSIONS) if len(spans) == 2 else None
+        concurrency = bench_concurrency(client, model, CONCURRENT_SESSIONS, runs) if len(spans) == 2 else None
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
     if relayed:
@@ -199,27 +199,35 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
     }
 
 
-def bench_concurrency(client, model: BenchModel, sessions: int) -> dict:
-    """``sessions`` generations at once (one thread each) vs the same ones one after another."""
+def bench_concurrency(client, model: BenchModel, sessions: int, rounds: int) -> dict:
+    """``sessions`` generations at once (one thread each) vs the same ones one after another, the two
+    alternating for ``rounds`` rounds (as Petals' concurrency benchmark does): this machine's speed
+    drifts within minutes, and one round of each compared two different moments. The ratio is that
+    of the medians."""
     prompts = [model.random_prompt(i) for i in range(sessions)]
 
     def run(prompt):
         return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
-    began = time.perf_counter()
-    sequential = [run(p) for p in prompts]
-    sequential_s = time.perf_counter() - began
-    with ThreadPoolExecutor(sessions) as pool:
-        began = time.perf_counter()
-        concurrent = list(pool.map(run, prompts))
-        concurrent_s = time.perf_counter() - began
     tokens = sessions * NEW_TOKENS
+    sequential_tok_s, concurrent_tok_s, outputs_equal = [], [], True
+    with ThreadPoolExecutor(sessions) as pool:
+        for _ in range(rounds):
+            began = time.perf_counter()
+            sequential = [run(p) for p in prompts]
+            sequential_tok_s.append(tokens / (time.perf_counter() - began))
+            began = time.perf_counter()
+            concurrent = list(pool.map(run, prompts))
+            concurrent_tok_s.append(tokens / (time.perf_counter() - began))
+            outputs_equal = outputs_equal and concurrent == sequential
     return {
         "sessions": sessions,
-        "sequential_tok_s": tokens / sequential_s,
-        "concurrent_tok_s": tokens / concurrent_s,
-        "ratio": sequential_s / concurrent_s,
-        "outputs_equal": concurrent == sequential,
+        "rounds": rounds,
+        "sequential_tok_s": statistics.median(sequential_tok_s),
+        "concurrent_tok_s": statistics.median(concurrent_tok_s),
+        "ratio": statistics.median(concurrent_tok_s) / statistics.median(sequential_tok_s),
+        "ratio_per_round": [c / s for s, c in zip(sequential_tok_s, concurrent_tok_s, strict=True)],
+        "outputs_equal": outputs_equal,
     }
 
 
@@ -245,39 +253,54 @@ def petals_figures(directory: str) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    """Bar charts of steady decode speed and batch forward: local transformers, FarMesh, Petals."""
+    """Bar charts of steady decode speed, time to first token, batch forward and the gain of 8
+    concurrent sessions: local transformers, FarMesh, Petals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    petals = result["petals"]
+    petals, one, two = result["petals"], result["farmesh_1_node"], result["farmesh_2_nodes"]
+    local = result["local_transformers"]
     decode = {
-        "local\ntransformers": result["local_transformers"]["steady_tok_s"]["median"],
-        "FarMesh\n1 node": result["farmesh_1_node"]["steady_tok_s"]["median"],
-        "FarMesh\n2 nodes": result["farmesh_2_nodes"]["steady_tok_s"]["median"],
+        "local\ntransformers": local["steady_tok_s"]["median"],
+        "FarMesh\n1 node": one["steady_tok_s"]["median"],
+        "FarMesh\n2 nodes": two["steady_tok_s"]["median"],
     }
+    ttft = {"local\ntransformers": 1000 * local["ttft_s"]["median"], "FarMesh\n2 nodes": 1000 * two["ttft_s"]["median"]}
     forward = {
-        "local": result["local_transformers"]["forward_4x128_tok_s"]["median"],
-        "FarMesh\n2 nodes": result["farmesh_2_nodes"]["forward_4x128_tok_s"]["median"],
+        "local": local["forward_4x128_tok_s"]["median"],
+        "FarMesh\n2 nodes": two["forward_4x128_tok_s"]["median"],
     }
+    concurrency = {"FarMesh\n2 nodes": two["concurrency"]["ratio"]} if "concurrency" in two else {}
     if "1server" in petals:
         decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
     if "2servers" in petals:
         decode["Petals\n2 servers"] = petals["2servers"]["steady_tok_s"]
+        ttft["Petals\n2 servers"] = 1000 * petals["2servers"]["ttft_s"]
         forward["Petals\n2 servers"] = petals["2servers"]["forward_4x128_tok_s"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (title, data) in zip(
-        axes, [("steady decode, tokens/s", decode), ("forward [4x128], tokens/s", forward)], strict=True
-    ):
+    variants = petals.get("concurrency_2servers", {}).get("variants", {})
+    if "threads" in variants and "seq" in variants:
+        concurrency["Petals\n2 servers"] = (
+            variants["threads"]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
+        )
+    panels = [
+        ("steady decode, tokens/s", decode, "{:.0f}"),
+        ("time to first token, ms (2 nodes)", ttft, "{:.1f}"),
+        ("forward [4x128], tokens/s", forward, "{:.0f}"),
+        ("8 concurrent sessions / one after another", concurrency, "{:.2f}x"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
+    for ax, (title, data, label) in zip(axes, panels, strict=True):
         colors = ["#888" if "local" in k else "#c44" if "Petals" in k else "#36c" for k in data]
         ax.bar(list(data), list(data.values()), color=colors)
         ax.set_title(title)
+        ax.set_ylim(top=1.15 * max(data.values()))
         for i, v in enumerate(data.values()):
-            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+            ax.text(i, v, label.format(v), ha="center", va="bottom")
     fig.suptitle(f"{result['model_shape']}, {result['cpu_count']} CPU cores, same machine, same day")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
