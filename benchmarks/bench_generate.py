@@ -290,6 +290,7 @@ def plot(result: dict, path: str) -> None:
         ("forward [4x128], tokens/s", forward, "{:.0f}"),
         ("8 concurrent sessions / one after another", concurrency, "{:.2f}x"),
     ]
+    panels = [panel for panel in panels if panel[1]]
     fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
     for ax, (title, data, label) in zip(axes, panels, strict=True):
         colors = ["#888" if "local" in k else "#c44" if "Petals" in k else "#36c" for k in data]
