@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.errors import UnsupportedArchitectureError
+from farmesh_core.fused_norm import FusedNorm
 from farmesh_core.head_batch import ApproximateLogits, HeadBatcher
 from farmesh_core.lean_layer import lean_llama_layer
 from farmesh_core.rotary import RotaryRows
@@ -75,6 +76,7 @@ class ClientHead(nn.Module):
         super().__init__()
         self.embeddings, self.final_norm, self.lm_head = embeddings, final_norm, lm_head
         self.embeddings_norm = embeddings_norm
+        self._fused_norm = FusedNorm()  # the final norm as one torch call, where that keeps its bits
         self._head_batcher: HeadBatcher | None = None
         self._batcher_for: tuple | None = None  # the head weight (its storage) that ``_head_batcher`` was made for
 
@@ -84,7 +86,7 @@ class ClientHead(nn.Module):
         return hidden if self.embeddings_norm is None else self.embeddings_norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.final_norm(hidden)
+        hidden = self._fused_norm(self.final_norm, hidden)
         batcher = None if torch.is_grad_enabled() else self._batcher()
         if batcher is not None and batcher.takes(hidden):
             return batcher(hidden)
@@ -98,7 +100,7 @@ class ClientHead(nn.Module):
         batcher = None if torch.is_grad_enabled() else self._batcher()
         if batcher is None or batcher.quick is None:
             return None
-        hidden = self.final_norm(hidden)
+        hidden = self._fused_norm(self.final_norm, hidden)
         if not batcher.takes(hidden):
             return None
         return batcher.approximate(hidden)
