@@ -26,6 +26,7 @@ CHUNK_BYTES = 1024 * 1024
 ALLOWED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in ALLOWED_DTYPES.items()}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # numpy has no bfloat16
 # The exponent bits of each dtype: all of them set means infinity or NaN.
 _EXPONENTS = {
     torch.float32: (torch.int32, 0x7F800000),
@@ -214,8 +215,12 @@ def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     return runtime_pb2.Tensor(buffer=array.numpy().tobytes(), size=tensor.shape, dtype=dtype)
 
 
-def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) -> torch.Tensor:
-    """Rebuild a tensor after checking dtype, rank and that the buffer matches the declared shape."""
+def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None, copy: bool = False) -> torch.Tensor:
+    """Rebuild a tensor after checking dtype, rank and that the buffer matches the declared shape.
+
+    It shares the message's (read-only) buffer, or with ``copy`` owns a copy: made with numpy, whose
+    calls keep the GIL, where torch's ``clone`` would hand it over (dear for a client stepping
+    sessions from several threads)."""
     dtype = ALLOWED_DTYPES.get(proto.dtype)
     if dtype is None:
         raise RequestError(f"tensor dtype {proto.dtype!r} is not allowed (use one of {', '.join(ALLOWED_DTYPES)})")
@@ -235,6 +240,9 @@ def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None) 
         raise RequestError(f"tensor buffer has {len(buffer)} bytes, shape {list(shape)} needs {numel * itemsize}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
+    if copy:
+        tensor = torch.from_numpy(np.frombuffer(buffer, dtype=_NUMPY_DTYPES[proto.dtype]).reshape(shape).copy())
+        return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 

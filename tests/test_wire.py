@@ -238,3 +238,13 @@ def test_all_finite_agrees_with_torch(dtype):
             assert not all_finite(deserialize_tensor(serialize_tensor(values.view(4, 16, 16))))
             assert not all_finite(values.view(4, 16, 16).transpose(0, 2))  # any strides
     assert all_finite(deserialize_tensor(serialize_tensor(torch.randn(2, 3, 8, dtype=dtype))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_deserialize_copy_owns_the_same_values(dtype):
+    tensor = torch.randn(2, 3, 4).to(dtype)
+    proto = serialize_tensor(tensor)
+    copied = deserialize_tensor(proto, copy=True)
+    assert copied.dtype == dtype and torch.equal(copied, tensor) and copied.is_contiguous()
+    copied.zero_()  # writable, and the message keeps its bytes
+    assert torch.equal(deserialize_tensor(proto), tensor)

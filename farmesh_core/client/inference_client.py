@@ -119,16 +119,19 @@ class DistributedInferenceClient:
         eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
         try:
             new_input = input_ids
+            dtype = self.head.lm_head.weight.dtype
             for _ in range(max_new_tokens):
-                hidden = session.step(self.head.embed(new_input))
-                token = self._next_token(choose, input_ids, hidden[:, -1].to(self.head.lm_head.weight.dtype))
-                input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+                # Each torch call lets go of the GIL: with sessions stepping from several threads, the
+                # calls saved here (a same-dtype cast, a second unsqueeze) are hand-overs saved.
+                last = session.step(self.head.embed(new_input))[:, -1]
+                token = self._next_token(choose, input_ids, last if last.dtype == dtype else last.to(dtype))
+                new_input = token[:, None]
+                input_ids = torch.cat([input_ids, new_input], dim=1)
                 yield token
                 if not eos_ids.isdisjoint(token.tolist()):
                     finished |= torch.isin(token, eos)
                     if finished.all():
                         return
-                new_input = token[:, None]
         finally:
             if own_session:
                 session.close()

@@ -102,7 +102,7 @@ class DistributedModel(nn.Module):
         _, (proto,) = await asyncio.wait_for(
             receive_chunked(responses, None, limit, 1), self.mesh.timeout_for(tensors[0].shape[0] * tensors[0].shape[1])
         )
-        return deserialize_tensor(proto).clone()
+        return deserialize_tensor(proto, copy=True)
 
     async def _route(self, start: int, end: int, avoid: set[str]) -> list[RouteHop]:
         return await asyncio.to_thread(self.mesh.route, start, end, avoid, self.mesh.config.adapter)

@@ -204,7 +204,7 @@ class InferenceSession:
             return torch.cat([self.step(part) for part in hidden.split(max_tokens, dim=1)], dim=1)
         out = self._step(serialize_tensor(hidden))
         self.position += hidden.shape[1]
-        return deserialize_tensor(out).clone()  # the proto owns the buffer, read-only
+        return deserialize_tensor(out, copy=True)  # the proto owns the buffer, read-only
 
     def _opening(self, stream: _HopStream) -> OpenSession:
         """What opens ``stream``'s session on its node."""
