@@ -10,6 +10,7 @@ each input dtype before it is used (it matched for every hidden size tried, 128 
 """
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,18 @@ class FusedNorm:
     no hooks) as ``F.rms_norm``, where the check against the module passes; else the module's call."""
 
     def __init__(self):
-        self._verdicts: dict[tuple, bool] = {}  # (module, its weight, the input's dtype and device) -> fused?
+        # module -> (its weight's storage and dtype, the input's dtype and device) -> fused?
+        self._verdicts: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
     def __call__(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         weight = getattr(norm, "weight", None)
         if torch.is_grad_enabled() or not _fits(norm, weight, hidden):
             return norm(hidden)
-        key = (id(norm), weight.data_ptr(), weight.dtype, hidden.dtype, hidden.device)
-        verdict = self._verdicts.get(key)
+        verdicts = self._verdicts.setdefault(norm, {})
+        key = (weight.data_ptr(), weight.dtype, hidden.dtype, hidden.device)
+        verdict = verdicts.get(key)
         if verdict is None:
-            verdict = self._verdicts[key] = _gives_module_bits(norm, weight, hidden.dtype, hidden.device)
+            verdict = verdicts[key] = _gives_module_bits(norm, weight, hidden.dtype, hidden.device)
         if not verdict:
             return norm(hidden)
         return F.rms_norm(hidden, weight.shape, weight, float(norm.variance_epsilon))
