@@ -145,9 +145,7 @@ class TokenChooser:
         ``logits`` again); else None (then choose from the exact logits)."""
         if not self.takes_bounds:
             return None
-        scores = logits if logits.dtype == torch.float32 else logits.float()  # one torch call fewer
-        for processor in self.processors:
-            scores = processor(input_ids, scores)
+        scores = self._scores(input_ids, logits)
         choices = []
         for row in scores:
             found = certain_best(row, bound, refine if scores.shape[0] == 1 else None)
@@ -158,13 +156,19 @@ class TokenChooser:
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [batch, vocab] of the last position -> next token ids [batch]."""
-        scores = logits if logits.dtype == torch.float32 else logits.float()  # one torch call fewer
-        for processor in self.processors:
-            scores = processor(input_ids, scores)
+        scores = self._scores(input_ids, logits)
         if self.greedy:
             return scores.argmax(dim=-1)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+    def _scores(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` in float32 (without a call where they are already: each torch call hands over
+        the GIL), through the processors."""
+        scores = logits if logits.dtype == torch.float32 else logits.float()
+        for processor in self.processors:
+            scores = processor(input_ids, scores)
+        return scores
 
 
 class TextStream:
