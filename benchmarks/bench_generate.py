@@ -12,13 +12,16 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
+import psutil
 import torch
 from bench_model import BenchModel
 
@@ -115,16 +118,20 @@ def generation(client, input_ids: torch.Tensor) -> tuple[list[int], dict]:
     return ids, decode_metrics(times)
 
 
+class Mesh(NamedTuple):
+    addrs: list[str]  # the DHT's multiaddrs
+    nodes: dict[str, subprocess.Popen]  # span -> its node's process
+
+
 @contextmanager
-def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Iterator[list[str]]:
-    """A DHT and nodes serving ``spans`` (with ``threads`` torch threads each), up until the block
-    ends; yields the DHT's addresses."""
+def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Iterator[Mesh]:
+    """A DHT and nodes serving ``spans`` (with ``threads`` torch threads each), up until the block ends."""
     dht, addrs = spawn_dht()
     extra = ["--num-threads", str(threads)] if threads else []
     nodes = [spawn_node(model_dir, addrs, "--layers", span, *extra) for span in spans]
     try:
         wait_for_layers(model_dir, addrs, num_nodes=len(spans), procs=nodes)
-        yield addrs
+        yield Mesh(addrs, dict(zip(spans, nodes, strict=True)))
     finally:
         for proc in [*nodes, dht]:
             stop_process(proc)
@@ -137,12 +144,14 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
     from farmesh_core.client import DistributedInferenceClient
     from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 
-    with running_mesh(model.dir, spans, threads) as addrs, ExitStack() as clients:
-        client = clients.enter_context(DistributedInferenceClient(model.dir, addrs))
-        causal_lm = clients.enter_context(DistributedModelForCausalLM.from_pretrained(model.dir, dht_bootstrap=addrs))
+    with running_mesh(model.dir, spans, threads) as mesh, ExitStack() as clients:
+        client = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs))
+        causal_lm = clients.enter_context(
+            DistributedModelForCausalLM.from_pretrained(model.dir, dht_bootstrap=mesh.addrs)
+        )
         relaying = None
         if len(spans) > 1:
-            relaying = clients.enter_context(DistributedInferenceClient(model.dir, addrs, push=False))
+            relaying = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, push=False))
         results, relayed, petals_style, ids = [], [], [], None
         for _ in range(runs + 1):
             ids, metrics = generation(client, input_ids)
@@ -161,7 +170,7 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             client.layers(x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
         hops = len(client.inference_session(8).route)
-        concurrency = bench_concurrency(client, model, CONCURRENT_SESSIONS, runs) if len(spans) == 2 else None
+        concurrency = bench_concurrency(client, mesh, model, CONCURRENT_SESSIONS, runs) if len(spans) == 2 else None
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
     if relayed:
@@ -183,7 +192,9 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
     with ExitStack() as stack:
         clients = {
             name: stack.enter_context(
-                DistributedInferenceClient(model.dir, stack.enter_context(running_mesh(model.dir, spans, threads)))
+                DistributedInferenceClient(
+                    model.dir, stack.enter_context(running_mesh(model.dir, spans, threads)).addrs
+                )
             )
             for name, spans in layouts.items()
         }
@@ -199,26 +210,41 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
     }
 
 
-def bench_concurrency(client, model: BenchModel, sessions: int, rounds: int) -> dict:
+def bench_concurrency(client, mesh: Mesh, model: BenchModel, sessions: int, rounds: int) -> dict:
     """``sessions`` generations at once (one thread each) vs the same ones one after another, the two
     alternating for ``rounds`` rounds (as Petals' concurrency benchmark does): this machine's speed
     drifts within minutes, and one round of each compared two different moments. The ratio is that
-    of the medians."""
+    of the medians.
+
+    The CPU time each process (each node, and this one: the client) spends per token of the
+    concurrent rounds is reported too, with the share of the machine's cores all of them kept busy:
+    it says whether the concurrent run is bound by the CPU rather than by waiting."""
     prompts = [model.random_prompt(i) for i in range(sessions)]
+    processes = {f"node {span}": psutil.Process(proc.pid) for span, proc in mesh.nodes.items()}
+    processes["client"] = psutil.Process()
 
     def run(prompt):
         return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
+    def cpu_seconds() -> dict[str, float]:
+        return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
+
     tokens = sessions * NEW_TOKENS
     sequential_tok_s, concurrent_tok_s, outputs_equal = [], [], True
+    cpu_ms: dict[str, list[float]] = {name: [] for name in processes}
+    busy: list[float] = []
     with ThreadPoolExecutor(sessions) as pool:
         for _ in range(rounds):
             began = time.perf_counter()
             sequential = [run(p) for p in prompts]
             sequential_tok_s.append(tokens / (time.perf_counter() - began))
-            began = time.perf_counter()
+            before, began = cpu_seconds(), time.perf_counter()
             concurrent = list(pool.map(run, prompts))
-            concurrent_tok_s.append(tokens / (time.perf_counter() - began))
+            elapsed, after = time.perf_counter() - began, cpu_seconds()
+            concurrent_tok_s.append(tokens / elapsed)
+            for name in processes:
+                cpu_ms[name].append(1000 * (after[name] - before[name]) / tokens)
+            busy.append((sum(after.values()) - sum(before.values())) / (elapsed * os.cpu_count()))
             outputs_equal = outputs_equal and concurrent == sequential
     return {
         "sessions": sessions,
@@ -227,6 +253,8 @@ def bench_concurrency(client, model: BenchModel, sessions: int, rounds: int) -> 
         "concurrent_tok_s": statistics.median(concurrent_tok_s),
         "ratio": statistics.median(concurrent_tok_s) / statistics.median(sequential_tok_s),
         "ratio_per_round": [c / s for s, c in zip(sequential_tok_s, concurrent_tok_s, strict=True)],
+        "concurrent_cpu_ms_per_token": {name: statistics.median(values) for name, values in cpu_ms.items()},
+        "concurrent_cores_busy": statistics.median(busy),
         "outputs_equal": outputs_equal,
     }
 
