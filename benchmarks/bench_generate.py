@@ -218,7 +218,8 @@ def bench_concurrency(client, mesh: Mesh, model: BenchModel, sessions: int, roun
 
     The CPU time each process (each node, and this one: the client) spends per token of the
     concurrent rounds is reported too, with the share of the machine's cores all of them kept busy:
-    it says whether the concurrent run is bound by the CPU rather than by waiting."""
+    it says whether the concurrent run is bound by the CPU rather than by waiting. The P2P daemons
+    and the DHT process are not counted (the steps go over direct lanes)."""
     prompts = [model.random_prompt(i) for i in range(sessions)]
     processes = {f"node {span}": psutil.Process(proc.pid) for span, proc in mesh.nodes.items()}
     processes["client"] = psutil.Process()
