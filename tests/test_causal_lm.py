@@ -1,6 +1,8 @@
 """DistributedModelForCausalLM against plain transformers, over a real DHT and two real Far Nodes."""
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -76,6 +78,29 @@ def test_session_continues_across_generate_calls(model, reference):
         first = model.generate(input_ids, max_new_tokens=16, do_sample=False)
         rest = model.generate(input_ids[:, :0], max_new_tokens=16, do_sample=False)
     assert torch.equal(torch.cat([first, rest], dim=1), expected)
+
+
+@pytest.mark.timeout(300)
+def test_threads_share_one_model_each_in_its_own_session(model, reference):
+    """As Petals' concurrency benchmark runs it: threads of one process share the model, each generating
+    in its own ``inference_session``, all open at once; each thread's tokens are transformers'."""
+    prompts = [torch.tensor([PROMPT[: 3 + i] + PROMPT[: 5 - i]]) for i in range(4)]
+    all_open = threading.Barrier(len(prompts), timeout=60)
+
+    def generate(input_ids: torch.Tensor) -> torch.Tensor:
+        with model.inference_session(max_length=input_ids.shape[1] + 16) as session:
+            all_open.wait()
+            with pytest.raises(RuntimeError, match="already open"):  # one session per thread
+                model.inference_session(max_length=8).__enter__()
+            first = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+            rest = model.generate(input_ids[:, :0], max_new_tokens=8, do_sample=False)  # continues this thread's
+            assert session.position == input_ids.shape[1] + 15
+        return torch.cat([first, rest], dim=1)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outputs = list(pool.map(generate, prompts))
+    for input_ids, output in zip(prompts, outputs, strict=True):
+        assert torch.equal(output, hf_greedy(reference, input_ids, 16))
 
 
 @pytest.mark.timeout(300)

@@ -6,6 +6,9 @@ and LM head run here and the decoder layers on the mesh. Generation is stateful 
 KV caches live in an ``InferenceSession``, and the ``Cache`` transformers sees (``RemoteCache``) only
 counts tokens. That is also why beam search is refused: nodes cannot reorder their caches.
 
+Each thread (or asyncio task) has its own open session, as in Petals: threads sharing one model
+generate at once, each in its own ``inference_session``, and the nodes batch their steps.
+
 Plain greedy ``generate`` calls (no logits processor but a minimum length's EOS mask) take the LM
 head's quick approximate logits where their error bound cannot change the greedy choice (see
 ``ClientHead.approximate_logits``), as ``DistributedInferenceClient.generate`` does: the tokens stay
@@ -15,6 +18,7 @@ those of exact logits.
 import contextlib
 import copy
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -90,8 +94,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self.client_config, self.mesh = client_config, mesh
             self.head = adapter.load_client_head(checkpoint, self.config, dtype or _config_dtype(self.config))
             self.layers = DistributedModel.over(mesh, 0, adapter.num_layers(self.config))
-            self._active_cache: RemoteCache | None = None
-            self._greedy_eos: list[int] | None = None  # a plain greedy generate runs: its EOS ids
+            # Per thread (or task): the open session's cache, and the EOS ids of a plain greedy generate
+            self._active: ContextVar[RemoteCache | None] = ContextVar("farmesh_active_cache", default=None)
+            self._greedy: ContextVar[list[int] | None] = ContextVar("farmesh_greedy_eos", default=None)
             self.quick_logits = 0  # steps whose logits came from the quick approximate head
             self.eval()
         except BaseException:
@@ -104,10 +109,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return cls(model_id, *args, **kwargs)
 
     def close(self) -> None:
-        """Close the open session, if any, and leave the mesh (DHT peer, event loop)."""
-        if self._active_cache is not None:
-            self._active_cache.session.close()
-            self._active_cache = None
+        """Close this thread's open session, if any, and leave the mesh (DHT peer, event loop)."""
+        cache = self._active.get()
+        if cache is not None:
+            cache.session.close()
+            self._active.set(None)
         self.mesh.close()
 
     def __enter__(self) -> "DistributedModelForCausalLM":
@@ -124,16 +130,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
-        """Keep one session on the nodes across ``forward`` and ``generate`` calls (Petals semantics)."""
-        if self._active_cache is not None:
-            raise RuntimeError("an inference session is already open on this model")
+        """Keep one session on the nodes across ``forward`` and ``generate`` calls (Petals semantics).
+
+        The session belongs to the calling thread (or asyncio task): other threads may open their own
+        on the same model meanwhile."""
+        if self._active.get() is not None:
+            raise RuntimeError("an inference session is already open on this model in this thread")
         num_layers = len(self.layers)
         session = InferenceSession(self.mesh, 0, num_layers, max_length, batch_size, self.client_config.adapter)
-        self._active_cache = RemoteCache(session)
+        opened = self._active.set(RemoteCache(session))
         try:
             yield session
         finally:
-            self._active_cache = None
+            self._active.reset(opened)
             session.close()
 
     @torch.no_grad()
@@ -151,12 +160,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and not bool(mask.all()):
             raise NotImplementedError("padding (attention_mask with zeros) is not supported: the nodes mask causally")
-        if self._active_cache is not None:
-            return self._generate_in(self._active_cache, inputs, *args, **kwargs)
+        cache = self._active.get()
+        if cache is not None:
+            return self._generate_in(cache, inputs, *args, **kwargs)
         batch = inputs.shape[0] if inputs is not None else kwargs["inputs_embeds"].shape[0]
         batch *= kwargs.get("num_return_sequences") or config.num_return_sequences or 1
         with self.inference_session(self._session_length(inputs, kwargs), batch):
-            return self._generate_in(self._active_cache, inputs, *args, **kwargs)
+            return self._generate_in(self._active.get(), inputs, *args, **kwargs)
 
     def _session_length(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
         """Tokens a one-call session must hold: the prompt plus everything it may generate."""
@@ -186,11 +196,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if inputs.shape[1] <= cache.skip:
                 raise ValueError("input_ids hold no token the session has not processed yet")
         sent_before = cache.session.position
-        self._greedy_eos = _plain_greedy_eos(self.generation_config, kwargs)
+        greedy = self._greedy.set(_plain_greedy_eos(self.generation_config, kwargs))
         try:
             result = super().generate(inputs, *args, cache=cache, **kwargs)
         finally:
-            self._greedy_eos = None
+            self._greedy.reset(greedy)
         sequences = result.sequences if isinstance(result, ModelOutput) else result
         if inputs is not None:  # ids returned but never sent (the last generated token) come first next time
             cache.pending = sequences[:, cache.skip + cache.session.position - sent_before :]
@@ -253,7 +263,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("padding (attention_mask with zeros) is not supported: the nodes mask causally")
-        cache = cache if cache is not None else past_key_values if past_key_values is not None else self._active_cache
+        cache = cache if cache is not None else past_key_values if past_key_values is not None else self._active.get()
         if cache is not None and not isinstance(cache, RemoteCache):
             raise TypeError(f"expected the cache this model returned (a RemoteCache), got {type(cache).__name__}")
         if inputs_embeds is None:
@@ -268,7 +278,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if logits_to_keep:  # generate needs the last position only: skip the LM head on the rest
             hidden = hidden[:, -logits_to_keep:]
         hidden = hidden.to(self.head.lm_head.weight.dtype)
-        logits = self._quick_logits(hidden) if self._greedy_eos is not None and cache is not None else None
+        greedy_eos = self._greedy.get()
+        logits = self._quick_logits(hidden, greedy_eos) if greedy_eos is not None and cache is not None else None
         if logits is None:
             logits = self.head.logits(hidden)
         loss = None
@@ -276,13 +287,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def _quick_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def _quick_logits(self, hidden: torch.Tensor, eos: list[int]) -> torch.Tensor | None:
         """Approximate logits of one position of one sequence, if greedy decoding picks from them what
         it would from the exact ones (see the module's docstring); else None."""
         approximate = self.head.approximate_logits(hidden) if hidden.shape[:2] == (1, 1) else None
         logits = None
         if approximate is not None:
-            logits = greedy_certain_logits(approximate.logits, approximate.bound, self._greedy_eos, approximate.refine)
+            logits = greedy_certain_logits(approximate.logits, approximate.bound, eos, approximate.refine)
         if logits is not None:
             self.quick_logits += 1
         return logits
