@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
@@ -170,14 +170,26 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             client.layers(x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
         hops = len(client.inference_session(8).route)
-        concurrency = bench_concurrency(client, mesh, model, CONCURRENT_SESSIONS, runs) if len(spans) == 2 else None
+        concurrency = {}
+        if len(spans) == 2:
+
+            def petals_style_ids(prompt: torch.Tensor) -> list[int]:
+                return petals_style_generation(causal_lm, prompt)[0]
+
+            def generate_ids(prompt: torch.Tensor) -> list[int]:
+                return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
+
+            # Petals' concurrency benchmark: threads sharing one model, each in its own inference session
+            concurrency["concurrency"] = bench_concurrency(generate_ids, mesh, model, CONCURRENT_SESSIONS, runs)
+            concurrency["concurrency_transformers_generate"] = bench_concurrency(
+                petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
+            )
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
     if relayed:
         out["relayed_by_client"] = _collect(relayed[1:])
     out["transformers_generate"] = _collect(petals_style[1:])
-    if concurrency:
-        out["concurrency"] = concurrency
+    out.update(concurrency)
     return out, ids
 
 
@@ -210,11 +222,12 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
     }
 
 
-def bench_concurrency(client, mesh: Mesh, model: BenchModel, sessions: int, rounds: int) -> dict:
-    """``sessions`` generations at once (one thread each) vs the same ones one after another, the two
-    alternating for ``rounds`` rounds (as Petals' concurrency benchmark does): this machine's speed
-    drifts within minutes, and one round of each compared two different moments. The ratio is that
-    of the medians.
+def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, model: BenchModel, sessions: int,
+                      rounds: int) -> dict:  # fmt: skip
+    """``sessions`` generations ``run(prompt)`` at once (one thread each) vs the same ones one after
+    another, the two alternating for ``rounds`` rounds (as Petals' concurrency benchmark does): this
+    machine's speed drifts within minutes, and one round of each compared two different moments. The
+    ratio is that of the medians.
 
     The CPU time each process (each node, and this one: the client) spends per token of the
     concurrent rounds is reported too, with the share of the machine's cores all of them kept busy:
@@ -223,9 +236,6 @@ def bench_concurrency(client, mesh: Mesh, model: BenchModel, sessions: int, roun
     prompts = [model.random_prompt(i) for i in range(sessions)]
     processes = {f"node {span}": psutil.Process(proc.pid) for span, proc in mesh.nodes.items()}
     processes["client"] = psutil.Process()
-
-    def run(prompt):
-        return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
     def cpu_seconds() -> dict[str, float]:
         return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
@@ -301,7 +311,11 @@ def plot(result: dict, path: str) -> None:
         "local": local["forward_4x128_tok_s"]["median"],
         "FarMesh\n2 nodes": two["forward_4x128_tok_s"]["median"],
     }
-    concurrency = {"FarMesh\n2 nodes": two["concurrency"]["ratio"]} if "concurrency" in two else {}
+    concurrency = {}
+    if "concurrency" in two:
+        concurrency["FarMesh\n2 nodes"] = two["concurrency"]["ratio"]
+    if "concurrency_transformers_generate" in two:
+        concurrency["FarMesh, 2 nodes,\ntransformers'\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
     if "1server" in petals:
         decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
     if "2servers" in petals:

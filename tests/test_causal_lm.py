@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from farmesh_core import split_head
 from farmesh_core.checkpoint_maker import make_checkpoint
@@ -101,6 +101,64 @@ def test_threads_share_one_model_each_in_its_own_session(model, reference):
         outputs = list(pool.map(generate, prompts))
     for input_ids, output in zip(prompts, outputs, strict=True):
         assert torch.equal(output, hf_greedy(reference, input_ids, 16))
+
+
+class _Recorder:
+    """A streamer that keeps what transformers hands it."""
+
+    def __init__(self):
+        self.puts: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+class _StopAtLength(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+@pytest.mark.timeout(300)
+def test_plain_greedy_generate_takes_the_lean_loop_with_transformers_streams_and_stops(model, reference, monkeypatch):
+    """A plain greedy call on one sequence runs FarMesh's lean decoding loop, not transformers' own,
+    and gives what transformers gives: tokens, the streamer's calls, its minimum and maximum lengths,
+    EOS and other stopping criteria."""
+    ran_transformers_loop = []
+    sample = GenerationMixin._sample
+    monkeypatch.setattr(
+        GenerationMixin, "_sample", lambda self, *a, **k: ran_transformers_loop.append(self) or sample(self, *a, **k)
+    )
+    input_ids = torch.tensor([PROMPT])
+    eos = int(hf_greedy(reference, input_ids, 6)[0, -1])
+    calls = [
+        dict(max_new_tokens=20, min_new_tokens=20),
+        dict(max_new_tokens=20, eos_token_id=eos, pad_token_id=0),  # stops at EOS
+        dict(max_new_tokens=20, min_new_tokens=10, eos_token_id=eos, pad_token_id=0),
+        dict(max_new_tokens=20, stopping_criteria=StoppingCriteriaList([_StopAtLength(len(PROMPT) + 4)])),
+    ]
+    for options in calls:
+        streamed = []
+        for lm in (model, reference):
+            streamer = _Recorder()
+            out = lm.generate(input_ids, streamer=streamer, do_sample=False, **options)
+            streamed.append((out, streamer.puts, streamer.ended))
+        assert torch.equal(streamed[0][0], streamed[1][0]), options
+        assert streamed[0][1:] == streamed[1][1:], options
+        assert not any(lm is model for lm in ran_transformers_loop), options
+    lengths = [len(PROMPT) + 20, len(PROMPT) + 6, len(PROMPT) + 20, len(PROMPT) + 4]
+    assert [len(model.generate(input_ids, do_sample=False, **o)[0]) for o in calls] == lengths
+    penalised = model.generate(input_ids, max_new_tokens=4, do_sample=False, repetition_penalty=1.3)
+    assert any(lm is model for lm in ran_transformers_loop)  # a processor that rescales: transformers' loop
+    assert torch.equal(
+        penalised, reference.generate(input_ids, max_new_tokens=4, do_sample=False, repetition_penalty=1.3)
+    )
 
 
 @pytest.mark.timeout(300)
