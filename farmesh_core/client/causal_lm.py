@@ -322,7 +322,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         length and EOS checked in Python; the tokens, the streamer's calls and the output are
         transformers'. Each torch call hands over the GIL, and sessions generating from several
         threads pay for every hand-over: 18 calls per token here against 37 (the tiny Llama, 64
-        tokens; reads of a tensor's attributes not counted), and with 8 threads the client's CPU time per token fell from 0.9-1.07 to 0.6-0.8 ms."""
+        tokens; reads of a tensor's attributes not counted), and with 8 threads the client's CPU
+        time per token fell from 0.9-1.07 to 0.6-0.8 ms."""
         cache = model_kwargs.get("cache")
         lean = (
             self._greedy.get() is not None
