@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -14,6 +15,9 @@ from transformers import (
 )
 
 from farmesh_core.head_batch import Refine
+
+if TYPE_CHECKING:
+    from farmesh_core.architecture import ClientHead
 
 
 class NoEosBefore(LogitsProcessor):
@@ -130,6 +134,14 @@ class TokenChooser:
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
+        self.certain_choices = 0  # tokens :meth:`certain` chose (from approximate logits)
+
+    @classmethod
+    def greedy_after(cls, processors: Iterable[LogitsProcessor]) -> "TokenChooser":
+        """Greedy after ``processors`` (as transformers' ``generate`` built them for a call)."""
+        chooser = cls()
+        chooser.processors = list(processors)
+        return chooser
 
     @property
     def takes_bounds(self) -> bool:
@@ -152,6 +164,7 @@ class TokenChooser:
             if found is None:
                 return None
             choices.append(found[0])
+        self.certain_choices += 1
         return torch.tensor(choices, device=logits.device)
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -169,6 +182,17 @@ class TokenChooser:
         for processor in self.processors:
             scores = processor(input_ids, scores)
         return scores
+
+
+def next_token(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The next token from the last position's hidden states [batch, hidden] (in the head's dtype): a
+    greedy choice from the head's quick approximate logits where their error bound cannot change it,
+    else from exact logits."""
+    approximate = head.approximate_logits(last) if choose.takes_bounds else None
+    if approximate is None:
+        return choose(input_ids, head.logits(last))
+    token = choose.certain(input_ids, approximate.logits, approximate.bound, approximate.refine)
+    return choose(input_ids, head.module_logits(last)) if token is None else token
 
 
 class TextStream:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from farmesh_core.client.generation import TextStream, TokenChooser
+from farmesh_core.client.generation import TextStream, TokenChooser, next_token
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -124,7 +124,7 @@ class DistributedInferenceClient:
                 # Each torch call lets go of the GIL: with sessions stepping from several threads, the
                 # calls saved here (a same-dtype cast, a second unsqueeze) are hand-overs saved.
                 last = session.step(self.head.embed(new_input))[:, -1]
-                token = self._next_token(choose, input_ids, last if last.dtype == dtype else last.to(dtype))
+                token = next_token(self.head, choose, input_ids, last if last.dtype == dtype else last.to(dtype))
                 new_input = token[:, None]
                 input_ids = torch.cat([input_ids, new_input], dim=1)
                 yield token
@@ -135,15 +135,6 @@ class DistributedInferenceClient:
         finally:
             if own_session:
                 session.close()
-
-    def _next_token(self, choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The next token from the last position's hidden states: a greedy choice from the head's quick
-        approximate logits where their error bound cannot change it, else from exact logits."""
-        approximate = self.head.approximate_logits(last) if choose.takes_bounds else None
-        if approximate is None:
-            return choose(input_ids, self.head.logits(last))
-        token = choose.certain(input_ids, approximate.logits, approximate.bound, approximate.refine)
-        return choose(input_ids, self.head.module_logits(last)) if token is None else token
 
     def _eos_ids(self) -> torch.Tensor:
         eos = self.model_config.eos_token_id
