@@ -179,8 +179,8 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             def generate_ids(prompt: torch.Tensor) -> list[int]:
                 return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
-            # Petals' concurrency benchmark: threads sharing one model, each in its own inference session
             concurrency["concurrency"] = bench_concurrency(generate_ids, mesh, model, CONCURRENT_SESSIONS, runs)
+            # as Petals' concurrency benchmark runs it: threads sharing one model, each in its own session
             concurrency["concurrency_transformers_generate"] = bench_concurrency(
                 petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
             )

@@ -134,7 +134,7 @@ class TokenChooser:
         self.generator = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
-        self.certain_choices = 0  # tokens :meth:`certain` chose (from approximate logits)
+        self.certain_choices = 0  # steps whose tokens :meth:`certain` chose (from approximate logits)
 
     @classmethod
     def greedy_after(cls, processors: Iterable[LogitsProcessor]) -> "TokenChooser":
