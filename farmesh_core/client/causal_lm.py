@@ -270,9 +270,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and not isinstance(cache, RemoteCache):
             raise TypeError(f"expected the cache this model returned (a RemoteCache), got {type(cache).__name__}")
         if cache is None:
-            logits = self.head.logits(self._kept(self.layers(self._embedded(input_ids, inputs_embeds)), logits_to_keep))
+            hidden = self._kept(self.layers(self._embedded(input_ids, inputs_embeds)), logits_to_keep)
         else:
-            logits = self._session_logits(cache, input_ids, inputs_embeds, logits_to_keep)
+            hidden = self._session_hidden(cache, input_ids, inputs_embeds, logits_to_keep)
+        greedy_eos = self._greedy.get()  # a plain greedy generate: quick logits where they make its choice
+        logits = self._quick_logits(hidden, greedy_eos) if greedy_eos is not None and cache is not None else None
+        if logits is None:
+            logits = self.head.logits(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
@@ -290,20 +294,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         dtype = self.head.lm_head.weight.dtype
         return hidden if hidden.dtype == dtype else hidden.to(dtype)  # no same-dtype call: see _sample
-
-    def _session_logits(
-        self,
-        cache: RemoteCache,
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """One step of ``cache``'s session: the logits of its last ``logits_to_keep`` positions, quick
-        ones where a plain greedy ``generate`` runs and they make its choice."""
-        hidden = self._session_hidden(cache, input_ids, inputs_embeds, logits_to_keep)
-        greedy_eos = self._greedy.get()
-        logits = self._quick_logits(hidden, greedy_eos) if greedy_eos is not None else None
-        return self.head.logits(hidden) if logits is None else logits
 
     def _session_hidden(
         self,
