@@ -169,7 +169,8 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             began = time.perf_counter()
             client.layers(x)
             forward.append(x.shape[0] * x.shape[1] / (time.perf_counter() - began))
-        hops = len(client.inference_session(8).route)
+        with client.inference_session(8) as session:
+            hops = len(session.route)
         concurrency = {}
         if len(spans) == 2:
 
