@@ -335,8 +335,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self._greedy.get() is not None
             and isinstance(cache, RemoteCache)
             and input_ids.shape[0] == 1
-            and not (synced_gpus or generation_config.return_dict_in_generate or generation_config.is_assistant)
-            and generation_config.prefill_chunk_size is None
+            and not (synced_gpus or generation_config.return_dict_in_generate)
+            and not getattr(generation_config, "is_assistant", False)
+            and getattr(generation_config, "prefill_chunk_size", None) is None
+            and hasattr(self, "_prefill")  # transformers' own first step (5.x), which the loop reuses
             and model_kwargs.get("use_cache", True)
             and all(isinstance(p, NoEosBefore) for p in logits_processor)
         )
