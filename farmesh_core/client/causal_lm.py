@@ -385,11 +385,12 @@ class _StopRules:
         self.eos: set[int] = set()
         self.others = StoppingCriteriaList()
         for criterion in criteria:
-            if type(criterion) is MaxLengthCriteria:
+            max_length, eos = getattr(criterion, "max_length", None), getattr(criterion, "eos_token_id", None)
+            if type(criterion) is MaxLengthCriteria and isinstance(max_length, int):
                 self.max_lengths.append(criterion)
-            elif type(criterion) is EosTokenCriteria:
-                self.eos.update(criterion.eos_token_id.reshape(-1).tolist())
-            else:
+            elif type(criterion) is EosTokenCriteria and isinstance(eos, torch.Tensor):
+                self.eos.update(eos.reshape(-1).tolist())
+            else:  # any other, or one whose fields are not what this reads: called as transformers calls it
                 self.others.append(criterion)
 
     def __call__(self, input_ids: torch.Tensor, token: int) -> bool:
@@ -397,7 +398,8 @@ class _StopRules:
         for criterion in self.max_lengths:
             if length >= criterion.max_length:
                 return True
-            if criterion.max_position_embeddings is not None and length > criterion.max_position_embeddings:
+            longest = getattr(criterion, "max_position_embeddings", None)
+            if longest is not None and length > longest:
                 criterion(input_ids, None)  # its warning that the model's length is exceeded
         return token in self.eos or bool(self.others and self.others(input_ids, None).any())
 
