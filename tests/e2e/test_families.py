@@ -17,6 +17,7 @@ from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client import DistributedInferenceClient
+from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.errors import UnsupportedArchitectureError
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 from farmesh_core.node.kv_cache import SessionCache
@@ -50,7 +51,7 @@ class Family:
     """One family's checkpoint, its plain-transformers reference and a client of its mesh."""
 
     def __init__(self, model_dir: str, addrs: list[str]):
-        self.model_dir = model_dir
+        self.model_dir, self.addrs = model_dir, addrs
         self.hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.client = DistributedInferenceClient(model_dir, addrs)
         self.prompt = self.client.tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -125,6 +126,26 @@ def test_concurrent_sessions_each_equal_transformers(family):
     expected = [hf_greedy(family.hf, prompt, 24) for prompt in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:
         assert list(pool.map(lambda prompt: family.generate(prompt, 24), prompts)) == expected
+
+
+def test_transformers_generate_in_threads_equals_transformers(family):
+    """The Petals-compatible model (transformers' ``generate``, FarMesh's lean greedy loop) in two
+    threads at once, each in its own session: transformers' greedy tokens, also where EOS may stop."""
+    texts = [PROMPT, SECOND_PROMPT]
+    prompts = [family.client.tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    options = [dict(max_new_tokens=24, min_new_tokens=24), dict(max_new_tokens=24)]
+    with DistributedModelForCausalLM.from_pretrained(family.model_dir, dht_bootstrap=family.addrs) as model:
+
+        def generate(prompt: torch.Tensor, **kwargs) -> torch.Tensor:
+            with torch.inference_mode(), model.inference_session(max_length=prompt.shape[1] + 24):
+                return model.generate(prompt, do_sample=False, **kwargs)
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            for kwargs in options:
+                outputs = list(pool.map(lambda prompt, kwargs=kwargs: generate(prompt, **kwargs), prompts))
+                for prompt, output in zip(prompts, outputs, strict=True):
+                    with torch.no_grad():
+                        assert torch.equal(output, family.hf.generate(prompt, do_sample=False, **kwargs)), kwargs
 
 
 # ---- variants checked on local layers (no mesh needed) --------------------------------------------
