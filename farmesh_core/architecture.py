@@ -82,8 +82,17 @@ class ClientHead(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states the first layer takes: token embeddings, normalised where the family does so."""
-        hidden = self.embeddings(input_ids)
-        return hidden if self.embeddings_norm is None else self.embeddings_norm(hidden)
+        return self.normalised(self.embeddings(input_ids))
+
+    def normalised(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (computed here or given by the caller) as the first layer takes them."""
+        return embeddings if self.embeddings_norm is None else self.embeddings_norm(embeddings)
+
+    def in_head_dtype(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` in the LM head's dtype, without a call where it already is: each torch call hands
+        over the GIL, which sessions stepping from several threads pay for."""
+        dtype = self.lm_head.weight.dtype
+        return hidden if hidden.dtype == dtype else hidden.to(dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self._fused_norm(self.final_norm, hidden)

@@ -283,17 +283,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     def _embedded(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        if inputs_embeds is None:
-            inputs_embeds = self.head.embeddings(input_ids)
-        norm = getattr(self.head, "embeddings_norm", None)  # Bloom normalises embeddings, given ones too
-        return inputs_embeds if norm is None else norm(inputs_embeds)
+        """The first layer's input; Bloom normalises given embeddings too."""
+        return self.head.embed(input_ids) if inputs_embeds is None else self.head.normalised(inputs_embeds)
 
     def _kept(self, hidden: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
         """The last ``logits_to_keep`` positions (0: all; generate needs one) in the LM head's dtype."""
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        dtype = self.head.lm_head.weight.dtype
-        return hidden if hidden.dtype == dtype else hidden.to(dtype)  # no same-dtype call: see _sample
+        return self.head.in_head_dtype(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
     def _session_hidden(
         self,

@@ -119,12 +119,11 @@ class DistributedInferenceClient:
         eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
         try:
             new_input = input_ids
-            dtype = self.head.lm_head.weight.dtype
             for _ in range(max_new_tokens):
                 # Each torch call lets go of the GIL: with sessions stepping from several threads, the
                 # calls saved here (a same-dtype cast, a second unsqueeze) are hand-overs saved.
-                last = session.step(self.head.embed(new_input))[:, -1]
-                token = next_token(self.head, choose, input_ids, last if last.dtype == dtype else last.to(dtype))
+                last = self.head.in_head_dtype(session.step(self.head.embed(new_input))[:, -1])
+                token = next_token(self.head, choose, input_ids, last)
                 new_input = token[:, None]
                 input_ids = torch.cat([input_ids, new_input], dim=1)
                 yield token
