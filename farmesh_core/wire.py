@@ -12,12 +12,14 @@ from typing import AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind need
 
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from farmesh_core.errors import RequestError
+from farmesh_core.tensor_message import LARGE_BYTES, MalformedMessage, TensorMessage, TensorPart
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -184,9 +186,21 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool
 
 
 async def send_frame(message, writer: asyncio.StreamWriter) -> None:
-    """Write ``message`` (a protobuf; an RPCError goes as an error frame) as one frame."""
-    writer.write(frame(message.SerializeToString(), is_error=isinstance(message, RPCError)))
+    """Write ``message`` (a protobuf or a TensorMessage; an RPCError goes as an error frame) as one frame."""
+    if isinstance(message, TensorMessage):
+        writer.write(message.framed())
+    else:
+        writer.write(frame(message.SerializeToString(), is_error=isinstance(message, RPCError)))
     await writer.drain()
+
+
+def parse_message(data: bytes, message_type: type):
+    """``data`` as a ``message_type`` (ExpertRequest or ExpertResponse): a large one as a TensorMessage,
+    which reads its tensors in place (see tensor_message.py), a small one through protobuf."""
+    try:
+        return TensorMessage.parse(data) if len(data) >= LARGE_BYTES else message_type.FromString(data)
+    except (DecodeError, MalformedMessage) as e:
+        raise StreamProtocolError(f"the message is not a valid protobuf of the expected type ({e})") from None
 
 
 def encode_meta(meta: BaseModel) -> bytes:
@@ -203,16 +217,26 @@ def decode_meta(raw: bytes, model: type[M]) -> M:
         raise RequestError(f"invalid {model.__name__}: {problems}") from None
 
 
-def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    dtype = _NAMES.get(tensor.dtype)
-    if dtype is None:
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` (one of ALLOWED_DTYPES) as a numpy array of the same bytes, on the CPU.
+
+    Through numpy with as few torch calls as may be: with the caches as cold as a one-token step
+    leaves them, each costs several microseconds (33 against 13 us for one token's hidden states)."""
+    if tensor.dtype not in _NAMES:
         raise TypeError(f"cannot send {tensor.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
-    # Through numpy with as few torch calls as may be: with the caches as cold as a one-token step
-    # leaves them, each costs several microseconds (33 against 13 us for one token's hidden states).
     array = tensor if tensor.is_cpu and not tensor.requires_grad else tensor.detach().cpu()
-    if dtype == "bfloat16":
+    if tensor.dtype == torch.bfloat16:
         array = array.view(torch.int16)  # numpy has no bfloat16: the same bytes
-    return runtime_pb2.Tensor(buffer=array.numpy().tobytes(), size=tensor.shape, dtype=dtype)
+    return array.numpy()
+
+
+def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return runtime_pb2.Tensor(buffer=_array(tensor).tobytes(), size=tensor.shape, dtype=_NAMES[tensor.dtype])
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in C order: a view of them where it is contiguous on the CPU."""
+    return memoryview(np.ascontiguousarray(_array(tensor))).cast("B")
 
 
 def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None, copy: bool = False) -> torch.Tensor:
@@ -255,30 +279,28 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return not np.any(np.bitwise_and(tensor.view(kind).numpy(), exponent) == exponent)
 
 
-def chunked_messages(
-    meta: BaseModel | None, tensors: Iterable[torch.Tensor], message_type: type = runtime_pb2.ExpertRequest
-) -> Iterator:
+def chunked_messages(meta: BaseModel | None, tensors: Iterable[torch.Tensor]) -> Iterator[TensorMessage]:
     """Split tensors into messages of at most CHUNK_BYTES; the first message carries ``meta`` if any.
 
-    Each message carries one part of one tensor; the first part says how many parts follow.
+    Each message carries one part of one tensor; the first part says how many parts follow. The
+    parts are views of the tensors, copied only into each message's frame: keep the tensors unchanged
+    until the messages are sent.
     """
     first = True
     for tensor in tensors:
-        proto = serialize_tensor(tensor)
-        buffer = memoryview(proto.buffer)
+        buffer = tensor_bytes(tensor)
         parts = max(1, -(-len(buffer) // CHUNK_BYTES))
         for i in range(parts):
-            part = runtime_pb2.Tensor(buffer=buffer[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES].tobytes())
+            part = TensorPart(buffer=buffer[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES])
             if i == 0:
-                part.size.extend(proto.size)
-                part.dtype, part.chunks = proto.dtype, parts
-            yield message_type(tensors=[part], metadata=encode_meta(meta) if first and meta is not None else b"")
+                part.size, part.dtype, part.chunks = list(tensor.shape), _NAMES[tensor.dtype], parts
+            yield TensorMessage(tensors=[part], metadata=encode_meta(meta) if first and meta is not None else b"")
             first = False
 
 
 async def receive_chunked(
     messages: AsyncIterator, meta_type: type[M] | None, max_bytes: int, max_tensors: int
-) -> tuple[M | None, list[runtime_pb2.Tensor]]:
+) -> tuple[M | None, list[TensorPart]]:
     """Reassemble what ``chunked_messages`` sent, refusing as soon as ``max_bytes`` is exceeded.
 
     Without ``meta_type`` (responses), metadata on a message means the peer refused the request.
@@ -292,7 +314,7 @@ async def receive_chunked(
         if len(message.tensors) != 1:
             raise RequestError("each message must carry exactly one tensor part")
         part = message.tensors[0]
-        buffer = part.buffer  # each read of the field copies it
+        buffer = part.buffer  # each read of a protobuf's field copies it (a TensorMessage's is a view)
         received += len(buffer)
         if received > max_bytes:
             raise RequestError(f"request exceeds the limit of {max_bytes} bytes")
@@ -310,7 +332,12 @@ async def receive_chunked(
     if (meta is None and meta_type is not None) or pending or not headers:
         raise RequestError("the stream ended early")
     tensors = [
-        runtime_pb2.Tensor(size=head.size, dtype=head.dtype, buffer=b"".join(buffers))
+        TensorPart(
+            buffer=buffers[0] if len(buffers) == 1 else b"".join(buffers),
+            size=list(head.size),
+            dtype=head.dtype,
+            compression=head.compression,
+        )  # fmt: skip
         for head, buffers in zip(headers, parts, strict=True)
     ]
     return meta, tensors

@@ -16,7 +16,15 @@ from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from farmesh_core.wire import DirectHello, StreamProtocolError, frame, frame_length, read_frame, send_frame
+from farmesh_core.wire import (
+    DirectHello,
+    StreamProtocolError,
+    frame,
+    frame_length,
+    parse_message,
+    read_frame,
+    send_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +78,17 @@ class DirectStub:
                 while True:
                     try:
                         is_error, data = await read_frame(reader, MAX_RESPONSE_BYTES)
+                        response = None if is_error else parse_message(data, runtime_pb2.ExpertResponse)
                     except asyncio.IncompleteReadError as e:
                         if e.partial:
                             raise ConnectionError("the node closed the direct lane mid-message") from None
                         break  # the node ended the stream
                     except StreamProtocolError as e:
                         raise ConnectionError(f"the node broke the stream framing: {e}") from None
-                    if is_error:
+                    if response is None:
                         message = RPCError.FromString(data).message
                         raise P2PHandlerError(f"Failed to call handler at {self.host}:{self.port}: {message}")
-                    yield runtime_pb2.ExpertResponse.FromString(data)
+                    yield response
                 await writing
             finally:
                 writing.cancel()
@@ -127,7 +136,10 @@ class DirectConnection:
             raise P2PHandlerError(
                 f"Failed to call handler at {self.sock.getpeername()}: {RPCError.FromString(data).message}"
             )
-        return runtime_pb2.ExpertResponse.FromString(data)
+        try:
+            return parse_message(data, runtime_pb2.ExpertResponse)
+        except StreamProtocolError as e:
+            raise ConnectionError(f"the node broke the stream framing: {e}") from None
 
     def close(self) -> None:
         """End the stream (the node closes the session) and the connection."""

@@ -365,7 +365,7 @@ class NodeHandlers:
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))
             return
-        for message in chunked_messages(None, [out], runtime_pb2.ExpertResponse):
+        for message in chunked_messages(None, [out]):
             yield message
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:

@@ -11,11 +11,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing, suppress
 
-from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from farmesh_core.wire import StreamProtocolError, read_frame, send_frame
+from farmesh_core.wire import StreamProtocolError, parse_message, read_frame, send_frame
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +26,7 @@ async def _read_message(reader: asyncio.StreamReader, message_type: type, max_by
     is_error, data = await read_frame(reader, max_bytes)
     if is_error:
         return None  # the caller's end-of-stream (or its error): either way, no more requests
-    try:
-        return message_type.FromString(data)
-    except DecodeError:
-        raise StreamProtocolError("the message is not a valid protobuf of the expected type") from None
+    return parse_message(data, message_type)
 
 
 async def _discard_rest(reader: asyncio.StreamReader) -> None:

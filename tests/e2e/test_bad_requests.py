@@ -18,6 +18,7 @@ from hivemind.proto import runtime_pb2
 from farmesh import DistributedInferenceClient
 from farmesh_core.client.mesh import MeshConnection
 from farmesh_core.errors import RequestError
+from farmesh_core.tensor_message import LARGE_BYTES, TensorMessage, TensorPart
 from farmesh_core.wire import (
     MAX_METADATA_BYTES,
     InferenceStep,
@@ -340,6 +341,21 @@ def chunked(meta, *tensors) -> list:
     return list(chunked_messages(meta, list(tensors)))
 
 
+class RawMessage(bytes):
+    """Bytes sent as they are where a protobuf message would go."""
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return bytes(self)
+
+
+def large_message(meta, part: TensorPart) -> TensorMessage:
+    """One request of at least LARGE_BYTES, which the node reads in place (TensorMessage.parse)."""
+    return TensorMessage(tensors=[part], metadata=encode_meta(meta))
+
+
+LARGE_SEQ = LARGE_BYTES // (4 * HIDDEN_SIZE)  # tokens of float32 hidden states in LARGE_BYTES
+
+
 BAD_FORWARD = {
     "garbage metadata bytes": (
         lambda: [message(b"{not json", hidden())],
@@ -389,6 +405,22 @@ BAD_FORWARD = {
         lambda: [message(span_call(), proto(hidden(), chunks=3))],
         r"the stream ended early",
     ),
+    "a large message that is not a protobuf": (
+        lambda: [RawMessage(b"\xff" * LARGE_BYTES)],
+        r"not a valid protobuf",
+    ),
+    "a large message cut inside its buffer": (
+        lambda: [RawMessage(TensorMessage(tensors=[TensorPart(bytes(LARGE_BYTES))]).SerializeToString()[:-9])],
+        r"not a valid protobuf",
+    ),
+    "a large buffer not matching its shape": (
+        lambda: [large_message(span_call(), TensorPart(bytes(LARGE_BYTES), [1, 4, HIDDEN_SIZE], "float32", chunks=1))],
+        rf"buffer has {LARGE_BYTES} bytes, shape \[1, 4, {HIDDEN_SIZE}\] needs {4 * 4 * HIDDEN_SIZE}",
+    ),
+    "NaN in a large tensor": (
+        lambda: chunked(span_call(), torch.full((1, LARGE_SEQ, HIDDEN_SIZE), float("nan"))),
+        r"NaN or infinity",
+    ),
 }
 
 
@@ -408,11 +440,12 @@ def test_backward_with_a_gradient_of_another_shape_is_refused(raw, node_a, clien
     assert_still_serving(client, mesh)
 
 
-def test_honest_forward_over_raw_streams_is_answered(raw, node_a):
+@pytest.mark.parametrize("seq", [5, LARGE_SEQ])
+def test_honest_forward_over_raw_streams_is_answered(raw, node_a, seq):
     """The same helpers with a well-formed call get the span's output back (the refusals above are
-    about the inputs, not about the helpers)."""
-    responses = forward(raw, node_a, *chunked(span_call(1, 3), hidden(batch=2, seq=5)))
-    assert len(responses) == 1 and list(responses[0].tensors[0].size) == [2, 5, HIDDEN_SIZE]
+    about the inputs, not about the helpers), small or large (read in place)."""
+    responses = forward(raw, node_a, *chunked(span_call(1, 3), hidden(batch=2, seq=seq)))
+    assert len(responses) == 1 and list(responses[0].tensors[0].size) == [2, seq, HIDDEN_SIZE]
 
 
 def test_forward_stream_ends_cleanly_when_the_client_ends_it_late(raw, node_a):

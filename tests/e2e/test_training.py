@@ -57,14 +57,18 @@ def with_prompt(prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # ---- gradients equal transformers' ----------------------------------------------------------------
-@pytest.mark.parametrize("span", [(0, 8), (2, 6)], ids=["all-layers", "across-the-node-boundary"])
-def test_layer_gradients_equal_transformers(client, llama_mesh, span):
+@pytest.mark.parametrize(
+    "span, seq", [((0, 8), 10), ((2, 6), 10), ((0, 8), 100)],
+    ids=["all-layers", "across-the-node-boundary", "messages-over-64-KiB"],
+)  # fmt: skip
+def test_layer_gradients_equal_transformers(client, llama_mesh, span, seq):
     """d loss / d inputs and d loss / d prompt through remote layers equal those through transformers'
-    decoder layers run locally (layers 2:6 span both nodes)."""
+    decoder layers run locally (layers 2:6 span both nodes). With 100 tokens each message carries
+    over 200 KB, which both ends read in place (``TensorMessage``)."""
     start, end = span
     hidden_size = hf_model(llama_mesh.model_dir).config.hidden_size
-    prompt, x = inputs(hidden_size)
-    weights = torch.randn(2, 13, hidden_size, generator=torch.Generator().manual_seed(7))
+    prompt, x = inputs(hidden_size, seq=seq)
+    weights = torch.randn(2, 3 + seq, hidden_size, generator=torch.Generator().manual_seed(7))
 
     remote_out = client.layers[start:end](with_prompt(prompt, x))
     remote_grads = torch.autograd.grad((remote_out * weights).sum(), [x, prompt])
