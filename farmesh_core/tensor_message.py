@@ -77,13 +77,16 @@ class TensorMessage:
             pieces.append(_key(_METADATA, _LENGTH) + _varint(len(self.metadata)) + self.metadata)
         return pieces
 
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return sum(len(piece) for piece in self._pieces())
+
     def SerializeToString(self) -> bytes:  # noqa: N802 (the protobuf classes' name, which hivemind calls)
         return b"".join(self._pieces())
 
     def framed(self) -> bytes:
         """The message in hivemind's stream framing (see ``wire.frame``), its buffers copied once."""
         pieces = self._pieces()
-        length = sum(len(piece) for piece in pieces)
+        length = sum(len(piece) for piece in pieces)  # ByteSize without building the pieces twice
         return b"".join([P2P.MESSAGE_MARKER + length.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER), *pieces])
 
     @classmethod

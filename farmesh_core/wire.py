@@ -187,10 +187,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[bool
 
 async def send_frame(message, writer: asyncio.StreamWriter) -> None:
     """Write ``message`` (a protobuf or a TensorMessage; an RPCError goes as an error frame) as one frame."""
-    if isinstance(message, TensorMessage):
-        writer.write(message.framed())
-    else:
-        writer.write(frame(message.SerializeToString(), is_error=isinstance(message, RPCError)))
+    writer.write(framed(message))
     await writer.drain()
 
 
@@ -234,12 +231,45 @@ def serialize_tensor(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     return runtime_pb2.Tensor(buffer=_array(tensor).tobytes(), size=tensor.shape, dtype=_NAMES[tensor.dtype])
 
 
+WireTensor = runtime_pb2.Tensor | TensorPart  # a tensor as it travels: either form reads the same
+
+
+def wire_tensor(tensor: torch.Tensor) -> WireTensor:
+    """``tensor``'s wire form (its own copy of the bytes): from LARGE_BYTES on a TensorPart, which a
+    TensorMessage frames without copying again (see ``tensor_message``), else protobuf's Tensor."""
+    buffer, size, dtype = _array(tensor).tobytes(), list(tensor.shape), _NAMES[tensor.dtype]
+    if len(buffer) >= LARGE_BYTES:
+        return TensorPart(buffer=buffer, size=size, dtype=dtype)
+    return runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype)
+
+
+def tensor_message(message_type: type, tensors: list, metadata: bytes = b""):
+    """A ``message_type`` (ExpertRequest or ExpertResponse) carrying ``wire_tensor``'s forms: a
+    TensorMessage where they are TensorParts."""
+    if any(isinstance(tensor, TensorPart) for tensor in tensors):
+        return TensorMessage(tensors=[_part(tensor) for tensor in tensors], metadata=metadata)
+    return message_type(tensors=tensors, metadata=metadata)
+
+
+def _part(tensor: WireTensor) -> TensorPart:
+    if isinstance(tensor, TensorPart):
+        return tensor
+    return TensorPart(bytes(tensor.buffer), list(tensor.size), tensor.dtype, tensor.compression, tensor.chunks)
+
+
+def framed(message) -> bytes:
+    """``message`` (a protobuf or a TensorMessage) in hivemind's stream framing."""
+    if isinstance(message, TensorMessage):
+        return message.framed()
+    return frame(message.SerializeToString(), is_error=isinstance(message, RPCError))
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of ``tensor`` in C order: a view of them where it is contiguous on the CPU."""
     return memoryview(np.ascontiguousarray(_array(tensor))).cast("B")
 
 
-def deserialize_tensor(proto: runtime_pb2.Tensor, max_numel: int | None = None, copy: bool = False) -> torch.Tensor:
+def deserialize_tensor(proto: WireTensor, max_numel: int | None = None, copy: bool = False) -> torch.Tensor:
     """Rebuild a tensor after checking dtype, rank and that the buffer matches the declared shape.
 
     It shares the message's (read-only) buffer, or with ``copy`` owns a copy: made with numpy, whose

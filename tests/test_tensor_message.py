@@ -44,8 +44,10 @@ def test_protobuf_reads_what_tensor_message_writes(message_type, dtype):
 def test_tensor_message_reads_what_protobuf_writes_in_place():
     """Every field, sizes packed or not, the request's uid and unknown fields skipped; the buffer is a
     view of the bytes read."""
-    tensor = serialize_tensor(torch.randn(2, 40, 256))
-    tensor.requires_grad, tensor.compression, tensor.chunks = True, 2, 1
+    data = torch.randn(2, 40, 256).numpy().tobytes()
+    tensor = runtime_pb2.Tensor(
+        buffer=data, size=[2, 40, 256], dtype="float32", requires_grad=True, compression=2, chunks=1
+    )
     request = runtime_pb2.ExpertRequest(uid="layers", tensors=[tensor, serialize_tensor(torch.ones(3))], metadata=b"{}")
     data = request.SerializeToString()
     message = TensorMessage.parse(data)

@@ -21,6 +21,7 @@ from farmesh_core.wire import (
     StreamProtocolError,
     frame,
     frame_length,
+    framed,
     parse_message,
     read_frame,
     send_frame,
@@ -121,7 +122,7 @@ class DirectConnection:
 
     def send(self, request: runtime_pb2.ExpertRequest, timeout: float) -> None:
         self.sock.settimeout(timeout)
-        self.sock.sendall(frame(request.SerializeToString()))
+        self.sock.sendall(framed(request))
 
     def receive(self, timeout: float) -> runtime_pb2.ExpertResponse:
         """The next response, waiting at most ``timeout`` seconds for it."""

@@ -27,10 +27,12 @@ from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
     PushTarget,
+    WireTensor,
     deserialize_tensor,
     encode_meta,
-    serialize_tensor,
     step_reply,
+    tensor_message,
+    wire_tensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class _HopStream:
         self.numbered = 0  # the number of the last message sent (or pushed) to this node
         self.opened = False  # a message opening the session was sent
         self.ahead = False  # to open ahead of its first input, once the first node has its step
-        self.inputs: list[runtime_pb2.Tensor] = []  # every input sent, for replays
+        self.inputs: list[WireTensor] = []  # every input sent, for replays
         self._direct: DirectConnection | None = None
         self._queue: asyncio.Queue | None = None  # P2P: requests to send
         self._responses = None
@@ -92,18 +94,18 @@ class _HopStream:
             yield item
 
     @staticmethod
-    def timeout(mesh: MeshConnection, hidden: runtime_pb2.Tensor, meta: InferenceStep | None = None) -> float:
+    def timeout(mesh: MeshConnection, hidden: WireTensor, meta: InferenceStep | None = None) -> float:
         """How long a step carrying ``hidden`` may take (opening one may wait for the node's memory)."""
         waiting_for_memory = meta.open.alloc_timeout if meta is not None and meta.open is not None else 0.0
         return mesh.timeout_for(hidden.size[0] * hidden.size[1]) + waiting_for_memory
 
-    def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
+    def step(self, mesh: MeshConnection, meta: InferenceStep, hidden: WireTensor) -> WireTensor:
         """Send one step and wait for its output, giving up after the mesh's timeout for its size."""
         self.send(mesh, meta, hidden)
         return self.receive(mesh, self.timeout(mesh, hidden, meta))[0]
 
-    def send(self, mesh: MeshConnection, meta: InferenceStep, hidden: runtime_pb2.Tensor) -> None:
-        request = runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta))
+    def send(self, mesh: MeshConnection, meta: InferenceStep, hidden: WireTensor) -> None:
+        request = tensor_message(runtime_pb2.ExpertRequest, [hidden], encode_meta(meta))
         self._send(mesh, request, self.timeout(mesh, hidden, meta))
 
     def open_ahead(self, mesh: MeshConnection, opening: OpenSession) -> None:
@@ -120,7 +122,7 @@ class _HopStream:
         else:
             mesh.loop.run(self._p2p_send(mesh, request))
 
-    def receive(self, mesh: MeshConnection, timeout: float) -> tuple[runtime_pb2.Tensor, bool]:
+    def receive(self, mesh: MeshConnection, timeout: float) -> tuple[WireTensor, bool]:
         """The output of the last message numbered for this node, and whether the node pushed it on."""
         while True:
             if self._direct is not None:
@@ -202,7 +204,7 @@ class InferenceSession:
         max_tokens = max(1, MAX_STEP_BYTES // per_token)
         if hidden.shape[1] > max_tokens:
             return torch.cat([self.step(part) for part in hidden.split(max_tokens, dim=1)], dim=1)
-        out = self._step(serialize_tensor(hidden))
+        out = self._step(wire_tensor(hidden))
         self.position += hidden.shape[1]
         return deserialize_tensor(out, copy=True)  # the proto owns the buffer, read-only
 
@@ -267,7 +269,7 @@ class InferenceSession:
             async with asyncio.timeout(self.mesh.config.step_timeout):
                 await asyncio.gather(*(s.open_p2p(self.mesh) for s in streams), return_exceptions=True)
 
-    def _step(self, hidden: runtime_pb2.Tensor) -> runtime_pb2.Tensor:
+    def _step(self, hidden: WireTensor) -> WireTensor:
         if self.position == 0:
             self._connect_first()
         began, index, failures = time.perf_counter(), 0, 0
@@ -327,7 +329,7 @@ class InferenceSession:
             current = new_streams[0]
             try:
                 for start in range(0, 0 if history is None else history.shape[1], REPLAY_CHUNK):
-                    hidden = serialize_tensor(history[:, start : start + REPLAY_CHUNK])
+                    hidden = wire_tensor(history[:, start : start + REPLAY_CHUNK])
                     for current in new_streams:
                         out = current.step(self.mesh, self._meta(current, start), hidden)
                         current.inputs.append(hidden)

@@ -38,13 +38,15 @@ from farmesh_core.wire import (
     OpenSession,
     SpanCall,
     StepReply,
+    WireTensor,
     all_finite,
     chunked_messages,
     decode_meta,
     deserialize_tensor,
     encode_meta,
     receive_chunked,
-    serialize_tensor,
+    tensor_message,
+    wire_tensor,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ class NodeHandlers:
         if adapter is not None and adapter not in self.config.adapter_names:
             raise RequestError(f"adapter {adapter!r} is not loaded on this node (has: {self.config.adapter_names})")
 
-    def _check_hidden(self, proto: runtime_pb2.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def _check_hidden(self, proto: WireTensor, batch_size: int | None = None) -> torch.Tensor:
         hidden = deserialize_tensor(proto, max_numel=self.config.max_tokens_per_request * self.span.hidden_size)
         if hidden.ndim != 3 or hidden.shape[2] != self.span.hidden_size or hidden.shape[1] == 0:
             raise RequestError(
@@ -307,8 +309,8 @@ class NodeHandlers:
             out = await self._compute(
                 tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
             )
-        proto = serialize_tensor(out)
-        response = runtime_pb2.ExpertResponse(tensors=[proto])
+        proto = wire_tensor(out)
+        response = tensor_message(runtime_pb2.ExpertResponse, [proto])
         if opened.push_key is not None:
             pushed = bool(step.push) and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
             response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed))

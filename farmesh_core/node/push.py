@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -33,10 +32,14 @@ from farmesh_core.wire import (
     PushedStep,
     PushTarget,
     StreamProtocolError,
+    WireTensor,
     decode_meta,
     encode_meta,
     frame,
+    framed,
+    parse_message,
     read_frame,
+    tensor_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ class PushLinks:
         self._links: set[asyncio.Task] = set()  # every link's task, connecting or connected
         self._failed_at: dict[str, float] = {}
 
-    def push(self, targets: list[PushTarget], position: int, hidden: runtime_pb2.Tensor) -> bool:
+    def push(self, targets: list[PushTarget], position: int, hidden: WireTensor) -> bool:
         """Send ``hidden`` (the output of the step at ``position``) to the session of ``targets[0]``,
         which pushes its own output to ``targets[1]``, and so on; False if it cannot go at once: the
         client then relays it. The first push to a node starts connecting."""
@@ -70,7 +73,7 @@ class PushLinks:
         meta = PushedStep(
             session_id=target.session_id, key=target.key, position=position, step=target.step, push=onward
         )
-        writer.write(frame(runtime_pb2.ExpertRequest(tensors=[hidden], metadata=encode_meta(meta)).SerializeToString()))
+        writer.write(framed(tensor_message(runtime_pb2.ExpertRequest, [hidden], encode_meta(meta))))
         metrics.node_push(True)
         return True
 
@@ -209,9 +212,9 @@ def push_server(inboxes: PushInboxes, max_message_bytes: int) -> Callable:
                         _, data = await read_frame(reader, max_message_bytes)
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return  # the pushing node closed the link, or left it unused (it reconnects when needed)
-                request = runtime_pb2.ExpertRequest.FromString(data)
+                request = parse_message(data, runtime_pb2.ExpertRequest)
                 inboxes.deliver(decode_meta(request.metadata, PushedStep), request, peer_id)
-        except (RequestError, StreamProtocolError, DecodeError, ConnectionError) as e:
+        except (RequestError, StreamProtocolError, ConnectionError) as e:
             logger.info("Closed a push link from %s: %s", peer_id, e)
         finally:
             writer.close()

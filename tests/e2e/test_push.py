@@ -18,6 +18,7 @@ from farmesh import DistributedInferenceClient
 from farmesh_core.client.direct_lane import DirectConnection
 from farmesh_core.errors import RequestError
 from farmesh_core.launch import kill_process_group
+from farmesh_core.tensor_message import LARGE_BYTES
 from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
@@ -30,7 +31,7 @@ from farmesh_core.wire import (
 )
 from tests.e2e.test_bad_requests import assert_still_serving
 from tests.e2e.test_direct_lane import peer_of
-from tests.helpers import PROMPT, hf_greedy_ids, hf_model, nodes_by_peer, prompt_ids
+from tests.helpers import HIDDEN_SIZE, PROMPT, hf_greedy_ids, hf_model, nodes_by_peer, prompt_ids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -52,6 +53,24 @@ def test_pushed_and_relayed_sessions_match_transformers(lane_client, llama_mesh)
     assert pushed == TOKENS  # every step, the prompt's too: the client opened the second node's session ahead
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=False) as relaying:
         assert generate(relaying, llama_mesh) == (expected, 0)
+
+
+LONG_PROMPT = " ".join([PROMPT] * 24)
+
+
+@pytest.mark.parametrize("push", [True, False], ids=["pushed", "relayed"])
+def test_a_prompt_of_large_messages_gives_transformers_tokens(lane_client, llama_mesh, push):
+    """A prompt whose hidden states fill LARGE_BYTES or more: the client's step, each node's answer and
+    the push all travel as TensorMessages, read in place by the node, the next node and the client."""
+    ids = prompt_ids(llama_mesh.model_dir, LONG_PROMPT)
+    assert ids.shape[1] * HIDDEN_SIZE * 4 >= LARGE_BYTES
+    expected = list(hf_greedy_ids(llama_mesh.model_dir, LONG_PROMPT, TOKENS))
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=push) as client:
+        for _ in range(2):  # the first push request of a node opens its link to the next one
+            with client.inference_session(ids.shape[1] + TOKENS) as session:
+                tokens = [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)]
+        assert tokens == expected
+        assert session.pushed_inputs == (TOKENS if push else 0)
 
 
 def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
