@@ -2,15 +2,17 @@
 
 Through the protobuf classes, a 512 KB tensor was copied seven times on its way into a frame
 (``tobytes``, the ``Tensor``, reading its buffer to cut parts, each part, the message, its bytes, the
-frame) and five times on its way out of one, each time into fresh memory, which page faults
-here: ~0.5 ms to build and ~0.4 ms to read, four times per node of a forward. A
-:class:`TensorMessage` holds its tensors' bytes as views: :meth:`framed` copies them once, into
-the frame; :meth:`parse` reads a frame's bytes in place.
+frame) and five times on its way out of one, each time into fresh memory, which page faults here:
+~0.5 ms to build and ~0.4 ms to read, each done twice per node of a forward (the request and the
+answer). A :class:`TensorMessage` holds its tensors' bytes as views: :meth:`framed` copies them once,
+into the frame; :meth:`parse` reads a frame's bytes in place.
 
 The bytes are protobuf's, so hivemind's P2P stubs and servers, and older FarMesh peers, read and
 write them unchanged (a P2P stub calls ``SerializeToString``). Small messages, where the protobuf
-classes are quicker, stay with them (``wire.parse_message``). The parser is flat: the only nested
-message is ``Tensor``, whose fields are scalars; a malformed message raises ``StreamProtocolError``.
+classes are quicker, stay with them (``wire.parse_message`` chooses by size). The parser is flat:
+the only nested message is ``Tensor``, whose fields are scalars. It raises :class:`MalformedMessage`
+where the bytes break protobuf's wire format, and where a known field comes with another wire type
+(which protobuf would keep as an unknown field).
 """
 
 from dataclasses import dataclass, field

@@ -328,49 +328,66 @@ def chunked_messages(meta: BaseModel | None, tensors: Iterable[torch.Tensor]) ->
             first = False
 
 
-async def receive_chunked(
-    messages: AsyncIterator, meta_type: type[M] | None, max_bytes: int, max_tensors: int
-) -> tuple[M | None, list[TensorPart]]:
-    """Reassemble what ``chunked_messages`` sent, refusing as soon as ``max_bytes`` is exceeded.
+class ChunkedReceiver:
+    """Reassembles what ``chunked_messages`` sent, message by message, refusing as soon as
+    ``max_bytes`` is exceeded. Without ``meta_type`` (responses), metadata on a message means the
+    peer refused the request."""
 
-    Without ``meta_type`` (responses), metadata on a message means the peer refused the request.
-    """
-    meta, headers, parts, received, pending = None, [], [], 0, 0  # parts: each tensor's buffers, joined at the end
-    async for message in messages:
-        if meta_type is None:
+    def __init__(self, meta_type: type[M] | None, max_bytes: int, max_tensors: int):
+        self.meta_type, self.max_bytes, self.max_tensors = meta_type, max_bytes, max_tensors
+        self.meta: M | None = None
+        self._headers: list = []
+        self._parts: list[list] = []  # each tensor's buffers, joined at the end
+        self._received = self._pending = 0
+
+    def add(self, message) -> None:
+        if self.meta_type is None:
             raise_if_error(message, "the remote peer")
-        elif meta is None:
-            meta = decode_meta(message.metadata, meta_type)
+        elif self.meta is None:
+            self.meta = decode_meta(message.metadata, self.meta_type)
         if len(message.tensors) != 1:
             raise RequestError("each message must carry exactly one tensor part")
         part = message.tensors[0]
         buffer = part.buffer  # each read of a protobuf's field copies it (a TensorMessage's is a view)
-        received += len(buffer)
-        if received > max_bytes:
-            raise RequestError(f"request exceeds the limit of {max_bytes} bytes")
-        if pending == 0:
-            if len(headers) == max_tensors:
-                raise RequestError(f"too many tensors (at most {max_tensors})")
+        self._received += len(buffer)
+        if self._received > self.max_bytes:
+            raise RequestError(f"request exceeds the limit of {self.max_bytes} bytes")
+        if self._pending == 0:
+            if len(self._headers) == self.max_tensors:
+                raise RequestError(f"too many tensors (at most {self.max_tensors})")
             if part.chunks < 1:
                 raise RequestError("the first part of a tensor must say how many parts it has")
-            headers.append(part)
-            parts.append([buffer])
-            pending = part.chunks - 1
+            self._headers.append(part)
+            self._parts.append([buffer])
+            self._pending = part.chunks - 1
         else:
-            parts[-1].append(buffer)
-            pending -= 1
-    if (meta is None and meta_type is not None) or pending or not headers:
-        raise RequestError("the stream ended early")
-    tensors = [
-        TensorPart(
-            buffer=buffers[0] if len(buffers) == 1 else b"".join(buffers),
-            size=list(head.size),
-            dtype=head.dtype,
-            compression=head.compression,
-        )  # fmt: skip
-        for head, buffers in zip(headers, parts, strict=True)
-    ]
-    return meta, tensors
+            self._parts[-1].append(buffer)
+            self._pending -= 1
+
+    def result(self) -> tuple[M | None, list[TensorPart]]:
+        """The metadata and the tensors, once the stream has ended."""
+        if (self.meta is None and self.meta_type is not None) or self._pending or not self._headers:
+            raise RequestError("the stream ended early")
+        tensors = [
+            TensorPart(
+                buffer=buffers[0] if len(buffers) == 1 else b"".join(buffers),
+                size=list(head.size),
+                dtype=head.dtype,
+                compression=head.compression,
+            )  # fmt: skip
+            for head, buffers in zip(self._headers, self._parts, strict=True)
+        ]
+        return self.meta, tensors
+
+
+async def receive_chunked(
+    messages: AsyncIterator, meta_type: type[M] | None, max_bytes: int, max_tensors: int
+) -> tuple[M | None, list[TensorPart]]:
+    """What ``chunked_messages`` sent, read from ``messages`` (see :class:`ChunkedReceiver`)."""
+    receiver = ChunkedReceiver(meta_type, max_bytes, max_tensors)
+    async for message in messages:
+        receiver.add(message)
+    return receiver.result()
 
 
 class FarNodeRPC(ServicerBase):

@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from farmesh_core.client.direct_lane import DirectConnection
@@ -62,3 +63,22 @@ def test_a_closed_lane_is_an_error(lane):
     server.close()
     with pytest.raises(ConnectionError, match="closed the direct lane"):
         client.receive(2.0)
+
+
+def test_responses_run_until_the_node_ends_the_stream(lane):
+    """A forward call's client sends its end of requests once, then reads answers until a clean end."""
+    client, server = lane
+    client.end_requests()
+    client.end_requests()
+    assert server.recv(4096) == frame(P2P.END_OF_STREAM.SerializeToString(), is_error=True)
+    server.sendall(answer("a") + answer("b" * 100_000))
+    server.close()
+    assert [r.metadata[:1] for r in client.responses(2.0)] == [b"a", b"b"]
+
+
+def test_a_lane_closed_inside_a_large_answer_is_an_error(lane):
+    client, server = lane
+    server.sendall(answer("x" * 200_000)[:100_000])
+    server.close()
+    with pytest.raises(ConnectionError, match="closed the direct lane"):
+        list(client.responses(2.0))

@@ -1,21 +1,24 @@
 """The client end of a node's direct lane (see ``farmesh_core.node.direct_lane``).
 
-``DirectStub`` has the stream methods of a hivemind stub, so forward/backward calls use it unchanged;
-when the lane cannot be reached the call goes over P2P instead. Inference sessions use
-``DirectConnection``: blocking sockets in the calling thread, the shortest path for one-token steps.
+Inference sessions and ``DistributedModel``'s forward and backward calls use ``DirectConnection``:
+blocking sockets in the calling thread, the shortest path for one-token steps, and for large
+messages, which it receives straight into their own memory. ``DirectStub`` gives async callers (the
+mesh's ``stub``) the lane behind a hivemind stub's stream methods; when the lane cannot be reached a
+call goes over P2P instead.
 """
 
 import asyncio
 import logging
 import select
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing, suppress
 
 from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
+from farmesh_core.tensor_message import LARGE_BYTES
 from farmesh_core.wire import (
     DirectHello,
     StreamProtocolError,
@@ -104,9 +107,12 @@ class DirectConnection:
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()  # received, not yet read (a file object's buffer could not be polled)
+        self._ended = False  # the end of the requests was sent
         self.sock.sendall(frame(hello.model_dump_json().encode()))
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> bytes | bytearray:
+        if n > LARGE_BYTES:
+            return self._read_into(n)
         while len(self._buffer) < n:
             chunk = self.sock.recv(max(RECV_BYTES, n - len(self._buffer)))
             if not chunk:
@@ -114,6 +120,21 @@ class DirectConnection:
             self._buffer += chunk
         data = bytes(self._buffer[:n])
         del self._buffer[:n]
+        return data
+
+    def _read_into(self, n: int) -> bytearray:
+        """``n`` bytes received straight into memory of their own (asyncio's streams, and the small
+        reads above, copy a large message twice more: 0.86 against 0.23 ms for 512 KB here)."""
+        data = bytearray(n)
+        view = memoryview(data)
+        have = min(n, len(self._buffer))
+        view[:have] = self._buffer[:have]
+        del self._buffer[:have]
+        while have < n:
+            got = self.sock.recv_into(view[have:])
+            if not got:
+                raise ConnectionError("the node closed the direct lane")
+            have += got
         return data
 
     def answered_within(self, timeout: float) -> bool:
@@ -142,9 +163,26 @@ class DirectConnection:
         except StreamProtocolError as e:
             raise ConnectionError(f"the node broke the stream framing: {e}") from None
 
+    def end_requests(self) -> None:
+        """Tell the node that no more requests come (it answers the ones it has, then ends the stream)."""
+        if not self._ended:
+            self._ended = True
+            self.sock.settimeout(CONNECT_TIMEOUT)
+            self.sock.sendall(frame(P2P.END_OF_STREAM.SerializeToString(), is_error=True))
+
+    def responses(self, timeout: float) -> Iterator[runtime_pb2.ExpertResponse]:
+        """The node's responses until it ends the stream, each within ``timeout`` seconds."""
+        while True:
+            if not self._buffer:
+                self.sock.settimeout(timeout)
+                chunk = self.sock.recv(RECV_BYTES)
+                if not chunk:
+                    return  # the node ended the stream, between two messages
+                self._buffer += chunk
+            yield self.receive(timeout)
+
     def close(self) -> None:
         """End the stream (the node closes the session) and the connection."""
         with suppress(OSError):
-            self.sock.settimeout(CONNECT_TIMEOUT)
-            self.sock.sendall(frame(P2P.END_OF_STREAM.SerializeToString(), is_error=True))
+            self.end_requests()
         self.sock.close()

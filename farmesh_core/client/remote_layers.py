@@ -7,15 +7,17 @@ reach local parameters (embeddings, prompts, heads); node weights never change.
 
 import asyncio
 import logging
+from contextlib import closing
 
 import torch
 from torch import nn
 
+from farmesh_core.client.direct_lane import DirectConnection
 from farmesh_core.client.mesh import NETWORK_ERRORS, MeshConnection, connect
 from farmesh_core.config import ClientConfig
 from farmesh_core.errors import RemoteError
 from farmesh_core.extensions import RouteHop
-from farmesh_core.wire import SpanCall, chunked_messages, deserialize_tensor, receive_chunked
+from farmesh_core.wire import ChunkedReceiver, SpanCall, chunked_messages, deserialize_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -83,51 +85,70 @@ class DistributedModel(nn.Module):
 
     # ---- remote calls with failover ----------------------------------------------------------
     def _run_forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[tuple[RouteHop, torch.Tensor]]]:
-        return self.mesh.loop.run(self._forward_chain(hidden, self.start, self.end, set()))
+        return self._forward_chain(hidden, self.start, self.end, set())
 
     def _run_backward(self, hop_inputs, grad: torch.Tensor) -> torch.Tensor:
-        return self.mesh.loop.run(self._backward_chain(hop_inputs, grad, set()))
+        return self._backward_chain(hop_inputs, grad, set())
 
-    async def _call(self, method: str, hop: RouteHop, tensors: list[torch.Tensor]) -> torch.Tensor:
-        stub = await self.mesh.stub(hop.peer_id)
+    def _call(self, method: str, hop: RouteHop, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``method`` on ``hop``'s node: over its direct lane from this thread, with blocking sockets
+        (as inference sessions step), else over P2P on the mesh's event loop."""
         call = SpanCall(start=hop.start, end=hop.end, adapter=self.mesh.config.adapter,
                         credentials=self.mesh.credentials)  # fmt: skip
+        limit = 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096
+        receiver = ChunkedReceiver(None, limit, 1)
+        timeout = self.mesh.timeout_for(tensors[0].shape[0] * tensors[0].shape[1])
+        lane = self.mesh.direct_lane(hop.peer_id)
+        connection = None
+        if lane is not None:
+            try:
+                connection = DirectConnection(*lane, self.mesh.direct_hello(hop.peer_id, method))
+            except OSError as e:
+                logger.info("Direct lane of %s unreachable (%r); using P2P", hop.peer_id, e)
+                self.mesh.lane_unreachable(hop.peer_id)
+        if connection is not None:
+            with closing(connection):
+                for message in chunked_messages(call, tensors):
+                    connection.send(message, timeout)
+                connection.end_requests()
+                for response in connection.responses(timeout):
+                    receiver.add(response)
+        else:
+            self.mesh.loop.run(asyncio.wait_for(self._p2p_call(method, hop, call, tensors, receiver), timeout))
+        _, (proto,) = receiver.result()
+        return deserialize_tensor(proto, copy=True)
+
+    async def _p2p_call(self, method: str, hop: RouteHop, call: SpanCall, tensors, receiver: ChunkedReceiver) -> None:
+        stub = await self.mesh.stub(hop.peer_id, direct=False)
 
         async def requests():
             for message in chunked_messages(call, tensors):
                 yield message
 
-        responses = await getattr(stub, method)(requests())
-        limit = 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096
-        _, (proto,) = await asyncio.wait_for(
-            receive_chunked(responses, None, limit, 1), self.mesh.timeout_for(tensors[0].shape[0] * tensors[0].shape[1])
-        )
-        return deserialize_tensor(proto, copy=True)
+        async for response in await getattr(stub, method)(requests()):
+            receiver.add(response)
 
-    async def _route(self, start: int, end: int, avoid: set[str]) -> list[RouteHop]:
-        return await asyncio.to_thread(self.mesh.route, start, end, avoid, self.mesh.config.adapter)
-
-    async def _forward_chain(self, hidden, start, end, avoid, depth: int = 0):
+    def _forward_chain(self, hidden, start, end, avoid, depth: int = 0):
         hop_inputs = []
-        for hop in await self._route(start, end, avoid):
+        for hop in self.mesh.route(start, end, avoid, self.mesh.config.adapter):
             try:
-                output = await self._call("rpc_forward", hop, [hidden])
+                output = self._call("rpc_forward", hop, [hidden])
                 hop_inputs.append((hop, hidden))
             except NETWORK_ERRORS as e:
                 self._give_up_if_exhausted(hop, e, avoid, depth)
-                output, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
+                output, sub_inputs = self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
                 hop_inputs.extend(sub_inputs)
             hidden = output
         return hidden, hop_inputs
 
-    async def _backward_chain(self, hop_inputs, grad, avoid, depth: int = 0):
+    def _backward_chain(self, hop_inputs, grad, avoid, depth: int = 0):
         for hop, hidden in reversed(hop_inputs):
             try:
-                grad = await self._call("rpc_backward", hop, [hidden, grad])
+                grad = self._call("rpc_backward", hop, [hidden, grad])
             except NETWORK_ERRORS as e:
                 self._give_up_if_exhausted(hop, e, avoid, depth)
-                _, sub_inputs = await self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
-                grad = await self._backward_chain(sub_inputs, grad, avoid, depth + 1)
+                _, sub_inputs = self._forward_chain(hidden, hop.start, hop.end, avoid, depth + 1)
+                grad = self._backward_chain(sub_inputs, grad, avoid, depth + 1)
         return grad
 
     def _give_up_if_exhausted(self, hop: RouteHop, error: Exception, avoid: set[str], depth: int) -> None:

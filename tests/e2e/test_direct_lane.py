@@ -15,7 +15,8 @@ import torch
 
 from farmesh import DistributedInferenceClient
 from farmesh_core.client import mesh as mesh_module
-from farmesh_core.client.direct_lane import DirectStub
+from farmesh_core.client import remote_layers
+from farmesh_core.client.direct_lane import DirectConnection, DirectStub
 from farmesh_core.client.mesh import MeshConnection
 from farmesh_core.wire import DirectHello, chunked_messages, frame
 from tests.e2e.test_bad_requests import BAD_INFERENCE, REFUSED, assert_still_serving, forward, inference, span_call
@@ -57,6 +58,36 @@ def test_forward_over_the_direct_lane_matches_transformers(lane_client, llama_me
     states = hf_hidden_states(llama_mesh.model_dir, seed=3)
     out = lane_client.layers(states[0])
     torch.testing.assert_close(lane_client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("direct_lane", [True, False], ids=["lane", "p2p"])
+def test_a_large_forward_and_backward_match_transformers_over_the_lane_and_p2p(llama_mesh, monkeypatch, direct_lane):
+    """Remote layers call a node with a lane from the caller's thread (DirectConnection), else over P2P;
+    with 100 tokens each message is large (read in place) and both give transformers' outputs."""
+    opened = []
+    monkeypatch.setattr(remote_layers, "DirectConnection", lambda *a: opened.append(a) or DirectConnection(*a))
+    states = hf_hidden_states(llama_mesh.model_dir, seed=5, batch=2, seq=100)
+    x = states[0].clone().requires_grad_()
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, direct_lane=direct_lane) as client:
+        out = client.layers(x)
+        out.sum().backward()
+        torch.testing.assert_close(client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
+    assert x.grad is not None and x.grad.abs().max() > 0
+    assert len(opened) == (4 if direct_lane else 0)  # a forward and a backward call on each of 2 nodes
+
+
+def test_a_forward_whose_lane_is_unreachable_goes_over_p2p(lane_client, llama_mesh, monkeypatch):
+    states = hf_hidden_states(llama_mesh.model_dir, seed=3)
+    peer = peer_of(lane_client.mesh, 0)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        host, ticket = lane_client.mesh._tickets[peer]
+        monkeypatch.setitem(
+            lane_client.mesh._tickets, peer, (host, ticket.model_copy(update={"port": closed.getsockname()[1]}))
+        )
+        out = lane_client.layers(states[0])
+    torch.testing.assert_close(lane_client.head.final_norm(out), states[-1], rtol=1e-4, atol=1e-4)
+    assert lane_client.mesh.direct_lane(peer) is None  # dropped, retried after LANE_RETRY_AFTER
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INFERENCE))
