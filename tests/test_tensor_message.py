@@ -1,8 +1,11 @@
 """TensorMessage: protobuf's bytes for ExpertRequest/ExpertResponse, built and read without copying
 tensors; the protobuf classes must read what it writes, and it must read what they write."""
 
+import random
+
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.proto import runtime_pb2
 
 from farmesh_core.tensor_message import LARGE_BYTES, MalformedMessage, TensorMessage, TensorPart
@@ -141,3 +144,32 @@ def test_metadata_rides_on_the_first_message_only():
     meta = SpanCall(start=0, end=4)
     messages = list(chunked_messages(meta, [torch.randn(1, 1100, 256)]))
     assert [m.metadata for m in messages] == [encode_meta(meta), b""]
+
+
+def test_mutated_messages_read_as_protobuf_reads_them_or_are_refused():
+    """Random byte changes and cuts of a valid request: where protobuf and TensorMessage both read the
+    bytes, they read the same fields; TensorMessage never reads what protobuf refuses as malformed,
+    but for the request's ``uid`` (unused, not checked for UTF-8)."""
+    rng = random.Random(0)
+    tensor = runtime_pb2.Tensor(buffer=bytes(range(256)) * 4, size=[1, 4, 64], dtype="float32", chunks=1)
+    valid = runtime_pb2.ExpertRequest(uid="u", metadata=b'{"start":0}', tensors=[tensor]).SerializeToString()
+    outcomes = {"both read": 0, "both refused": 0}
+    for _ in range(3000):
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        data = bytes(data if rng.random() < 0.8 else data[: rng.randrange(len(data))])
+        try:
+            ours = TensorMessage.parse(data)
+        except MalformedMessage:
+            ours = None
+        try:
+            theirs = runtime_pb2.ExpertRequest.FromString(data)
+        except DecodeError as e:
+            assert ours is None or "UTF-8" in str(e), data.hex()
+            outcomes["both refused"] += ours is None
+            continue
+        if ours is not None:
+            assert fields(ours) == fields(theirs), data.hex()
+            outcomes["both read"] += 1
+    assert min(outcomes.values()) > 100  # the mutations hit both kinds of outcome
