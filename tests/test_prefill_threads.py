@@ -1,5 +1,6 @@
 """A Far Node's short prefills (inline on its event loop): on ``num_threads`` torch threads only while
-the node is warm and serves that session alone, else on the loop's one thread (see handlers.WARM_S)."""
+the node serves that session alone and is warm (see handlers.WARM_S) or the prefill is heavy
+(handlers.LARGE_PREFILL), else on the loop's one thread."""
 
 import asyncio
 import time
@@ -28,9 +29,9 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
     def prefill() -> tuple[int, torch.Tensor]:
         return torch.get_num_threads(), span.forward(prompt, 0, 2, SessionCache(16), 0)
 
-    async def threads_of_a_prefill() -> int:
+    async def threads_of_a_prefill(work: int = prompt.shape[1] * span.weight_bytes(0, 2)) -> int:
         torch.set_num_threads(1)  # as on a node's event loop
-        threads, out = await node._compute(prompt.shape[1], prefill)
+        threads, out = await node._compute(prompt.shape[1], work, prefill)
         torch.testing.assert_close(out, expected)
         assert torch.get_num_threads() == 1  # the loop's own count is back
         return threads
@@ -46,5 +47,8 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
         node.active_sessions = 1
         node._stepped_at = time.perf_counter() - 2 * handlers.WARM_S
         assert asyncio.run(threads_of_a_prefill()) == 1  # idle for a while: cold again
+        assert asyncio.run(threads_of_a_prefill(handlers.LARGE_PREFILL)) == 2  # cold, but heavy enough
+        node.active_sessions = 2
+        assert asyncio.run(threads_of_a_prefill(handlers.LARGE_PREFILL)) == 1  # heavy, but not alone
     finally:
         node.close()

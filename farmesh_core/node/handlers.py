@@ -4,7 +4,8 @@ A refused request gets an error reply naming the problem; the node, and every ot
 going. Small steps (decoding, short prefills) run inline on the event loop on one torch thread, the
 fastest path here (a hand-off to another thread costs more than it saves), except the matmuls of a
 lone one-token step, which are split over ``num_threads`` (see ``row_matmul.row_blocks``), and a short
-prefill of the node's only session while the node is warm (``WARM_S``), which uses ``num_threads``;
+prefill of the node's only session while the node is warm (``WARM_S``) or when it is heavy
+(``LARGE_PREFILL``), which uses ``num_threads``;
 large ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so
 they use every core and do not stall other sessions' messages.
 """
@@ -56,6 +57,9 @@ INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
 # right after idling took 17-23 ms here against 6 on one thread (the cores of this VM are slow to
 # wake), where back to back it took 3.5.
 WARM_S = 0.02
+# ...or if it is this large (tokens x bytes of the layers' weights; ~1.5 GFLOP in float32, ~40 ms on
+# one thread here): waking the other cores then costs less than the second thread saves.
+LARGE_PREFILL = 3 * 1024**3
 
 
 def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
@@ -157,10 +161,13 @@ class NodeHandlers:
             raise RequestError("hidden states contain NaN or infinity")
         return hidden
 
-    async def _compute(self, tokens: int, fn, *args):
+    async def _compute(self, tokens: int, work: int, fn, *args):
+        """``fn(*args)``, a step of ``tokens`` tokens and ``work`` (tokens x weight bytes): see INLINE_TOKENS,
+        WARM_S and LARGE_PREFILL."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args)
-        if self.active_sessions > 1 or time.perf_counter() - self._stepped_at > WARM_S:
+        warm = time.perf_counter() - self._stepped_at <= WARM_S
+        if self.active_sessions > 1 or not (warm or work >= LARGE_PREFILL):
             return fn(*args)
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
             return fn(*args)
@@ -306,8 +313,9 @@ class NodeHandlers:
         if tokens == 1:
             out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
         else:
+            work = tokens * self.span.weight_bytes(opened.start, opened.end)
             out = await self._compute(
-                tokens, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
+                tokens, work, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
             )
         proto = wire_tensor(out)
         response = tensor_message(runtime_pb2.ExpertResponse, [proto])
@@ -360,8 +368,9 @@ class NodeHandlers:
             if backward:
                 out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
             else:
+                work = tokens * self.span.weight_bytes(call.start, call.end)
                 out = await self._compute(
-                    tokens, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter
+                    tokens, work, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter
                 )
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:

@@ -85,6 +85,10 @@ class LayerSpan:
                 self._active_adapter = adapter_name
             yield
 
+    def weight_bytes(self, start: int, end: int) -> int:
+        """The bytes of layers ``start:end``'s weights (as loaded: quantized ones count as stored)."""
+        return sum(self._weight_bytes[i] for i in range(start, end))
+
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         return (end - start) * self.adapter.kv_bytes_per_token(self.config, self.dtype)
 
