@@ -29,7 +29,7 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
     def prefill() -> tuple[int, torch.Tensor]:
         return torch.get_num_threads(), span.forward(prompt, 0, 2, SessionCache(16), 0)
 
-    async def threads_of_a_prefill(work: int = prompt.shape[1] * span.weight_bytes(0, 2)) -> int:
+    async def threads_of_a_prefill(work: int = prompt.shape[1] * 2 * span.layer_bytes) -> int:
         torch.set_num_threads(1)  # as on a node's event loop
         threads, out = await node._compute(prompt.shape[1], work, prefill)
         torch.testing.assert_close(out, expected)

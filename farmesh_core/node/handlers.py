@@ -162,8 +162,8 @@ class NodeHandlers:
         return hidden
 
     async def _compute(self, tokens: int, work: int, fn, *args):
-        """``fn(*args)``, a step of ``tokens`` tokens and ``work`` (tokens x weight bytes): see INLINE_TOKENS,
-        WARM_S and LARGE_PREFILL."""
+        """``fn(*args)``, a step of ``tokens`` tokens and ``work`` (tokens x the layers' weight bytes): see
+        INLINE_TOKENS, WARM_S and LARGE_PREFILL."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args)
         warm = time.perf_counter() - self._stepped_at <= WARM_S
@@ -313,7 +313,7 @@ class NodeHandlers:
         if tokens == 1:
             out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
         else:
-            work = tokens * self.span.weight_bytes(opened.start, opened.end)
+            work = tokens * (opened.end - opened.start) * self.span.layer_bytes
             out = await self._compute(
                 tokens, work, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
             )
@@ -368,7 +368,7 @@ class NodeHandlers:
             if backward:
                 out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
             else:
-                work = tokens * self.span.weight_bytes(call.start, call.end)
+                work = tokens * (call.end - call.start) * self.span.layer_bytes
                 out = await self._compute(
                     tokens, work, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter
                 )

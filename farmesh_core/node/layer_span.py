@@ -68,6 +68,8 @@ class LayerSpan:
             start, end, self.lean_count, self.step_linear_count,
         )  # fmt: skip
         self._weight_bytes = {i: module_nbytes(layer) for i, layer in self.layers.items()}  # quantized ones too
+        # The same for any span of the model (a moving node's sessions may step on its old span's layers).
+        self.layer_bytes = sum(self._weight_bytes.values()) // len(self._weight_bytes)
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
 
@@ -84,10 +86,6 @@ class LayerSpan:
                     layer.farmesh_set_adapter(adapter_name)
                 self._active_adapter = adapter_name
             yield
-
-    def weight_bytes(self, start: int, end: int) -> int:
-        """The bytes of layers ``start:end``'s weights (as loaded: quantized ones count as stored)."""
-        return sum(self._weight_bytes[i] for i in range(start, end))
 
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         return (end - start) * self.adapter.kv_bytes_per_token(self.config, self.dtype)
