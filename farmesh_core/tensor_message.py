@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hivemind.p2p import P2P
 
-LARGE_BYTES = 64 * 1024  # messages from this size on are read by TensorMessage.parse
+LARGE_BYTES = 64 * 1024  # tensors and messages from this size on travel, and are read, as TensorMessages
 
 # Field numbers of runtime.proto: ExpertRequest {uid 1, tensors 2, metadata 3}, ExpertResponse
 # {tensors 2, metadata 3}, Tensor {buffer 1, size 2 (packed uint32), requires_grad 3, dtype 4,
