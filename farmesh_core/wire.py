@@ -243,18 +243,12 @@ def wire_tensor(tensor: torch.Tensor) -> WireTensor:
     return runtime_pb2.Tensor(buffer=buffer, size=size, dtype=dtype)
 
 
-def tensor_message(message_type: type, tensors: list, metadata: bytes = b""):
-    """A ``message_type`` (ExpertRequest or ExpertResponse) carrying ``wire_tensor``'s forms: a
-    TensorMessage where they are TensorParts."""
-    if any(isinstance(tensor, TensorPart) for tensor in tensors):
-        return TensorMessage(tensors=[_part(tensor) for tensor in tensors], metadata=metadata)
-    return message_type(tensors=tensors, metadata=metadata)
-
-
-def _part(tensor: WireTensor) -> TensorPart:
+def tensor_message(message_type: type, tensor: WireTensor, metadata: bytes = b""):
+    """A ``message_type`` (ExpertRequest or ExpertResponse) carrying one of ``wire_tensor``'s forms: a
+    TensorMessage for a TensorPart."""
     if isinstance(tensor, TensorPart):
-        return tensor
-    return TensorPart(bytes(tensor.buffer), list(tensor.size), tensor.dtype, tensor.compression, tensor.chunks)
+        return TensorMessage(tensors=[tensor], metadata=metadata)
+    return message_type(tensors=[tensor], metadata=metadata)
 
 
 def framed(message) -> bytes:

@@ -29,9 +29,12 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
     def prefill() -> tuple[int, torch.Tensor]:
         return torch.get_num_threads(), span.forward(prompt, 0, 2, SessionCache(16), 0)
 
-    async def threads_of_a_prefill(work: int = prompt.shape[1] * 2 * span.layer_bytes) -> int:
+    # as many layers as would make these 12 tokens a heavy prefill (the step itself runs 2)
+    heavy = -(-handlers.LARGE_PREFILL // (prompt.shape[1] * span.layer_bytes))
+
+    async def threads_of_a_prefill(layers: int = 2) -> int:
         torch.set_num_threads(1)  # as on a node's event loop
-        threads, out = await node._compute(prompt.shape[1], work, prefill)
+        threads, out = await node._compute(prompt.shape[1], layers, prefill)
         torch.testing.assert_close(out, expected)
         assert torch.get_num_threads() == 1  # the loop's own count is back
         return threads
@@ -47,8 +50,9 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
         node.active_sessions = 1
         node._stepped_at = time.perf_counter() - 2 * handlers.WARM_S
         assert asyncio.run(threads_of_a_prefill()) == 1  # idle for a while: cold again
-        assert asyncio.run(threads_of_a_prefill(handlers.LARGE_PREFILL)) == 2  # cold, but heavy enough
+        assert asyncio.run(threads_of_a_prefill(heavy - 1)) == 1  # cold, and just short of heavy
+        assert asyncio.run(threads_of_a_prefill(heavy)) == 2  # cold, but heavy enough
         node.active_sessions = 2
-        assert asyncio.run(threads_of_a_prefill(handlers.LARGE_PREFILL)) == 1  # heavy, but not alone
+        assert asyncio.run(threads_of_a_prefill(heavy)) == 1  # heavy, but not alone
     finally:
         node.close()

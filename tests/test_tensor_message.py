@@ -113,14 +113,7 @@ def test_malformed_messages_are_refused(data):
 
 def _large(data: bytes) -> bytes:
     """``data`` behind a valid metadata field that makes the message large enough for TensorMessage."""
-    filler = b"{}" + b" " * LARGE_BYTES
-    length = len(filler)
-    varint = bytearray()
-    while length > 0x7F:
-        varint.append(length & 0x7F | 0x80)
-        length >>= 7
-    varint.append(length)
-    return b"\x1a" + bytes(varint) + filler + data
+    return TensorMessage(metadata=b"{}" + b" " * LARGE_BYTES).SerializeToString() + data
 
 
 def test_garbage_of_any_length_is_refused_as_a_protocol_error():

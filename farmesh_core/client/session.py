@@ -105,7 +105,7 @@ class _HopStream:
         return self.receive(mesh, self.timeout(mesh, hidden, meta))[0]
 
     def send(self, mesh: MeshConnection, meta: InferenceStep, hidden: WireTensor) -> None:
-        request = tensor_message(runtime_pb2.ExpertRequest, [hidden], encode_meta(meta))
+        request = tensor_message(runtime_pb2.ExpertRequest, hidden, encode_meta(meta))
         self._send(mesh, request, self.timeout(mesh, hidden, meta))
 
     def open_ahead(self, mesh: MeshConnection, opening: OpenSession) -> None:

@@ -161,13 +161,14 @@ class NodeHandlers:
             raise RequestError("hidden states contain NaN or infinity")
         return hidden
 
-    async def _compute(self, tokens: int, work: int, fn, *args):
-        """``fn(*args)``, a step of ``tokens`` tokens and ``work`` (tokens x the layers' weight bytes): see
-        INLINE_TOKENS, WARM_S and LARGE_PREFILL."""
+    async def _compute(self, tokens: int, layers: int, fn, *args):
+        """``fn(*args)``, a step of ``tokens`` tokens through ``layers`` layers: see INLINE_TOKENS, WARM_S
+        and LARGE_PREFILL."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args)
         warm = time.perf_counter() - self._stepped_at <= WARM_S
-        if self.active_sessions > 1 or not (warm or work >= LARGE_PREFILL):
+        heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
+        if self.active_sessions > 1 or not (warm or heavy):
             return fn(*args)
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
             return fn(*args)
@@ -313,12 +314,19 @@ class NodeHandlers:
         if tokens == 1:
             out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
         else:
-            work = tokens * (opened.end - opened.start) * self.span.layer_bytes
             out = await self._compute(
-                tokens, work, self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter
+                tokens,
+                opened.end - opened.start,
+                self.span.forward,
+                hidden,
+                opened.start,
+                opened.end,
+                cache,
+                step.position,
+                opened.adapter,
             )
         proto = wire_tensor(out)
-        response = tensor_message(runtime_pb2.ExpertResponse, [proto])
+        response = tensor_message(runtime_pb2.ExpertResponse, proto)
         if opened.push_key is not None:
             pushed = bool(step.push) and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
             response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed))
@@ -368,9 +376,16 @@ class NodeHandlers:
             if backward:
                 out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
             else:
-                work = tokens * (call.end - call.start) * self.span.layer_bytes
                 out = await self._compute(
-                    tokens, work, self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter
+                    tokens,
+                    call.end - call.start,
+                    self.span.forward,
+                    tensors[0],
+                    call.start,
+                    call.end,
+                    None,
+                    0,
+                    call.adapter,
                 )
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:

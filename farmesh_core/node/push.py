@@ -73,7 +73,7 @@ class PushLinks:
         meta = PushedStep(
             session_id=target.session_id, key=target.key, position=position, step=target.step, push=onward
         )
-        writer.write(framed(tensor_message(runtime_pb2.ExpertRequest, [hidden], encode_meta(meta))))
+        writer.write(framed(tensor_message(runtime_pb2.ExpertRequest, hidden, encode_meta(meta))))
         metrics.node_push(True)
         return True
 
