@@ -4,34 +4,45 @@ multi-threaded torch op started end when it is called, and start again with the 
 import os
 import subprocess
 import sys
-import threading
 
+_CYCLES = """
+import os, threading, time
 import torch
-
 from farmesh_core.openmp import release_worker_threads
 
-
-def threads_of_this_process() -> int:
+def threads_of_this_process():
     return len(os.listdir("/proc/self/task"))
+
+def settled(expected):
+    # An ended OpenMP worker leaves /proc a moment after omp_pause_resource_all returns.
+    deadline = time.monotonic() + 5
+    while threads_of_this_process() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threads_of_this_process()
+
+counts = []
+
+def work():
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    alone = threads_of_this_process()
+    counts.append(alone)
+    for _ in range(3):
+        a @ a  # a parallel region: starts this thread's OpenMP worker
+        counts.append(threads_of_this_process())
+        release_worker_threads()
+        counts.append(settled(alone))
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(*counts)
+"""
 
 
 def test_workers_end_on_release_and_come_back():
-    counts: list[int] = []
-
-    def work() -> None:
-        torch.set_num_threads(2)
-        a = torch.randn(512, 512)
-        counts.append(threads_of_this_process())
-        for _ in range(3):
-            a @ a  # a parallel region: starts this thread's OpenMP worker
-            counts.append(threads_of_this_process())
-            release_worker_threads()
-            counts.append(threads_of_this_process())
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    alone, *cycles = counts
+    # In a fresh process, so that no other test's threads come or go while it counts.
+    alone, *cycles = (int(count) for count in _fresh_python(_CYCLES).split())
     assert cycles == [alone + 1, alone] * 3
 
 
