@@ -81,7 +81,6 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch, tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib")
     path = tmp_path / "out.png"
     plot_results(simulate(requests=50), str(path))
     assert path.read_bytes().startswith(b"\x89PNG")
