@@ -26,7 +26,15 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import is_torch_npu_available
 
-from farmesh_core.row_matmul import few_rows_limit, few_rows_linear, row_blocks, split_linear, splits_lone_rows
+from farmesh_core.row_matmul import (
+    few_rows_limit,
+    few_rows_linear,
+    packed_linear,
+    packed_weight,
+    row_blocks,
+    split_linear,
+    splits_lone_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +63,8 @@ class LeanLlamaLayer:
 
     With ``one_row_threads`` > 1, a lone one-token step runs its matmuls on that many torch threads
     (see ``row_matmul.row_blocks``) and the rest on the caller's: attention stays on one thread where
-    that is the caller's count, because SDPA's sums depend on the threads.
+    that is the caller's count, because SDPA's sums depend on the threads. A decode batch's matmuls
+    use packed copies of the weights once :meth:`pack_for_batches` made them.
     """
 
     def __init__(self, layer: LlamaDecoderLayer, one_row_threads: int = 1):
@@ -67,15 +76,23 @@ class LeanLlamaLayer:
         self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        self.few_rows = few_rows_limit(self.q.shape[1])  # batches up to this size use few_rows_linear
-        weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in weights}
+        self.few_rows = few_rows_limit(self.q.shape[1])  # unpacked batches up to this size use few_rows_linear
+        self.weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in self.weights}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
+        self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
+
+    def pack_for_batches(self) -> int:
+        """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``); returns
+        their bytes. A weight oneDNN cannot take keeps the unpacked path."""
+        packed = {id(weight): packed_weight(weight) for weight in self.weights}
+        self.packed = {key: value for key, value in packed.items() if value is not None}
+        return sum(weight.nbytes for weight in self.weights if id(weight) in self.packed)
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
         if batched:
-            linear = few_rows_linear if hidden.shape[0] <= self.few_rows else F.linear
+            linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
             linear = self._one_row_linear if one_row else F.linear
@@ -99,6 +116,13 @@ class LeanLlamaLayer:
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
         return hidden + linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+
+    def _batch_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A decode batch's matmul: through the weight's packed copy where it has one."""
+        packed = self.packed.get(id(weight))
+        if packed is not None:
+            return packed_linear(x, packed)
+        return few_rows_linear(x, weight) if x.shape[0] <= self.few_rows else F.linear(x, weight)
 
     def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         blocks = self.row_blocks.get(id(weight))

@@ -125,11 +125,14 @@ FAMILIES = {
 FAMILY_LAYERS = 4
 
 
-def family_spans(model_dir: str) -> tuple[LayerSpan, LayerSpan]:
-    """Layers 0:4 as a node runs them (StepLinears, lone steps split over 2 threads) and as modules."""
+def family_spans(model_dir: str, pack: bool = False) -> tuple[LayerSpan, LayerSpan]:
+    """Layers 0:4 as a node runs them (StepLinears, lone steps split over 2 threads, weights packed for
+    decode batches if ``pack``) and as modules."""
     checkpoint = Checkpoint(model_dir)
     adapter = adapter_for(checkpoint.config)
-    quick = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", one_row_threads=2)
+    quick = LayerSpan(
+        checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", one_row_threads=2, pack_batch_weights=pack
+    )
     modules = LayerSpan(checkpoint, adapter, 0, FAMILY_LAYERS, torch.float32, "cpu", lean_layers=False)
     return quick, modules
 
@@ -149,15 +152,25 @@ async def step_batched(span: LayerSpan, caches: list[SessionCache], hiddens: lis
     return batcher, await asyncio.gather(*steps)
 
 
+def step_batched_with_ops(span: LayerSpan, caches: list[SessionCache], hiddens: list[torch.Tensor]):
+    """:func:`step_batched` under the profiler: the batcher, the outputs and the torch ops it ran."""
+    ran = []
+    ops = op_counts(lambda: ran.append(asyncio.run(step_batched(span, caches, hiddens))))
+    return (*ran[0], ops)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_family_batches_its_sessions_one_token_steps(tmp_path, family):
+def test_every_family_batches_its_sessions_one_token_steps(tmp_path, family, pack):
     """Sessions of 10, 13 and 16 tokens (past Mistral's window of 12): a lone step of each keeps the
     modules' bits with its matmuls split over 2 threads; then two decode steps of all three run as
     one batch each, every row within 1e-4 of its step through the modules, and a lone step after them
-    finds the batches' keys and values in its session's cache."""
+    finds the batches' keys and values in its session's cache. Batches go through packed copies of the
+    weights or not."""
     model_type, overrides = FAMILIES[family]
-    quick, modules = family_spans(make_checkpoint(str(tmp_path / "model"), model_type, **overrides))
+    quick, modules = family_spans(make_checkpoint(str(tmp_path / "model"), model_type, **overrides), pack)
     assert quick.step_linear_count > 0 and modules.step_linear_count == 0
+    assert (quick.packed_bytes > 0) == pack
     caches = {span: [SessionCache(32) for _ in range(3)] for span in (quick, modules)}
     for span in (quick, modules):
         step_alone(span, caches[span], [10, 13, 16], seed=0)
@@ -168,7 +181,11 @@ def test_every_family_batches_its_sessions_one_token_steps(tmp_path, family):
 
     for seed in (20, 30):
         hiddens = [randn(1, 1, quick.hidden_size, seed=seed + i) for i in range(3)]
-        batcher, outputs = asyncio.run(step_batched(quick, caches[quick], hiddens))
+        if seed == 20:  # the first batch only: parsing the profile takes a second
+            batcher, outputs, ops = step_batched_with_ops(quick, caches[quick], hiddens)
+            assert ("mkldnn::_linear_pointwise" in ops) == pack
+        else:
+            batcher, outputs = asyncio.run(step_batched(quick, caches[quick], hiddens))
         assert (batcher.batches, batcher.steps) == (1, 3)
         expected = step_alone(modules, caches[modules], [1, 1, 1], seed=seed)
         for out, want in zip(outputs, expected, strict=True):

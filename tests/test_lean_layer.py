@@ -19,17 +19,29 @@ from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks
 from farmesh_plugins.quantization import int8_quantization
-from tests.helpers import HIDDEN_SIZE, NUM_LAYERS, PROMPT, hf_greedy_ids, hf_hidden_states, hf_model, prompt_ids, randn
+from tests.helpers import (
+    HIDDEN_SIZE,
+    NUM_LAYERS,
+    PROMPT,
+    hf_greedy_ids,
+    hf_hidden_states,
+    hf_model,
+    op_counts,
+    prompt_ids,
+    randn,
+)
 
 STEPS = 20
 
 
-def load_span(model_dir: str, prepare_layer=None, lean_layers: bool = True, one_row_threads: int = 1) -> LayerSpan:
+def load_span(
+    model_dir: str, prepare_layer=None, lean_layers: bool = True, one_row_threads: int = 1, pack: bool | None = False
+) -> LayerSpan:
     checkpoint = Checkpoint(model_dir)
     adapter = adapter_for(checkpoint.config)
     return LayerSpan(
         checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer,
-        lean_layers=lean_layers, one_row_threads=one_row_threads,
+        lean_layers=lean_layers, one_row_threads=one_row_threads, pack_batch_weights=pack,
     )  # fmt: skip
 
 
@@ -144,6 +156,50 @@ def test_batched_decoding_with_either_multiplication(spans, sessions):
     alone = [lean_span.forward(h, 0, NUM_LAYERS, c, p) for h, c, p in zip(hiddens, lone, positions, strict=True)]
     for a, b in zip(lean_span.forward_decode_batch(hiddens, 0, NUM_LAYERS, batched, positions), alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sessions", [2, 8, 9])
+def test_batched_decoding_through_packed_weights(spans, model_dir, sessions):
+    """With packed copies of the weights (``pack_batch_weights``), a decode batch's matmuls all go
+    through oneDNN on them, each row is what the session gets alone (to rounding), and lone steps
+    keep the modules' bits."""
+    packed, modules = load_span(model_dir, pack=True), spans[1]
+    weights = sum(w.nbytes for call in packed.step_calls.values() for w in call.weights)
+    assert packed.packed_bytes == weights and spans[0].packed_bytes == 0
+    lone, batched = [SessionCache(16) for _ in range(sessions)], [SessionCache(16) for _ in range(sessions)]
+    for i in range(sessions):
+        prompt = randn(1, 2 + i % 3, HIDDEN_SIZE, seed=30 + i)
+        for cache in lone[i], batched[i]:
+            packed.forward(prompt, 0, NUM_LAYERS, cache, 0)
+    hiddens = [randn(1, 1, HIDDEN_SIZE, seed=50 + i) for i in range(sessions)]
+    positions = [cache.length for cache in lone]
+    alone = [packed.forward(h, 0, NUM_LAYERS, c, p) for h, c, p in zip(hiddens, lone, positions, strict=True)]
+    outputs = []
+    ops = op_counts(lambda: outputs.extend(packed.forward_decode_batch(hiddens, 0, NUM_LAYERS, batched, positions)))
+    assert ops.get("mkldnn::_linear_pointwise") == 7 * NUM_LAYERS
+    assert not {"aten::mm", "aten::addmm", "aten::bmm"} & ops.keys()
+    for a, b in zip(outputs, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    caches = [SessionCache(16), SessionCache(16)]
+    prompt, step = randn(1, 3, HIDDEN_SIZE, seed=1), randn(1, 1, HIDDEN_SIZE, seed=2)
+    for span, cache in zip((packed, modules), caches, strict=True):
+        span.forward(prompt, 0, NUM_LAYERS, cache, 0)
+    assert_equal(*(span.forward(step, 0, NUM_LAYERS, c, 3) for span, c in zip((packed, modules), caches, strict=True)))
+
+
+def test_weights_are_packed_by_default_only_where_memory_leaves_room(tiny_llama, monkeypatch):
+    """``pack_batch_weights=None`` (a node's default) packs when the copies leave at least as much
+    memory available as they take (the tiny model's few MB, here), and not when they would not."""
+    from farmesh_core.node import layer_span
+
+    roomy = load_span(tiny_llama, pack=None)
+    weights = sum(w.nbytes for call in roomy.step_calls.values() for w in call.weights)
+    assert layer_span._available_memory() >= 2 * weights and roomy.packed_bytes == weights
+    monkeypatch.setattr(layer_span, "_available_memory", lambda: 2 * weights - 1)
+    assert load_span(tiny_llama, pack=None).packed_bytes == 0
+    monkeypatch.setattr(layer_span, "_available_memory", lambda: None)  # a system that does not say
+    assert load_span(tiny_llama, pack=None).packed_bytes == 0
+    assert load_span(tiny_llama, pack=True).packed_bytes == weights
 
 
 def test_few_rows_linear_is_a_contiguous_linear():
@@ -276,3 +332,11 @@ def test_node_option_turns_lean_layers_off():
     assert build_parser().parse_args(args).lean_layers is True
     assert build_parser().parse_args([*args, "--no-lean-layers"]).lean_layers is False
     assert NodeConfig(model_id="MODEL").lean_layers is True
+
+
+def test_node_option_packs_batch_weights_where_memory_allows_unless_told():
+    args = ["node", "MODEL", "--dht-bootstrap", "/ip4/127.0.0.1/tcp/1"]
+    assert build_parser().parse_args(args).pack_batch_weights is None
+    assert build_parser().parse_args([*args, "--pack-batch-weights"]).pack_batch_weights is True
+    assert build_parser().parse_args([*args, "--no-pack-batch-weights"]).pack_batch_weights is False
+    assert NodeConfig(model_id="MODEL").pack_batch_weights is None

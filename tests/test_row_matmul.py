@@ -1,13 +1,22 @@
 """StepLinear (farmesh_core/row_matmul.py): the linears of layers without a lean call, in a node's
 inference steps. A lone one-token row splits over threads with the replaced module's exact bits, a
-decode batch's rows go through ``W @ X^T``, and everything else is the module's own forward."""
+decode batch's rows go through the weight's packed copy or ``W @ X^T``, and everything else is the
+module's own forward."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.falcon.modeling_falcon import FalconLinear
 
-from farmesh_core.row_matmul import StepLinear, decode_batch_rows, matmuls_on_one_thread, step_linears
+from farmesh_core.row_matmul import (
+    StepLinear,
+    decode_batch_rows,
+    matmuls_on_one_thread,
+    packed_linear,
+    packed_weight,
+    step_linears,
+)
 from tests.helpers import op_counts, randn
 
 
@@ -60,6 +69,33 @@ def test_a_decode_batchs_rows_go_through_w_times_x_transposed(kind, in_features,
     torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-5)
     assert ops.get("aten::mm") == 1 and "aten::addmm" not in ops and "aten::bmm" not in ops
     assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("kind, in_features, out_features, bias", CASES)
+@pytest.mark.parametrize("rows", [2, 9])
+def test_a_decode_batchs_rows_go_through_the_packed_weight_once_there_is_one(
+    kind, in_features, out_features, bias, rows
+):
+    module = linear(kind, in_features, out_features, bias)
+    step = StepLinear(module, threads=2)
+    assert step.pack_for_batches() == module.weight.nbytes
+    x, lone = randn(rows, 1, in_features, seed=4), randn(1, 1, in_features, seed=5)
+    with torch.inference_mode(), decode_batch_rows():
+        out = step(x)
+        ops = op_counts(lambda: step(x))
+        assert torch.equal(step(lone), module(lone))
+    torch.testing.assert_close(out, module(x), rtol=1e-4, atol=1e-4)
+    assert ops.get("mkldnn::_linear_pointwise") == 1 and not {"aten::mm", "aten::addmm", "aten::bmm"} & ops.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_multiply_as_f_linear_does(dtype):
+    weight, x, bias = randn(768, 256, seed=1).to(dtype), randn(5, 1, 256, seed=2).to(dtype), randn(768, seed=3)
+    packed = packed_weight(weight)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for b in None, bias.to(dtype):
+        torch.testing.assert_close(packed_linear(x, packed, b), F.linear(x, weight, b), rtol=tolerance, atol=tolerance)
+    assert packed_weight(torch.empty(768, 256, device="meta")) is None  # oneDNN only packs for the CPU
 
 
 def test_gradients_go_through_the_modules_forward():

@@ -13,14 +13,30 @@ from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.lean_layer import LeanLlamaLayer
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
-from farmesh_core.row_matmul import decode_batch_rows, step_linears
+from farmesh_core.row_matmul import StepLinear, decode_batch_rows, step_linears
 from farmesh_plugins.quantization import module_nbytes
 
 logger = logging.getLogger(__name__)
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class LayerSpan:
-    """Layers ``start:end`` of one model; runs any contiguous sub-range of them."""
+    """Layers ``start:end`` of one model; runs any contiguous sub-range of them.
+
+    ``pack_batch_weights``: keep packed copies of the weights for decode batches (True), not (False), or
+    where memory leaves room (None, a node's default: see ``NodeConfig.pack_batch_weights``).
+    """
 
     def __init__(
         self,
@@ -35,6 +51,7 @@ class LayerSpan:
         *,
         lean_layers: bool = True,
         one_row_threads: int = 1,
+        pack_batch_weights: bool | None = False,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
@@ -67,11 +84,42 @@ class LayerSpan:
             "layers %d:%d: %d of them run lean, %d linears of the others run as StepLinear",
             start, end, self.lean_count, self.step_linear_count,
         )  # fmt: skip
+        self.packed_bytes = self._pack_for_batches(pack_batch_weights)
         self._weight_bytes = {i: module_nbytes(layer) for i, layer in self.layers.items()}  # quantized ones too
         # The same for any span of the model (a moving node's sessions may step on its old span's layers).
         self.layer_bytes = sum(self._weight_bytes.values()) // len(self._weight_bytes)
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
+
+    def _pack_for_batches(self, pack: bool | None) -> int:
+        """Packed copies of the lean layers' and StepLinears' weights for decode batches (see
+        ``row_matmul.packed_weight``), with ``pack`` None only where they leave at least as much memory
+        available as they take; returns their bytes."""
+        packable: list[LeanLlamaLayer | StepLinear] = [
+            call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer)
+        ]
+        packable += [
+            module for layer in self.layers.values() for module in layer.modules() if isinstance(module, StepLinear)
+        ]
+        if pack is None:
+            need = sum(
+                sum(w.nbytes for w in item.weights) if isinstance(item, LeanLlamaLayer) else item.weight.nbytes
+                for item in packable
+            )
+            available = _available_memory()
+            pack = self.device == "cpu" and available is not None and available >= 2 * need
+            if not pack and packable:
+                logger.info(
+                    "layers %d:%d: decode batches use unpacked weights (packing needs %.0f MB, %s available)",
+                    self.start, self.end, need / 2**20, "unknown" if available is None else f"{available / 2**20:.0f} MB",
+                )  # fmt: skip
+        if not pack:
+            return 0
+        packed = sum(item.pack_for_batches() for item in packable)
+        logger.info(
+            "layers %d:%d: weights packed for decode batches (%.0f MB more)", self.start, self.end, packed / 2**20
+        )
+        return packed
 
     @contextmanager
     def _using(self, adapter_name: str | None):
