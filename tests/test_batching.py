@@ -9,7 +9,7 @@ import torch
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
-from farmesh_core.node.batching import JOIN_TURNS, DecodeBatcher
+from farmesh_core.node.batching import ACTIVE_S, JOIN_TURNS, DecodeBatcher, last_level_cache_bytes
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.quantization import module_nbytes
@@ -95,6 +95,53 @@ def test_a_step_does_not_wait_forever_for_idle_sessions(span):
         return waited, future.done()
 
     assert asyncio.run(run()) == (True, True)
+
+
+def test_a_run_holding_few_of_the_active_sessions_steps_waits_for_more(span):
+    """Where the layers' weights take more than ``hold_above_bytes`` (0 here: the tiny model's fit the
+    cache), a step
+    of one of 4 sessions that all stepped lately waits for more; a second one (half of them) ends the
+    wait and both run as one batch. A wait with no more steps coming ends after as long as the last
+    run computed; sessions that have not stepped for ACTIVE_S do not count."""
+    steps = sessions(span, 4)
+
+    async def step(batcher: DecodeBatcher, index: int) -> asyncio.Future:
+        cache, hidden, _ = steps[index]
+        return batcher.submit(hidden, 0, NUM_LAYERS, cache, cache.length)
+
+    async def run():
+        batcher = DecodeBatcher(span, sessions=lambda: 4, hold_above_bytes=0)
+        await asyncio.gather(*[await step(batcher, i) for i in range(4)])  # one batch: all 4 sessions active
+        first = await step(batcher, 0)
+        await turns(JOIN_TURNS + 2)
+        held = not first.done()
+        await asyncio.gather(first, await step(batcher, 1))
+        together = (batcher.batches, batcher.steps)
+        alone = await step(batcher, 2)
+        await asyncio.wait_for(alone, timeout=5)  # no other step comes: the wait ends by itself
+        await asyncio.sleep(ACTIVE_S * 1.5)
+        lone = await step(batcher, 3)
+        await turns(JOIN_TURNS + 2)
+        return held, together, lone.done(), (batcher.batches, batcher.steps)
+
+    assert asyncio.run(run()) == (True, (2, 6), True, (4, 8))
+
+
+def test_steps_do_not_wait_where_the_weights_fit_the_cache(span):
+    """Weights of no more than ``hold_above_bytes`` (by default the CPU's last-level cache: 32 MiB
+    here, which the tiny model's 25 MB fit) never wait beyond JOIN_TURNS."""
+    steps = sessions(span, 4)
+    assert last_level_cache_bytes() >= 2**20
+
+    async def run():
+        batcher = DecodeBatcher(span, sessions=lambda: 4, hold_above_bytes=span.layer_bytes * NUM_LAYERS)
+        await asyncio.gather(*(batcher.submit(h, 0, NUM_LAYERS, c, c.length) for c, h, _ in steps))
+        cache, hidden, _ = steps[0]
+        lone = batcher.submit(hidden, 0, NUM_LAYERS, cache, cache.length)
+        await turns(JOIN_TURNS + 2)
+        return lone.done()
+
+    assert asyncio.run(run())
 
 
 @pytest.mark.parametrize("open_sessions, split", [(1, True), (3, False)])
