@@ -273,8 +273,8 @@ def test_greedy_generation_equals_transformers(spans, model_dir):
 # ---- layers that keep the module path ------------------------------------------------------------
 def test_int8_layers_keep_the_module_path(tiny_llama):
     config = NodeConfig(model_id=tiny_llama, quantization="int8")
-    span = load_span(tiny_llama, lambda layer, index: int8_quantization(layer, config))
-    assert span.lean_count == 0
+    span = load_span(tiny_llama, lambda layer, index: int8_quantization(layer, config), pack=True)
+    assert span.lean_count == 0 and span.packed_bytes == 0  # int8 weights have no packed copies
     hidden = randn(1, 4, HIDDEN_SIZE, seed=5)
     assert torch.isfinite(span.forward(hidden, 0, NUM_LAYERS, SessionCache(8), 0)).all()
 

@@ -101,14 +101,16 @@ class LayerSpan:
         packable += [
             module for layer in self.layers.values() for module in layer.modules() if isinstance(module, StepLinear)
         ]
+        if not packable or self.device != "cpu":  # nothing oneDNN packs here: quantized or LoRA layers, a GPU
+            return 0
         if pack is None:
             need = sum(
                 sum(w.nbytes for w in item.weights) if isinstance(item, LeanLlamaLayer) else item.weight.nbytes
                 for item in packable
             )
             available = _available_memory()
-            pack = self.device == "cpu" and available is not None and available >= 2 * need
-            if not pack and packable:
+            pack = available is not None and available >= 2 * need
+            if not pack:
                 logger.info(
                     "layers %d:%d: decode batches use unpacked weights (packing needs %.0f MB, %s available)",
                     self.start, self.end, need / 2**20, "unknown" if available is None else f"{available / 2**20:.0f} MB",
