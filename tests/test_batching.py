@@ -99,10 +99,9 @@ def test_a_step_does_not_wait_forever_for_idle_sessions(span):
 
 def test_a_run_holding_few_of_the_active_sessions_steps_waits_for_more(span):
     """Where the layers' weights take more than ``hold_above_bytes`` (0 here: the tiny model's fit the
-    cache), a step
-    of one of 4 sessions that all stepped lately waits for more; a second one (half of them) ends the
-    wait and both run as one batch. A wait with no more steps coming ends after as long as the last
-    run computed; sessions that have not stepped for ACTIVE_S do not count."""
+    cache), a step of one of 4 sessions that all stepped lately waits for more; a second one (half of
+    them) ends the wait and both run as one batch. A wait with no more steps coming ends after as long
+    as the last run computed; sessions that have not stepped for ACTIVE_S do not count."""
     steps = sessions(span, 4)
 
     async def step(batcher: DecodeBatcher, index: int) -> asyncio.Future:
