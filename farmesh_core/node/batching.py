@@ -12,7 +12,7 @@ batch's weights do not fit the CPU's last-level cache, reading them sets its pac
 about the same for one row as for eight: there, small convoys waste the node's time. So such a run,
 holding fewer than half (``HOLD_SHARE``) of the steps of the sessions that stepped lately
 (``ACTIVE_S``), waits for more, up to as long as the last run computed: 8 sessions through 2 nodes
-of a hidden-1024 model (168 MB a node) went from 94-103 to 117-145 tokens/s. Half, not all, so that
+of a hidden-1024 model (168 MB a node) went from 94-109 to 117-145 tokens/s. Half, not all, so that
 two convoys keep both nodes of a chain busy (waiting for all of them: 53-87 tokens/s). Weights
 that fit the cache leave a batch's rows the larger part of its cost, and waiting there did not pay
 (the baseline's tiny model, 13 MB a node: a median of 387 against 360 tokens/s, within the noise).
