@@ -216,6 +216,11 @@ class StepLinear(nn.Linear):
                     return _plus(few_rows_linear(x, self.weight), self.bias)
         return self.replaced.forward(self, x)
 
+    @property
+    def weights(self) -> tuple[torch.Tensor]:
+        """The weights :meth:`pack_for_batches` copies (as ``LeanLlamaLayer.weights``)."""
+        return (self.weight,)
+
     def pack_for_batches(self) -> int:
         """Keep a packed copy of the weight for decode batches (:func:`packed_weight`); returns its bytes."""
         self.packed = packed_weight(self.weight)

@@ -315,16 +315,9 @@ class NodeHandlers:
             out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
         else:
             out = await self._compute(
-                tokens,
-                opened.end - opened.start,
-                self.span.forward,
-                hidden,
-                opened.start,
-                opened.end,
-                cache,
-                step.position,
-                opened.adapter,
-            )
+                tokens, opened.end - opened.start,
+                self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter,
+            )  # fmt: skip
         proto = wire_tensor(out)
         response = tensor_message(runtime_pb2.ExpertResponse, proto)
         if opened.push_key is not None:
@@ -377,16 +370,9 @@ class NodeHandlers:
                 out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
             else:
                 out = await self._compute(
-                    tokens,
-                    call.end - call.start,
-                    self.span.forward,
-                    tensors[0],
-                    call.start,
-                    call.end,
-                    None,
-                    0,
-                    call.adapter,
-                )
+                    tokens, call.end - call.start,
+                    self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter,
+                )  # fmt: skip
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:
             yield error_response(e if isinstance(e, RequestError) else RequestError("the request timed out"))

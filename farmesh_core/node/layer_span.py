@@ -104,10 +104,7 @@ class LayerSpan:
         if not packable or self.device != "cpu":  # nothing oneDNN packs here: quantized or LoRA layers, a GPU
             return 0
         if pack is None:
-            need = sum(
-                sum(w.nbytes for w in item.weights) if isinstance(item, LeanLlamaLayer) else item.weight.nbytes
-                for item in packable
-            )
+            need = sum(weight.nbytes for item in packable for weight in item.weights)
             available = _available_memory()
             pack = available is not None and available >= 2 * need
             if not pack:
