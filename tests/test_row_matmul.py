@@ -15,6 +15,7 @@ from farmesh_core.row_matmul import (
     matmuls_on_one_thread,
     packed_linear,
     packed_weight,
+    row_blocks,
     step_linears,
 )
 from tests.helpers import op_counts, randn
@@ -47,6 +48,18 @@ def test_a_lone_row_splits_over_threads_with_the_modules_bits(kind, in_features,
         with matmuls_on_one_thread():  # a busy node's lone steps stay on the caller's thread
             assert "aten::bmm" not in op_counts(lambda: step(x))
             assert torch.equal(step(x), module(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_lone_rows_keep_the_modules_own_matmul(dtype):
+    """bmm in 16 bits goes to oneDNN, whose threads made a node's split steps 3x slower: no split."""
+    module = linear(nn.Linear, 256, 768, False).to(dtype)  # no bias: the blocks would give its bits
+    step = StepLinear(module, threads=2)
+    assert step.blocks is None and row_blocks(module.weight, 2) is None  # the lean layers' call too
+    x = randn(1, 1, 256, seed=4).to(dtype)
+    with torch.inference_mode():
+        assert "aten::bmm" not in op_counts(lambda: step(x))
+        assert torch.equal(step(x), module(x))
 
 
 @pytest.mark.parametrize("kind, in_features, out_features, bias", CASES)
