@@ -115,9 +115,12 @@ class LayerSpan:
         if not pack:
             return 0
         packed = sum(item.pack_for_batches() for item in packable)
-        logger.info(
-            "layers %d:%d: weights packed for decode batches (%.0f MB more)", self.start, self.end, packed / 2**20
-        )
+        if packed:
+            logger.info(
+                "layers %d:%d: weights packed for decode batches (%.0f MB more)", self.start, self.end, packed / 2**20
+            )
+        else:
+            logger.info("layers %d:%d: oneDNN has no packed matmul for %s here", self.start, self.end, self.dtype)
         return packed
 
     @contextmanager
