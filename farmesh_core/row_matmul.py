@@ -105,9 +105,9 @@ def row_blocks(
     row, so the bits stay F.linear's. Whether they do is a property of the kernels for this shape,
     so it is checked once per shape, dtype and ``kind``, on this weight, before the blocks are used.
 
-    Only float32 weights split (MKL's batched GEMM). In bfloat16 and float16 ``bmm`` goes to oneDNN,
-    whose threads spun on each call in a node: a tiny Llama's one-token steps through 8 layers took
-    16 ms split against ~5 on one thread, 2-3x slower than transformers' own decode.
+    Only float32 weights split (MKL's batched GEMM). A bfloat16 ``bmm`` goes to oneDNN, whose threads
+    spun on every call in a node: a tiny Llama's one-token steps through 8 layers took 16 ms split
+    against ~5 on one thread, 2-3x slower than transformers' own decode; float16 was as slow.
     """
     out_features, in_features = weight.shape
     if threads < 2 or weight.device.type != "cpu" or out_features % threads or not weight.is_contiguous():
