@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+import weakref
 from functools import partial
 
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
@@ -58,10 +59,13 @@ class MeshConnection:
         self._failed_at: dict[str, float] = {}
         self._tickets: dict[str, tuple[str, DirectTicket]] = {}  # peer -> (host, ticket) of its direct lane
         self._lane_unreachable_at: dict[str, float] = {}
+        # Clients are often left open (Petals' users never close theirs): at exit, or when dropped,
+        # leave the mesh as close() does, rather than let the loop's P2P tasks die pending, each with
+        # a "Task was destroyed but it is pending!" on stderr.
+        self._leave = weakref.finalize(self, _leave_mesh, self.loop, self.dht)
 
     def close(self) -> None:
-        self.loop.stop()
-        self.dht.shutdown()
+        self._leave()
 
     def records(self, refresh: bool = False) -> list[NodeRecord]:
         if refresh or time.monotonic() - self._records_at > RECORDS_MAX_AGE:
@@ -200,3 +204,8 @@ def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, Mesh
     checkpoint = Checkpoint(config.model_id)
     adapter = adapter_for(checkpoint.config)
     return checkpoint, adapter, MeshConnection(config, config.dht_prefix or checkpoint.dht_prefix)
+
+
+def _leave_mesh(loop: BackgroundLoop, dht) -> None:
+    loop.stop()
+    dht.shutdown()

@@ -4,6 +4,10 @@ Every check compares against plain transformers on the same checkpoint: greedy t
 hidden states within 1e-5. Each test runs for multi-head attention and for grouped-query attention.
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -209,6 +213,34 @@ def test_gradient_through_remote_layers_equals_local(client, mesh):
 
     assert remote_x.grad is not None and remote_x.grad.abs().sum() > 0
     torch.testing.assert_close(remote_x.grad, local_x.grad, atol=1e-4, rtol=1e-4)
+
+
+UNCLOSED_CLIENTS = """
+import json, sys
+from farmesh import DistributedInferenceClient
+from farmesh_core.client.causal_lm import DistributedModelForCausalLM
+
+model_dir, addr, prompt = sys.argv[1:]
+client = DistributedInferenceClient(model_dir, [addr])
+model = DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=[addr])
+ids = client.tokenizer(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=8, do_sample=False)
+print(json.dumps({"client": client.generate(prompt, max_tokens=8), "model": out[0, ids.shape[1]:].tolist()}))
+"""
+
+
+def test_a_script_that_never_closes_its_clients_exits_cleanly(llama_mesh, tmp_path):
+    """Clients left open, as Petals' users leave theirs, leave the mesh at exit: the script ends at
+    once, with nothing on stderr about tasks destroyed while pending."""
+    script = tmp_path / "unclosed.py"
+    script.write_text(UNCLOSED_CLIENTS)
+    args = [sys.executable, str(script), llama_mesh.model_dir, llama_mesh.addrs[0], PROMPT]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Task was destroyed" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["client"] == hf_greedy_text(llama_mesh.model_dir, PROMPT, 8)
+    assert out["model"] == list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, 8))
 
 
 def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, monkeypatch):
