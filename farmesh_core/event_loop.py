@@ -34,6 +34,10 @@ class BackgroundLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> "asyncio.Future[T]":
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
+    def is_current(self) -> bool:
+        """Whether the caller runs on this loop's thread."""
+        return threading.current_thread() is self._thread
+
     def stop(self) -> None:
         """Cancel what still runs on the loop (open streams, P2P readers), then stop the thread."""
         if not self.loop.is_running():

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from functools import partial
@@ -207,5 +208,8 @@ def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, Mesh
 
 
 def _leave_mesh(loop: BackgroundLoop, dht) -> None:
+    if loop.is_current():  # the garbage collector ran the finalizer on the loop, which cannot stop itself
+        threading.Thread(target=_leave_mesh, args=(loop, dht), name="farmesh-leave", daemon=True).start()
+        return
     loop.stop()
     dht.shutdown()

@@ -7,6 +7,7 @@ hidden states within 1e-5. Each test runs for multi-head attention and for group
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -241,6 +242,24 @@ def test_a_script_that_never_closes_its_clients_exits_cleanly(llama_mesh, tmp_pa
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["client"] == hf_greedy_text(llama_mesh.model_dir, PROMPT, 8)
     assert out["model"] == list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, 8))
+
+
+def test_a_client_dropped_on_its_own_loop_thread_leaves_the_mesh(llama_mesh):
+    """The garbage collector may finalize a dropped client on the client's event loop: leaving the
+    mesh there must not wait on that loop (a deadlock), and still stop it and the client's DHT peer."""
+    client = DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs)
+    mesh = client.mesh
+    assert client.generate(PROMPT, max_tokens=4) == hf_greedy_text(llama_mesh.model_dir, PROMPT, 4)
+
+    async def finalize_here() -> None:
+        mesh._leave()  # what the collector would call
+
+    mesh.loop.run(finalize_here(), timeout=2)
+    for thread in threading.enumerate():
+        if thread.name == "farmesh-leave":
+            thread.join(timeout=10)
+    assert not mesh.loop._thread.is_alive() and not mesh.dht.is_alive()
+    client.close()  # a no-op now
 
 
 def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, monkeypatch):
