@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import weakref
@@ -63,7 +64,7 @@ class MeshConnection:
         # Clients are often left open (Petals' users never close theirs): at exit, or when dropped,
         # leave the mesh as close() does, rather than let the loop's P2P tasks die pending, each with
         # a "Task was destroyed but it is pending!" on stderr.
-        self._leave = weakref.finalize(self, _leave_mesh, self.loop, self.dht)
+        self._leave = weakref.finalize(self, _leave_mesh, self.loop, self.dht, os.getpid())
 
     def close(self) -> None:
         self._leave()
@@ -207,9 +208,11 @@ def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, Mesh
     return checkpoint, adapter, MeshConnection(config, config.dht_prefix or checkpoint.dht_prefix)
 
 
-def _leave_mesh(loop: BackgroundLoop, dht) -> None:
+def _leave_mesh(loop: BackgroundLoop, dht, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child at its exit: the loop's thread and the DHT peer are the parent's
+        return
     if loop.is_current():  # the garbage collector ran the finalizer on the loop, which cannot stop itself
-        threading.Thread(target=_leave_mesh, args=(loop, dht), name="farmesh-leave", daemon=True).start()
+        threading.Thread(target=_leave_mesh, args=(loop, dht, pid), name="farmesh-leave", daemon=True).start()
         return
     loop.stop()
     dht.shutdown()

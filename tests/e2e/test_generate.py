@@ -244,6 +244,35 @@ def test_a_script_that_never_closes_its_clients_exits_cleanly(llama_mesh, tmp_pa
     assert out["model"] == list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, 8))
 
 
+FORKED_CHILD_EXITS = """
+import json, os, sys, time
+from farmesh import DistributedInferenceClient
+
+model_dir, addr, prompt = sys.argv[1:]
+client = DistributedInferenceClient(model_dir, [addr])
+first = client.generate(prompt, max_tokens=4)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # through the interpreter's exit, which runs the exit handlers
+began = time.monotonic()
+_, status = os.waitpid(pid, 0)
+waited = time.monotonic() - began
+print(json.dumps({"same": client.generate(prompt, max_tokens=4) == first, "status": status, "waited": waited}))
+"""
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_client_alone(llama_mesh, tmp_path):
+    """A child forked from a process with a client exits without touching the parent's loop and DHT
+    peer (it has copies of them, not their threads): it ends promptly and the parent goes on."""
+    script = tmp_path / "fork.py"
+    script.write_text(FORKED_CHILD_EXITS)
+    args = [sys.executable, str(script), llama_mesh.model_dir, llama_mesh.addrs[0], PROMPT]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["same"] and out["status"] == 0 and out["waited"] < 4, out
+
+
 def test_a_client_dropped_on_its_own_loop_thread_leaves_the_mesh(llama_mesh):
     """The garbage collector may finalize a dropped client on the client's event loop: leaving the
     mesh there must not wait on that loop (a deadlock), and still stop it and the client's DHT peer."""
