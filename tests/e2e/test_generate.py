@@ -216,6 +216,17 @@ def test_gradient_through_remote_layers_equals_local(client, mesh):
     torch.testing.assert_close(remote_x.grad, local_x.grad, atol=1e-4, rtol=1e-4)
 
 
+def run_client_script(source: str, mesh, tmp_path, timeout: float) -> tuple[str, dict]:
+    """Run ``source`` as a script (model dir, DHT address, PROMPT as its arguments), which must exit
+    with code 0; its stderr, and the JSON of its last line of output."""
+    script = tmp_path / "client.py"
+    script.write_text(source)
+    args = [sys.executable, str(script), mesh.model_dir, mesh.addrs[0], PROMPT]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr, json.loads(result.stdout.strip().splitlines()[-1])
+
+
 UNCLOSED_CLIENTS = """
 import json, sys
 from farmesh import DistributedInferenceClient
@@ -233,13 +244,8 @@ print(json.dumps({"client": client.generate(prompt, max_tokens=8), "model": out[
 def test_a_script_that_never_closes_its_clients_exits_cleanly(llama_mesh, tmp_path):
     """Clients left open, as Petals' users leave theirs, leave the mesh at exit: the script ends with
     exit code 0 and nothing on stderr about tasks destroyed while pending."""
-    script = tmp_path / "unclosed.py"
-    script.write_text(UNCLOSED_CLIENTS)
-    args = [sys.executable, str(script), llama_mesh.model_dir, llama_mesh.addrs[0], PROMPT]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=90)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Task was destroyed" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    stderr, out = run_client_script(UNCLOSED_CLIENTS, llama_mesh, tmp_path, timeout=90)
+    assert "Task was destroyed" not in stderr and "Traceback" not in stderr, stderr[-3000:]
     assert out["client"] == hf_greedy_text(llama_mesh.model_dir, PROMPT, 8)
     assert out["model"] == list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, 8))
 
@@ -264,12 +270,7 @@ print(json.dumps({"same": client.generate(prompt, max_tokens=4) == first, "statu
 def test_a_forked_child_that_exits_leaves_its_parents_client_alone(llama_mesh, tmp_path):
     """A child forked from a process with a client exits without touching the parent's loop and DHT
     peer (it has copies of them, not their threads): it ends promptly and the parent goes on."""
-    script = tmp_path / "fork.py"
-    script.write_text(FORKED_CHILD_EXITS)
-    args = [sys.executable, str(script), llama_mesh.model_dir, llama_mesh.addrs[0], PROMPT]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    _, out = run_client_script(FORKED_CHILD_EXITS, llama_mesh, tmp_path, timeout=60)
     assert out["same"] and out["status"] == 0 and out["waited"] < 4, out
 
 
