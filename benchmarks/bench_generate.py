@@ -30,6 +30,7 @@ from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_la
 
 NEW_TOKENS = 64
 CONCURRENT_SESSIONS = 8
+LOAD_LEVELS = (1, 2, 4, 8, 16)  # sessions at once, for the load curve
 
 
 def summary(values: list[float]) -> dict:
@@ -185,6 +186,7 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             concurrency["concurrency_transformers_generate"] = bench_concurrency(
                 petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
             )
+            concurrency["load_curve"] = bench_load_curve(generate_ids, model, runs)
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
     if relayed:
@@ -271,6 +273,40 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
     }
 
 
+def bench_load_curve(run: Callable[[torch.Tensor], list[int]], model: BenchModel, rounds: int) -> dict:
+    """Total tokens/s with 1, 2, 4, 8 and 16 sessions generating at once (one thread each), the levels
+    taking turns for ``rounds`` rounds: continuous batching should make a busy chain's throughput grow
+    with its load. Fairness is each level's slowest session's tokens/s over its fastest's (1 when the
+    nodes serve every session alike), and each session's tokens must equal its prompt's alone."""
+    prompts = [model.random_prompt(i) for i in range(max(LOAD_LEVELS))]
+    alone = [run(p) for p in prompts]
+
+    def timed(prompt: torch.Tensor) -> tuple[list[int], float]:
+        began = time.perf_counter()
+        ids = run(prompt)
+        return ids, NEW_TOKENS / (time.perf_counter() - began)
+
+    total: dict[int, list[float]] = {n: [] for n in LOAD_LEVELS}
+    fairness: dict[int, list[float]] = {n: [] for n in LOAD_LEVELS}
+    outputs_equal = True
+    with ThreadPoolExecutor(max(LOAD_LEVELS)) as pool:
+        for _ in range(rounds):
+            for sessions in LOAD_LEVELS:
+                began = time.perf_counter()
+                results = list(pool.map(timed, prompts[:sessions]))
+                total[sessions].append(sessions * NEW_TOKENS / (time.perf_counter() - began))
+                rates = [rate for _, rate in results]
+                fairness[sessions].append(min(rates) / max(rates))
+                outputs_equal = outputs_equal and [ids for ids, _ in results] == alone[:sessions]
+    return {
+        "sessions": list(LOAD_LEVELS),
+        "rounds": rounds,
+        "total_tok_s": [statistics.median(total[n]) for n in LOAD_LEVELS],
+        "slowest_over_fastest_session": [statistics.median(fairness[n]) for n in LOAD_LEVELS],
+        "outputs_equal": outputs_equal,
+    }
+
+
 def petals_figures(directory: str) -> dict:
     figures = {}
     concurrency = os.path.join(directory, "concurrency-2servers.json")
@@ -294,7 +330,7 @@ def petals_figures(directory: str) -> dict:
 
 def plot(result: dict, path: str) -> None:
     """Bar charts of steady decode speed, time to first token, batch forward and the gain of 8
-    concurrent sessions: local transformers, FarMesh, Petals."""
+    concurrent sessions: local transformers, FarMesh, Petals; and FarMesh's load curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,14 +371,26 @@ def plot(result: dict, path: str) -> None:
         ("8 concurrent sessions / one after another", concurrency, "{:.2f}x"),
     ]
     panels = [panel for panel in panels if panel[1]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
-    for ax, (title, data, label) in zip(axes, panels, strict=True):
+    curve = two.get("load_curve")
+    fig, axes = plt.subplots(1, len(panels) + bool(curve), figsize=(18 + 4 * bool(curve), 4.2))
+    for ax, (title, data, label) in zip(axes, panels, strict=False):
         colors = ["#888" if "local" in k else "#c44" if "Petals" in k else "#36c" for k in data]
         ax.bar(list(data), list(data.values()), color=colors)
         ax.set_title(title)
         ax.set_ylim(top=1.15 * max(data.values()))
         for i, v in enumerate(data.values()):
             ax.text(i, v, label.format(v), ha="center", va="bottom")
+    if curve:
+        ax = axes[-1]
+        ax.plot(curve["sessions"], curve["total_tok_s"], "o-", color="#36c", label="FarMesh, 2 nodes")
+        if "threads" in variants and "seq" in variants:
+            petals_points = [variants["seq"]["total_tok_s"]["median"], variants["threads"]["total_tok_s"]["median"]]
+            ax.plot([1, CONCURRENT_SESSIONS], petals_points, "s--", color="#c44", label="Petals, 2 servers")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(curve["sessions"], [str(n) for n in curve["sessions"]])
+        ax.set_ylim(bottom=0)
+        ax.set_title("total tokens/s by sessions at once")
+        ax.legend()
     fig.suptitle(f"{result['model_shape']}, {result['cpu_count']} CPU cores, same machine, same day")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
