@@ -7,6 +7,8 @@ Records are refreshed periodically and expire on their own if a node dies.
 
 import asyncio
 import logging
+import multiprocessing.process
+import os
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
@@ -22,6 +24,21 @@ logger = logging.getLogger(__name__)
 
 # Off by default: UPnP, AutoNAT and relays contact hosts beyond the peers you name.
 P2P_DEFAULTS = dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False, use_ipfs=False)
+
+
+def _forget_parents_processes() -> None:
+    """In a child forked by ``os.fork`` (not by multiprocessing, which does this itself): drop the
+    parent's processes, such as its DHT peer, from multiprocessing's list of this process's children.
+
+    The child inherits that list. At its exit, multiprocessing's exit handler would send SIGTERM to
+    every daemon process on it, the parent's DHT peer included, and fail to join them ("can only join
+    a child process"). The parent's client would lose its DHT and could no longer find new routes."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.difference_update([p for p in children if getattr(p, "_parent_pid", None) != os.getpid()])
+
+
+os.register_at_fork(after_in_child=_forget_parents_processes)
 
 
 def start_dht(config: NetworkConfig, client_mode: bool = False) -> DHT:

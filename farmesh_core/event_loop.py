@@ -1,7 +1,9 @@
 """An asyncio loop in a daemon thread, so synchronous code (the client, FarNode.start) can drive P2P."""
 
 import asyncio
+import os
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -20,6 +22,7 @@ class BackgroundLoop:
 
     def __init__(self, name: str = "farmesh-loop"):
         self.loop = asyncio.new_event_loop()
+        _LOOPS.add(self)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -48,6 +51,20 @@ class BackgroundLoop:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+_LOOPS: "weakref.WeakSet[BackgroundLoop]" = weakref.WeakSet()
+
+
+def _silence_copied_loops() -> None:
+    """In a forked child: the loops are copies whose threads stayed in the parent, and never run here.
+    Their pending tasks (P2P readers and writers) would each log "Task was destroyed but it is
+    pending!" as the child's interpreter ends; they are the parent's, not the child's to report."""
+    for background in list(_LOOPS):
+        background.loop.set_exception_handler(lambda loop, context: None)
+
+
+os.register_at_fork(after_in_child=_silence_copied_loops)
 
 
 async def _cancel_other_tasks() -> None:
