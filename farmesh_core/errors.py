@@ -50,3 +50,7 @@ class RequestError(FarMeshError, ValueError):
 
 class RemoteError(FarMeshError):
     """A Far Node failed or disappeared while serving a request."""
+
+
+class ForkedClientError(FarMeshError, RuntimeError):
+    """A client was used in a process forked from the one that made it."""

@@ -17,7 +17,7 @@ from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.client.direct_lane import DirectStub
 from farmesh_core.config import ClientConfig, NodeRecord
 from farmesh_core.dht import dial, direct_ticket, fetch_node_records, start_dht
-from farmesh_core.errors import NoRouteError
+from farmesh_core.errors import ForkedClientError, NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.extensions import RouteHop, RouteRequest
 from farmesh_core.plugins import get_auth_providers, get_routing_policies, load_plugins, pick
@@ -64,7 +64,8 @@ class MeshConnection:
         # Clients are often left open (Petals' users never close theirs): at exit, or when dropped,
         # leave the mesh as close() does, rather than let the loop's P2P tasks die pending, each with
         # a "Task was destroyed but it is pending!" on stderr.
-        self._leave = weakref.finalize(self, _leave_mesh, self.loop, self.dht, os.getpid())
+        self._pid = os.getpid()
+        self._leave = weakref.finalize(self, _leave_mesh, self.loop, self.dht, self._pid)
 
     def close(self) -> None:
         self._leave()
@@ -81,6 +82,12 @@ class MeshConnection:
         Nodes in ``avoid`` are never used. Nodes that failed recently (``report_failure``) are left
         out too, unless no chain exists without them: then they get another chance.
         """
+        if os.getpid() != self._pid:
+            # The loop's thread and the DHT peer stayed in the parent: waiting on the loop would hang,
+            # and the DHT peer's pipe is the parent's.
+            raise ForkedClientError(
+                f"this client was made in process {self._pid}, before a fork: make a new client in this process"
+            )
         now = time.monotonic()
         remembered = {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY} - set(avoid)
         attempts = [(False, set(avoid) | remembered), (True, set(avoid) | remembered)]

@@ -280,6 +280,39 @@ def test_a_forked_child_that_exits_leaves_its_parents_client_alone(llama_mesh, t
     assert "can only join a child process" not in stderr and "Task was destroyed" not in stderr, stderr[-3000:]
 
 
+FORKED_CHILD_GENERATES = """
+import json, os, sys
+from farmesh import DistributedInferenceClient
+
+model_dir, addr, prompt = sys.argv[1:]
+client = DistributedInferenceClient(model_dir, [addr])
+first = client.generate(prompt, max_tokens=4)
+read_end, write_end = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        client.generate(prompt, max_tokens=4)
+        report = {"error": None}
+    except Exception as e:
+        report = {"error": type(e).__name__, "message": str(e)}
+    os.write(write_end, json.dumps(report).encode())
+    os._exit(0)
+os.close(write_end)
+child = json.loads(os.read(read_end, 65536).decode())
+os.waitpid(pid, 0)
+print(json.dumps({"child": child, "same": client.generate(prompt, max_tokens=4) == first}))
+"""
+
+
+def test_a_forked_child_using_its_parents_client_gets_a_clear_error(llama_mesh, tmp_path):
+    """A child cannot use a client its parent made (the client's loop thread and DHT peer stayed in
+    the parent): it gets an error saying so at once, rather than hanging, and the parent goes on."""
+    _, out = run_client_script(FORKED_CHILD_GENERATES, llama_mesh, tmp_path, timeout=60)
+    assert out["child"]["error"] == "ForkedClientError", out
+    assert "make a new client in this process" in out["child"]["message"]
+    assert out["same"], out
+
+
 def test_a_client_dropped_on_its_own_loop_thread_leaves_the_mesh(llama_mesh):
     """The garbage collector may finalize a dropped client on the client's event loop: leaving the
     mesh there must not wait on that loop (a deadlock), and still stop it and the client's DHT peer."""
