@@ -200,7 +200,10 @@ class NodeHandlers:
     async def _session(self, request: OpenSession, context: P2PContext):
         self._check_layers(request.start, request.end, request.adapter)
         if request.max_length > self.config.max_session_length:
-            raise RequestError(f"max_length {request.max_length} exceeds {self.config.max_session_length}")
+            raise RequestError(
+                f"max_length {request.max_length} exceeds {self.config.max_session_length}, the most tokens this "
+                "node holds for one session (the prompt and the new tokens together): ask for fewer new tokens"
+            )
         if request.batch_size > self.config.max_batch_size:
             raise RequestError(f"batch_size {request.batch_size} exceeds {self.config.max_batch_size}")
         client = self.auth.verify(request.credentials, str(context.remote_id))

@@ -255,7 +255,7 @@ BAD_INFERENCE = {
     ),
     "max_length over the node's limit": (
         lambda: [message(opening(max_length=100_000), hidden())],
-        r"max_length 100000 exceeds 8192",
+        r"max_length 100000 exceeds 8192, the most tokens this node holds for one session .*ask for fewer",
     ),
     "steps beyond max_length": (
         lambda: [message(opening(max_length=6), hidden()), message(InferenceStep(position=4), hidden(seq=3))],
