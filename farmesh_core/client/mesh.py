@@ -70,6 +70,15 @@ class MeshConnection:
     def close(self) -> None:
         self._leave()
 
+    def check_process(self) -> None:
+        """Raise ``ForkedClientError`` in a child forked after this connection was made: the loop's
+        thread and the DHT peer stayed in the parent (waiting on the loop would hang, and the DHT
+        peer's pipe is the parent's), and so did every open session's sockets."""
+        if os.getpid() != self._pid:
+            raise ForkedClientError(
+                f"this client was made in process {self._pid}, before a fork: make a new client in this process"
+            )
+
     def records(self, refresh: bool = False) -> list[NodeRecord]:
         if refresh or time.monotonic() - self._records_at > RECORDS_MAX_AGE:
             self._records = fetch_node_records(self.dht, self.prefix)
@@ -82,12 +91,7 @@ class MeshConnection:
         Nodes in ``avoid`` are never used. Nodes that failed recently (``report_failure``) are left
         out too, unless no chain exists without them: then they get another chance.
         """
-        if os.getpid() != self._pid:
-            # The loop's thread and the DHT peer stayed in the parent: waiting on the loop would hang,
-            # and the DHT peer's pipe is the parent's.
-            raise ForkedClientError(
-                f"this client was made in process {self._pid}, before a fork: make a new client in this process"
-            )
+        self.check_process()
         now = time.monotonic()
         remembered = {p for p, t in self._failed_at.items() if now - t < FAILURE_MEMORY} - set(avoid)
         attempts = [(False, set(avoid) | remembered), (True, set(avoid) | remembered)]

@@ -198,6 +198,7 @@ class InferenceSession:
 
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
+        self.mesh.check_process()
         if self.position + hidden.shape[1] > self.max_length:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
         per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()

@@ -287,30 +287,40 @@ from farmesh import DistributedInferenceClient
 model_dir, addr, prompt = sys.argv[1:]
 client = DistributedInferenceClient(model_dir, [addr])
 first = client.generate(prompt, max_tokens=4)
+ids = client.tokenizer(prompt, return_tensors="pt").input_ids
+session = client.inference_session(max_length=ids.shape[1] + 8)
+session.step(client.head.embed(ids))  # a session open at the fork
 read_end, write_end = os.pipe()
 pid = os.fork()
 if pid == 0:
-    try:
-        client.generate(prompt, max_tokens=4)
-        report = {"error": None}
-    except Exception as e:
-        report = {"error": type(e).__name__, "message": str(e)}
+    report = {}
+    for name, use in (("generate", lambda: client.generate(prompt, max_tokens=4)),
+                      ("open session", lambda: session.step(client.head.embed(ids[:, -1:])))):
+        try:
+            use()
+            report[name] = {"error": None}
+        except Exception as e:
+            report[name] = {"error": type(e).__name__, "message": str(e)}
     os.write(write_end, json.dumps(report).encode())
     os._exit(0)
 os.close(write_end)
 child = json.loads(os.read(read_end, 65536).decode())
 os.waitpid(pid, 0)
-print(json.dumps({"child": child, "same": client.generate(prompt, max_tokens=4) == first}))
+after = session.step(client.head.embed(ids[:, -1:])).shape[1]  # the parent's session goes on
+print(json.dumps({"child": child, "same": client.generate(prompt, max_tokens=4) == first, "after": after}))
 """
 
 
 def test_a_forked_child_using_its_parents_client_gets_a_clear_error(llama_mesh, tmp_path):
     """A child cannot use a client its parent made (the client's loop thread and DHT peer stayed in
-    the parent): it gets an error saying so at once, rather than hanging, and the parent goes on."""
+    the parent, and so did an open session's sockets): generating, or stepping a session opened
+    before the fork, gets an error saying so at once, rather than hanging or sharing the parent's
+    sockets, and the parent goes on."""
     _, out = run_client_script(FORKED_CHILD_GENERATES, llama_mesh, tmp_path, timeout=60)
-    assert out["child"]["error"] == "ForkedClientError", out
-    assert "make a new client in this process" in out["child"]["message"]
-    assert out["same"], out
+    for use in ("generate", "open session"):
+        assert out["child"][use]["error"] == "ForkedClientError", out
+        assert "make a new client in this process" in out["child"][use]["message"]
+    assert out["same"] and out["after"] == 1, out
 
 
 def test_a_client_dropped_on_its_own_loop_thread_leaves_the_mesh(llama_mesh):
