@@ -70,11 +70,15 @@ class MeshConnection:
     def close(self) -> None:
         self._leave()
 
+    def forked(self) -> bool:
+        """Whether this runs in a child forked after this connection was made."""
+        return os.getpid() != self._pid
+
     def check_process(self) -> None:
         """Raise ``ForkedClientError`` in a child forked after this connection was made: the loop's
         thread and the DHT peer stayed in the parent (waiting on the loop would hang, and the DHT
         peer's pipe is the parent's), and so did every open session's sockets."""
-        if os.getpid() != self._pid:
+        if self.forked():
             raise ForkedClientError(
                 f"this client was made in process {self._pid}, before a fork: make a new client in this process"
             )

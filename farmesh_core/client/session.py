@@ -152,6 +152,10 @@ class _HopStream:
             return await anext(self._responses)
 
     def close(self, mesh: MeshConnection) -> None:
+        if mesh.forked():  # the connection is the parent's too: let go of this process's copy only
+            if self._direct is not None:
+                self._direct.sock.close()
+            return
         if self._direct is not None:
             self._direct.close()
         if self._queue is not None:

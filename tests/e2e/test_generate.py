@@ -301,6 +301,7 @@ if pid == 0:
             report[name] = {"error": None}
         except Exception as e:
             report[name] = {"error": type(e).__name__, "message": str(e)}
+    session.close()  # as leaving a with block would: the parent's session stays open
     os.write(write_end, json.dumps(report).encode())
     os._exit(0)
 os.close(write_end)
@@ -315,7 +316,7 @@ def test_a_forked_child_using_its_parents_client_gets_a_clear_error(llama_mesh, 
     """A child cannot use a client its parent made (the client's loop thread and DHT peer stayed in
     the parent, and so did an open session's sockets): generating, or stepping a session opened
     before the fork, gets an error saying so at once, rather than hanging or sharing the parent's
-    sockets, and the parent goes on."""
+    sockets; closing that session in the child leaves it open in the parent, which goes on."""
     _, out = run_client_script(FORKED_CHILD_GENERATES, llama_mesh, tmp_path, timeout=60)
     for use in ("generate", "open session"):
         assert out["child"][use]["error"] == "ForkedClientError", out
