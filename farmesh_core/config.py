@@ -187,6 +187,14 @@ class ClientConfig(NetworkConfig):
         "(the client relays only where that fails); False: the client relays every step",
     )
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
+    batch_window_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="a generation started while this client generates already waits this long for others to "
+        "start, and those with prompts of its length and its settings run as rows of one session "
+        "(see client/batched_generation.py); 0: each generation its own session",
+    )
 
     @field_validator("adapter")
     @classmethod

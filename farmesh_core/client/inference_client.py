@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from farmesh_core.client.batched_generation import GenerationBatcher
 from farmesh_core.client.generation import TextStream, TokenChooser, next_token
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
@@ -34,6 +35,7 @@ class DistributedInferenceClient:
         self.head = self.adapter.load_client_head(self.checkpoint, self.model_config, self._dtype())
         self.num_layers = self.adapter.num_layers(self.model_config)
         self.layers = DistributedModel.over(self.mesh, 0, self.num_layers)
+        self.batcher = GenerationBatcher(self.config.batch_window_ms / 1000, set(self._eos_ids().tolist()))
 
     def _dtype(self) -> torch.dtype:
         dtype = getattr(self.model_config, "dtype", None)
@@ -89,7 +91,6 @@ class DistributedInferenceClient:
         if rest := text.text()[emitted:]:
             yield rest
 
-    @torch.inference_mode()
     def generate_ids(
         self,
         input_ids: torch.Tensor,
@@ -106,8 +107,30 @@ class DistributedInferenceClient:
         """Yield each new token id tensor [batch] as it is chosen; stops at EOS (when every row hit it).
 
         ``session`` continues an open session (its earlier tokens stay cached on the nodes): pass only
-        the new ``input_ids`` then.
+        the new ``input_ids`` then. Without one, a one-row call made while this client generates
+        already may share a session with calls that start with it (``batched_generation``).
         """
+        settings = (temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, adapter)
+
+        def alone() -> Iterator[torch.Tensor]:
+            return self._decode(input_ids, max_new_tokens, settings, session)
+
+        def batch(rows: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
+            return self._decode(rows, max_new_tokens, settings)
+
+        alone_only = session is not None or input_ids.shape[0] != 1 or max_new_tokens < 1
+        if alone_only or (seed is not None and temperature > 0):  # (seeded draws depend on the batch)
+            yield from alone()
+            return
+        key = (input_ids.shape[1], *settings)
+        yield from self.batcher.generate(input_ids, max_new_tokens, key, alone, batch)
+
+    @torch.inference_mode()
+    def _decode(
+        self, input_ids: torch.Tensor, max_new_tokens: int, settings: tuple, session: InferenceSession | None = None
+    ) -> Iterator[torch.Tensor]:
+        """``generate_ids`` of all rows of ``input_ids`` in one session (``session``, or one of its own)."""
+        temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, adapter = settings
         eos = self._eos_ids()
         choose = TokenChooser(
             temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, input_ids.shape[1], eos.tolist()
