@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import NamedTuple
 
 import psutil
@@ -178,10 +179,19 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             def petals_style_ids(prompt: torch.Tensor) -> list[int]:
                 return petals_style_generation(causal_lm, prompt)[0]
 
-            def generate_ids(prompt: torch.Tensor) -> list[int]:
+            def generate_ids(prompt: torch.Tensor, client=client) -> list[int]:
                 return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
+            # generations that start together share sessions (client/batched_generation.py); also each in
+            # its own session, as every run before that measured it
             concurrency["concurrency"] = bench_concurrency(generate_ids, mesh, model, CONCURRENT_SESSIONS, runs)
+            concurrency["concurrency"]["shared_sessions"] = {
+                "sessions": client.batcher.batches, "rows": client.batcher.batched_rows,
+            }  # fmt: skip
+            own = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, batch_window_ms=0))
+            concurrency["concurrency_own_sessions"] = bench_concurrency(
+                partial(generate_ids, client=own), mesh, model, CONCURRENT_SESSIONS, runs
+            )
             # as Petals' concurrency benchmark runs it: threads sharing one model, each in its own session
             concurrency["concurrency_transformers_generate"] = bench_concurrency(
                 petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
@@ -351,6 +361,8 @@ def plot(result: dict, path: str) -> None:
     concurrency = {}
     if "concurrency" in two:
         concurrency["FarMesh\n2 nodes"] = two["concurrency"]["ratio"]
+    if "concurrency_own_sessions" in two:
+        concurrency["FarMesh, 2 nodes,\neach its own\nsession"] = two["concurrency_own_sessions"]["ratio"]
     if "concurrency_transformers_generate" in two:
         concurrency["FarMesh, 2 nodes,\ntransformers'\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
     if "1server" in petals:

@@ -91,7 +91,7 @@ class LeanLlamaLayer:
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        if batched or (self.packed and hidden.shape[0] > 1 and hidden.shape[1] == 1):  # or of a session's rows
+        if batched:
             linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
