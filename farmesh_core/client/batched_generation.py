@@ -113,8 +113,9 @@ class GenerationBatcher:
                 if self._forming.get(key) is rows:
                     del self._forming[key]
             if len(rows) > 1:
-                self.batches += 1
-                self.batched_rows += len(rows)
+                with self._lock:
+                    self.batches += 1
+                    self.batched_rows += len(rows)
                 thread = threading.Thread(target=self._drive, args=(rows, batch), name="farmesh-batch", daemon=True)
                 thread.start()
 
@@ -140,7 +141,8 @@ class GenerationBatcher:
                         return
         except BaseException as e:
             logger.info("A session of %d rows failed%s: %r", len(rows), "" if started else "; they go alone", e)
-            self.unstarted += not started
+            with self._lock:
+                self.unstarted += not started
             for row, finished in zip(rows, done, strict=True):
                 if not finished:
                     row.items.put(_Failed(e) if started else _ALONE)

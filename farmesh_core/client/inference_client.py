@@ -110,6 +110,7 @@ class DistributedInferenceClient:
         the new ``input_ids`` then. Without one, a one-row call made while this client generates
         already may share a session with calls that start with it (``batched_generation``).
         """
+        self.mesh.check_process()  # (before the batcher's lock, which a fork may have copied held)
         settings = (temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, adapter)
 
         def alone() -> Iterator[torch.Tensor]:
