@@ -360,11 +360,11 @@ def plot(result: dict, path: str) -> None:
     }
     concurrency = {}
     if "concurrency" in two:
-        concurrency["FarMesh\n2 nodes"] = two["concurrency"]["ratio"]
+        concurrency["FarMesh\n2 nodes"] = two["concurrency"]["ratio"]  # (shared sessions: see bench_mesh)
     if "concurrency_own_sessions" in two:
-        concurrency["FarMesh, 2 nodes,\neach its own\nsession"] = two["concurrency_own_sessions"]["ratio"]
+        concurrency["FarMesh,\nown\nsessions"] = two["concurrency_own_sessions"]["ratio"]
     if "concurrency_transformers_generate" in two:
-        concurrency["FarMesh, 2 nodes,\ntransformers'\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
+        concurrency["FarMesh,\ntransformers'\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
     if "1server" in petals:
         decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
     if "2servers" in petals:
