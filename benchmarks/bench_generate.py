@@ -182,16 +182,18 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             def generate_ids(prompt: torch.Tensor, client=client) -> list[int]:
                 return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
 
-            # generations that start together share sessions (client/batched_generation.py); also each in
-            # its own session, as every run before that measured it
-            concurrency["concurrency"] = bench_concurrency(generate_ids, mesh, model, CONCURRENT_SESSIONS, runs)
+            # Generations that start together share sessions (client/batched_generation.py); the same 8
+            # one after another run each alone with no wait (a client that never shares), and also
+            # concurrently each in its own session, as every run before shared sessions measured it.
+            own = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, batch_window_ms=0))
+            alone = partial(generate_ids, client=own)
+            concurrency["concurrency"] = bench_concurrency(
+                generate_ids, mesh, model, CONCURRENT_SESSIONS, runs, sequential=alone
+            )
             concurrency["concurrency"]["shared_sessions"] = {
                 "sessions": client.batcher.batches, "rows": client.batcher.batched_rows,
             }  # fmt: skip
-            own = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, batch_window_ms=0))
-            concurrency["concurrency_own_sessions"] = bench_concurrency(
-                partial(generate_ids, client=own), mesh, model, CONCURRENT_SESSIONS, runs
-            )
+            concurrency["concurrency_own_sessions"] = bench_concurrency(alone, mesh, model, CONCURRENT_SESSIONS, runs)
             # as Petals' concurrency benchmark runs it: threads sharing one model, each in its own session
             concurrency["concurrency_transformers_generate"] = bench_concurrency(
                 petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
@@ -236,11 +238,11 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
 
 
 def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, model: BenchModel, sessions: int,
-                      rounds: int) -> dict:  # fmt: skip
+                      rounds: int, sequential: Callable[[torch.Tensor], list[int]] | None = None) -> dict:  # fmt: skip
     """``sessions`` generations ``run(prompt)`` at once (one thread each) vs the same ones one after
-    another, the two alternating for ``rounds`` rounds (as Petals' concurrency benchmark does): this
-    machine's speed drifts within minutes, and one round of each compared two different moments. The
-    ratio is that of the medians.
+    another (through ``sequential``, by default ``run``), the two alternating for ``rounds`` rounds (as
+    Petals' concurrency benchmark does): this machine's speed drifts within minutes, and one round of
+    each compared two different moments. The ratio is that of the medians.
 
     The CPU time each process (each node, and this one: the client) spends per token of the
     concurrent rounds is reported too, with the share of the machine's cores all of them kept busy:
@@ -260,7 +262,7 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
     with ThreadPoolExecutor(sessions) as pool:
         for _ in range(rounds):
             began = time.perf_counter()
-            sequential = [run(p) for p in prompts]
+            one_by_one = [(sequential or run)(p) for p in prompts]
             sequential_tok_s.append(tokens / (time.perf_counter() - began))
             before, began = cpu_seconds(), time.perf_counter()
             concurrent = list(pool.map(run, prompts))
@@ -269,7 +271,7 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
             for name in processes:
                 cpu_ms[name].append(1000 * (after[name] - before[name]) / tokens)
             busy.append((sum(after.values()) - sum(before.values())) / (elapsed * os.cpu_count()))
-            outputs_equal = outputs_equal and concurrent == sequential
+            outputs_equal = outputs_equal and concurrent == one_by_one
     return {
         "sessions": sessions,
         "rounds": rounds,

@@ -191,9 +191,9 @@ class ClientConfig(NetworkConfig):
         default=2.0,
         ge=0,
         le=1000,
-        description="a generation started while this client generates already waits this long for others to "
-        "start, and those with prompts of its length and its settings run as rows of one session "
-        "(see client/batched_generation.py); 0: each generation its own session",
+        description="a generation started while this client generates, or soon after it last ran two at once, "
+        "waits this long for others to start, and those with prompts of its length and its settings run as "
+        "rows of one session (see client/batched_generation.py); 0: each generation its own session",
     )
 
     @field_validator("adapter")

@@ -39,6 +39,7 @@ class Runs:
                 yield torch.tensor([self.token(prompt, step)])
                 if self.eos_at.get(prompt) == step:
                     return
+                time.sleep(0.001)
 
         return run
 
@@ -182,3 +183,23 @@ def test_a_full_batch_leaves_the_next_calls_to_another(busy, monkeypatch):
     outputs = together(busy, runs, [{"prompt": p} for p in (1, 2, 3, 4)])
     assert outputs == [[100 * p + s for s in range(1, 6)] for p in (1, 2, 3, 4)]
     assert sorted(map(len, runs.batches)) == [2, 2] and runs.alone_calls == []
+
+
+def test_a_client_that_ran_generations_together_lately_waits_for_company(monkeypatch):
+    """After two calls ran at once, the first call of the next burst waits the window and takes the
+    others with it (rather than running alone beside them); a lone one that finds no company runs
+    alone after the window. Without recent company (``RECENT_S`` past), a call starts at once."""
+    batcher = GenerationBatcher(window_s=0.2, eos_ids={EOS})
+    runs = Runs()
+    assert together(batcher, runs, [{"prompt": p, "max_new_tokens": 20} for p in (1, 2, 3)])
+    assert batcher.batches == 1 and len(runs.alone_calls) == 1  # the very first call ran alone
+    outputs = together(batcher, runs, [{"prompt": p} for p in (4, 5, 6)])
+    assert outputs == [[100 * p + s for s in range(1, 6)] for p in (4, 5, 6)]
+    assert sorted(runs.batches[-1]) == [4, 5, 6] and batcher.batches == 2
+    began = time.perf_counter()
+    assert call(batcher, runs, 7) == [701, 702, 703, 704, 705]
+    assert time.perf_counter() - began >= 0.2 and runs.alone_calls[-1] == 7  # waited, found none
+    monkeypatch.setattr(batched_generation, "RECENT_S", 0.0)
+    began = time.perf_counter()
+    assert call(batcher, runs, 8) == [801, 802, 803, 804, 805]
+    assert time.perf_counter() - began < 0.2 and runs.alone_calls[-1] == 8
