@@ -124,7 +124,8 @@ def cmd_coordinator(args) -> None:
     serve(
         args.model, args.dht_bootstrap, host=args.host, port=args.port, model_name=args.model_name,
         max_concurrent=args.max_concurrent, log_level=args.log_level, routing=args.routing,
-        quantization=args.quantization, auth=args.auth, auth_token=args.auth_token, **_network_options(args),
+        quantization=args.quantization, auth=args.auth, auth_token=args.auth_token,
+        batch_window_ms=args.batch_window_ms, **_network_options(args),
     )  # fmt: skip
 
 
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--max-concurrent", type=int, default=16, help="generations run at once; more wait")
+    p.add_argument(
+        "--batch-window-ms", type=float, default=2.0,
+        help="how long a request made while others generate waits for more: those with prompts of its "
+        "length and its settings then share one session (0: each request its own session)",
+    )  # fmt: skip
     p.add_argument("--routing", default="min-latency", help="routing policy of the sessions")
     p.add_argument("--quantization", default=None, help="use only nodes with this quantization (default: any)")
     p.add_argument("--auth", default="open", help="open, or token for a private mesh")

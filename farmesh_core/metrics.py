@@ -156,6 +156,11 @@ COORDINATOR_TOKEN_SECONDS = Histogram(
 COORDINATOR_ACTIVE = Gauge(
     "farmesh_coordinator_active_generations", "Generations running now", registry=COORDINATOR_REGISTRY
 )
+COORDINATOR_SHARED_ROWS = Gauge(
+    "farmesh_coordinator_shared_session_rows",
+    "Generations so far that ran as rows of a session shared with others that started with them",
+    registry=COORDINATOR_REGISTRY,
+)
 
 _PROMPT_TOKENS, _COMPLETION_TOKENS = COORDINATOR_TOKENS.labels("prompt"), COORDINATOR_TOKENS.labels("completion")
 

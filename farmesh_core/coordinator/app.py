@@ -1,8 +1,9 @@
 """The Far Mesh Coordinator's HTTP API: OpenAI's completions, chat completions and models, plus
 ``/health``, ``/v1/mesh`` (what ``farmesh status --json`` prints) and ``/metrics`` (Prometheus).
 
-Generations run in a thread pool, one thread and one inference session each, never on the event
-loop: the loop only moves tokens from the worker threads to the HTTP responses.
+Generations run in a thread pool, one thread each (and one inference session, or a row of one shared
+with requests that started with it), never on the event loop: the loop only moves tokens from the
+worker threads to the HTTP responses.
 """
 
 import asyncio
@@ -73,7 +74,7 @@ class Generation:
             self._cancelled.set()
 
     def work(self) -> None:
-        """Runs in a worker thread: generate until done, failed or cancelled, then close the session."""
+        """Runs in a worker thread: generate until done, failed or cancelled, then end the generation."""
         metrics.COORDINATOR_ACTIVE.inc()
         try:
             for token in self._tokens:
@@ -161,7 +162,7 @@ def create_app(engine: MeshEngine, max_concurrent: int = 16) -> FastAPI:
                 yield token
                 token = await generation.next()
         finally:
-            generation.cancel()  # the client left, or we are done: the worker closes the session
+            generation.cancel()  # the client left, or we are done: the worker ends the generation
 
     async def complete(endpoint: str, prompt_ids: list[int], options: SamplingOptions, render) -> Response:
         """Run one generation; ``render(kind, **fields)`` makes the OpenAI objects of ``endpoint``."""

@@ -1,9 +1,10 @@
 """The coordinator's side of the mesh: one DistributedInferenceClient shared by every request.
 
-Each generation has its own inference session and runs in its own worker thread. What the threads
-share is made safe here: the tokenizer (a Rust object that refuses concurrent use: "Already
-borrowed") behind a lock, and route finding (DHT look-ups, pings) behind another. The sessions'
-steps themselves run concurrently on the client's event loop.
+Each generation runs in its own worker thread, in an inference session of its own or as a row of
+one shared with requests that started with it (same prompt length and settings, see
+``client/batched_generation.py``). What the threads share is made safe here: the tokenizer (a Rust
+object that refuses concurrent use: "Already borrowed") behind a lock, and the status page's DHT
+reads behind another.
 """
 
 import logging
@@ -47,6 +48,7 @@ class MeshEngine:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
         self.sampling_defaults = sampling_defaults(client.checkpoint.path)
+        metrics.COORDINATOR_SHARED_ROWS.set_function(lambda: client.batcher.batched_rows)
 
     def close(self) -> None:
         self.client.close()
@@ -103,18 +105,17 @@ class MeshEngine:
         return max_tokens if max_tokens is not None else 256
 
     def generate(self, prompt_ids: list[int], max_tokens: int, options: SamplingOptions) -> Iterator[Token]:
-        """Yield one Token per generated token; the session opens on the first ``next`` and closes
-        when the generator ends or is closed. Raises NoRouteError if no chain of nodes covers the model."""
-        with self._mesh_lock:
-            session = self.client.inference_session(len(prompt_ids) + max_tokens)
+        """Yield one Token per generated token; the generation starts on the first ``next`` and ends
+        (its session closes, or its row of a shared one is left) when the generator ends or is closed.
+        Raises NoRouteError if no chain of nodes covers the model."""
+        ids = self.client.generate_ids(
+            torch.tensor([prompt_ids]), max_tokens, temperature=options.temperature, top_p=options.top_p,
+            top_k=options.top_k, seed=options.seed, min_new_tokens=options.min_tokens,
+        )  # fmt: skip
         try:
-            ids = self.client.generate_ids(
-                torch.tensor([prompt_ids]), max_tokens, temperature=options.temperature, top_p=options.top_p,
-                top_k=options.top_k, seed=options.seed, session=session, min_new_tokens=options.min_tokens,
-            )  # fmt: skip
             yield from self._text(ids, max_tokens, options.stop)
         finally:
-            session.close()
+            ids.close()
 
     def _text(self, ids: Iterator[torch.Tensor], max_tokens: int, stops: list[str]) -> Iterator[Token]:
         """Tokens to text pieces: a piece per token, holding back an unfinished character and what

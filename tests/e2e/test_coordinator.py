@@ -73,7 +73,11 @@ def coordinator(tiny_llama, tmp_path_factory):
             procs.append(spawn_node(tiny_llama, addrs, *args, log_path=str(logs / f"node-{span[0]}.log")))
         wait_for_layers(tiny_llama, addrs, num_nodes=2, timeout=120, procs=procs[1:])
         port, log = free_port(), logs / "coordinator.log"
-        cmd = farmesh_command("coordinator", tiny_llama, "--dht-bootstrap", *addrs, "--port", str(port))
+        # a wider window for requests to share a session than the default 2 ms: HTTP requests sent at
+        # once reach the workers spread out on a busy 2-core machine
+        cmd = farmesh_command(
+            "coordinator", tiny_llama, "--dht-bootstrap", *addrs, "--port", str(port), "--batch-window-ms", "50"
+        )
         with open(log, "w") as out:
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         url = f"http://127.0.0.1:{port}"
@@ -209,6 +213,27 @@ def test_three_concurrent_requests_all_succeed(coordinator, reference):
 
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(complete, prompts)) == expected
+
+
+def test_requests_that_start_together_share_a_session(coordinator, reference):
+    """Requests with prompts of one length and the same settings, made together while the coordinator
+    generates, run as rows of one session (``client/batched_generation.py``); each gets its own text."""
+    prompts = [PROMPT] * 3 + ["The json module"] * 3
+    expected = [reference.generate(p, max_tokens=24 + i) for i, p in enumerate(prompts)]
+    client = coordinator.openai()
+
+    def complete(i: int) -> str:
+        result = client.completions.create(model=coordinator.model, prompt=prompts[i], max_tokens=24 + i, temperature=0)
+        return result.choices[0].text
+
+    def shared_rows() -> float:
+        return sample(httpx.get(f"{coordinator.url}/metrics").text, "farmesh_coordinator_shared_session_rows")
+
+    before = shared_rows()
+    for _ in range(2):  # the second burst finds the coordinator lately busy: its first request waits too
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(complete, range(len(prompts)))) == expected
+    assert shared_rows() - before >= 4
 
 
 def test_streams_run_at_once_and_stop_when_their_client_leaves(coordinator):
