@@ -128,7 +128,11 @@ class GenerationBatcher:
                     self.batches += 1
                     self.batched_rows += len(rows)
                 thread = threading.Thread(target=self._drive, args=(rows, batch), name="farmesh-batch", daemon=True)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had: each row goes alone
+                    for row in rows:
+                        row.items.put(_ALONE)
 
     def _drive(self, rows: list[_Row], batch: BatchRun) -> None:
         """Step ``rows`` as one session and hand each row its tokens, until every row is done. If the

@@ -107,8 +107,9 @@ class DistributedInferenceClient:
         """Yield each new token id tensor [batch] as it is chosen; stops at EOS (when every row hit it).
 
         ``session`` continues an open session (its earlier tokens stay cached on the nodes): pass only
-        the new ``input_ids`` then. Without one, a one-row call made while this client generates
-        already may share a session with calls that start with it (``batched_generation``).
+        the new ``input_ids`` then. Without one, a one-row call may share a session with calls that
+        start with it (see ``batched_generation``: only while, or soon after, the client generates
+        several at once).
         """
         self.mesh.check_process()  # (before the batcher's lock, which a fork may have copied held)
         settings = (temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, adapter)
