@@ -256,13 +256,14 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
         return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
 
     tokens = sessions * NEW_TOKENS
+    sequential = sequential or run
     sequential_tok_s, concurrent_tok_s, outputs_equal = [], [], True
     cpu_ms: dict[str, list[float]] = {name: [] for name in processes}
     busy: list[float] = []
     with ThreadPoolExecutor(sessions) as pool:
         for _ in range(rounds):
             began = time.perf_counter()
-            one_by_one = [(sequential or run)(p) for p in prompts]
+            one_by_one = [sequential(p) for p in prompts]
             sequential_tok_s.append(tokens / (time.perf_counter() - began))
             before, began = cpu_seconds(), time.perf_counter()
             concurrent = list(pool.map(run, prompts))

@@ -123,10 +123,10 @@ class GenerationBatcher:
             with self._lock:
                 if self._forming.get(key) is rows:
                     del self._forming[key]
-            if len(rows) > 1:
-                with self._lock:
+                if len(rows) > 1:
                     self.batches += 1
                     self.batched_rows += len(rows)
+            if len(rows) > 1:
                 thread = threading.Thread(target=self._drive, args=(rows, batch), name="farmesh-batch", daemon=True)
                 try:
                     thread.start()
