@@ -176,8 +176,8 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
         concurrency = {}
         if len(spans) == 2:
 
-            def petals_style_ids(prompt: torch.Tensor) -> list[int]:
-                return petals_style_generation(causal_lm, prompt)[0]
+            def petals_style_ids(prompt: torch.Tensor, model=causal_lm) -> list[int]:
+                return petals_style_generation(model, prompt)[0]
 
             def generate_ids(prompt: torch.Tensor, client=client) -> list[int]:
                 return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
@@ -194,10 +194,19 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
                 "sessions": client.batcher.batches, "rows": client.batcher.batched_rows,
             }  # fmt: skip
             concurrency["concurrency_own_sessions"] = bench_concurrency(alone, mesh, model, CONCURRENT_SESSIONS, runs)
-            # as Petals' concurrency benchmark runs it: threads sharing one model, each in its own session
-            concurrency["concurrency_transformers_generate"] = bench_concurrency(
-                petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs
+            # as Petals' concurrency benchmark runs it: threads sharing one model, each in its own
+            # inference session (plain greedy calls that start together share one there too); the
+            # one-after-another rounds through a model that never waits for company
+            own_lm = clients.enter_context(
+                DistributedModelForCausalLM.from_pretrained(model.dir, dht_bootstrap=mesh.addrs, batch_window_ms=0)
             )
+            one_by_one = partial(petals_style_ids, model=own_lm)
+            concurrency["concurrency_transformers_generate"] = bench_concurrency(
+                petals_style_ids, mesh, model, CONCURRENT_SESSIONS, runs, sequential=one_by_one
+            )
+            concurrency["concurrency_transformers_generate"]["shared_sessions"] = {
+                "sessions": causal_lm.batcher.batches, "rows": causal_lm.batcher.batched_rows,
+            }  # fmt: skip
             concurrency["load_curve"] = bench_load_curve(generate_ids, model, runs)
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops

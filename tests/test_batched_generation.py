@@ -203,3 +203,57 @@ def test_a_client_that_ran_generations_together_lately_waits_for_company(monkeyp
     began = time.perf_counter()
     assert call(batcher, runs, 8) == [801, 802, 803, 804, 805]
     assert time.perf_counter() - began < 0.2 and runs.alone_calls[-1] == 8
+
+
+def test_calls_announced_on_their_way_are_waited_for_and_share(monkeypatch):
+    """Calls that do work of their own before they reach the batcher announce themselves: the first
+    to arrive expects them (though the client never ran two at once before), and its window waits
+    until they are all there."""
+    monkeypatch.setattr(batched_generation, "ARRIVAL_WAIT_S", 5.0)
+    batcher, runs = GenerationBatcher(window_s=0.01, eos_ids={EOS}), Runs()
+    all_announced = threading.Barrier(3, timeout=10)
+
+    def announced_call(prompt: int) -> list[int]:
+        with batcher.announce():
+            all_announced.wait()
+            time.sleep(0.1 * (prompt - 1))  # the preparation: 0, 0.1 and 0.2 s, far past the window
+            return call(batcher, runs, prompt)
+
+    with ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(announced_call, (1, 2, 3)))
+    assert outputs == [[100 * p + s for s in range(1, 6)] for p in (1, 2, 3)]
+    assert [sorted(b) for b in runs.batches] == [[1, 2, 3]] and runs.alone_calls == []
+    assert batcher._arriving == 0
+
+
+def test_a_window_waits_for_an_announced_call_until_it_arrives_elsewhere_or_at_most_arrival_wait(monkeypatch):
+    """An announced call that goes another way says so (``arrive``) and the window waits no more; one
+    that never comes holds a window for ``ARRIVAL_WAIT_S`` at most."""
+    batcher, runs = GenerationBatcher(window_s=0.01, eos_ids={EOS}), Runs()
+    arrive_now, finished = threading.Event(), threading.Event()
+
+    def on_its_way(arrives: bool) -> None:
+        with batcher.announce():
+            if arrives:
+                arrive_now.wait()
+                batcher.arrive()  # e.g. transformers' own loop: it will not share
+            finished.wait()
+
+    for arrives, wait_s in ((True, 5.0), (False, 0.3)):
+        monkeypatch.setattr(batched_generation, "ARRIVAL_WAIT_S", wait_s)
+        arrive_now.clear()
+        finished.clear()
+        other = threading.Thread(target=on_its_way, args=(arrives,))
+        other.start()
+        while batcher._arriving == 0:
+            time.sleep(0.001)
+        threading.Timer(0.2, arrive_now.set).start()
+        began = time.perf_counter()
+        outputs = together(batcher, runs, [{"prompt": 1}, {"prompt": 2}])  # the first expects the announced one
+        elapsed = time.perf_counter() - began
+        finished.set()
+        other.join()
+        assert outputs == [[100 * p + s for s in range(1, 6)] for p in (1, 2)]
+        assert sorted(runs.batches[-1]) == [1, 2]
+        assert (0.2 if arrives else 0.3) <= elapsed < 4.0, (arrives, elapsed)
+    assert batcher._arriving == 0

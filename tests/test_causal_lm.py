@@ -103,6 +103,33 @@ def test_threads_share_one_model_each_in_its_own_session(model, reference):
         assert torch.equal(output, hf_greedy(reference, input_ids, 16))
 
 
+@pytest.mark.timeout(300)
+def test_threads_generating_together_share_a_session_and_continue_their_own(mesh, reference):
+    """Plain greedy calls that start together on fresh sessions run as the rows of one shared session
+    (as ``generate_ids``' do); each thread's own session is owed its tokens and continues from them,
+    and every thread gets transformers' tokens."""
+    model_dir, bootstrap = mesh
+    prompts = [torch.tensor([PROMPT[i:] + PROMPT[:i]]) for i in range(4)]
+    all_open = threading.Barrier(len(prompts), timeout=60)
+
+    def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
+        with model.inference_session(max_length=input_ids.shape[1] + 16) as session:
+            all_open.wait()
+            first = model.generate(input_ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            assert session.position == input_ids.shape[1] + 7
+            rest = model.generate(input_ids[:, :0], max_new_tokens=8, do_sample=False)  # sends the owed ids
+            assert session.position == input_ids.shape[1] + 15
+        return torch.cat([first, rest], dim=1)
+
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, batch_window_ms=100) as model:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outputs = list(pool.map(lambda ids: generate(model, ids), prompts))
+        assert model.batcher.batches >= 1 and model.batcher.batched_rows >= 2  # the first call may run alone
+        assert model.batcher.unstarted == 0
+    for input_ids, output in zip(prompts, outputs, strict=True):
+        assert torch.equal(output, hf_greedy(reference, input_ids, 16))
+
+
 class _Recorder:
     """A streamer that keeps what transformers hands it."""
 

@@ -11,6 +11,9 @@ its row's tokens. It waits only where company is likely: while another of the cl
 runs, or within ``RECENT_S`` of the last time two ran at once (the first call of the next burst
 then waits for the others, rather than running alone beside them: 4.76x against 4.35x). A client
 that has not run two generations at once lately starts each at once: a lone user never waits.
+Calls that do work of their own on the way (transformers' ``generate`` prepares for 1.3-2.9 ms, and
+threads that start together do so one after another, under the GIL) announce themselves first, and
+a window waits for those still on their way (``announce``).
 
 Rows match when their prompts have the same length and every setting that shapes the choice of
 tokens is the same (seeded sampling runs alone: its draws depend on the batch). Each row ends at
@@ -24,7 +27,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -36,6 +40,7 @@ BatchRun = Callable[[torch.Tensor, int], Iterator[torch.Tensor]]
 
 RECENT_S = 10.0  # a client that had generations running together this recently expects more of them
 MAX_ROWS = 32  # rows of one session at most (nodes refuse batches over their max_batch_size, 64 by default)
+ARRIVAL_WAIT_S = 0.05  # a window waits at most this much longer for announced calls still on their way
 
 _END = object()  # a row's last item: its tokens are all there
 _ALONE = object()  # a row's only item when its batch could not start: the caller runs it alone
@@ -57,6 +62,12 @@ class _Row:
         self.left = False  # the caller stopped reading
 
 
+class _Announcement:
+    """A call on its way to ``GenerationBatcher.generate`` (see ``announce``)."""
+
+    arrived = False
+
+
 class GenerationBatcher:
     """Groups concurrent generations into sessions of several rows (see the module's docstring).
 
@@ -67,11 +78,48 @@ class GenerationBatcher:
     def __init__(self, window_s: float, eos_ids: set[int]):
         self.window_s, self.eos_ids = window_s, eos_ids
         self._lock = threading.Lock()
+        self._arrival = threading.Condition(self._lock)  # an announced call arrived (or will not come)
+        self._arriving = 0  # announced calls that have not reached ``generate`` yet
+        self._announced: ContextVar[_Announcement | None] = ContextVar("farmesh_announced", default=None)
         self._running = 0  # generations under way on this client
         self._crowded_at = -math.inf  # when it last had two or more under way
         self._forming: dict[Hashable, list[_Row]] = {}  # key -> the rows of a batch still taking more
         self.batches = self.batched_rows = 0  # sessions run with several rows, and their rows
         self.unstarted = 0  # of those, the ones that failed before their first token (their rows went alone)
+
+    @contextmanager
+    def announce(self) -> Iterator[None]:
+        """Around a call that does work of its own before it reaches ``generate`` (transformers'
+        preparation of a ``generate`` call takes 1.3-2.9 ms, and threads starting together do theirs
+        one after another under the GIL): a window opened meanwhile waits for it, up to
+        ``ARRIVAL_WAIT_S``, and the first call to arrive expects it. A call that turns out not to
+        share says so with ``arrive()``, or arrives as the block ends."""
+        if self._announced.get() is not None:  # announced already, further out
+            yield
+            return
+        announcement = _Announcement()
+        with self._lock:
+            self._arriving += 1
+        reset = self._announced.set(announcement)
+        try:
+            yield
+        finally:
+            self._announced.reset(reset)
+            with self._lock:
+                self._arrived(announcement)
+
+    def arrive(self) -> None:
+        """The current call's announcement is over: it goes no further towards ``generate``."""
+        if (announcement := self._announced.get()) is not None:
+            with self._lock:
+                self._arrived(announcement)
+
+    def _arrived(self, announcement: _Announcement) -> None:
+        """(Under the lock.)"""
+        if not announcement.arrived:
+            announcement.arrived = True
+            self._arriving -= 1
+            self._arrival.notify_all()
 
     def generate(
         self,
@@ -83,11 +131,13 @@ class GenerationBatcher:
     ) -> Iterator[torch.Tensor]:
         row = _Row(input_ids, max_new_tokens)
         with self._lock:
+            if (announcement := self._announced.get()) is not None:
+                self._arrived(announcement)
             now = time.monotonic()
             if self._running > 0:
                 self._crowded_at = now
             rows = None
-            expecting = self._running > 0 or now - self._crowded_at < RECENT_S
+            expecting = self._running > 0 or self._arriving > 0 or now - self._crowded_at < RECENT_S
             if key is not None and self.window_s > 0 and expecting:
                 rows = self._forming.setdefault(key, [])
                 rows.append(row)
@@ -116,9 +166,16 @@ class GenerationBatcher:
                 self._running -= 1
 
     def _gather(self, key: Hashable, rows: list[_Row], batch: BatchRun) -> None:
-        """The first row's part: wait the window for more rows, then step them in a thread of their own."""
+        """The first row's part: wait the window for more rows (and for announced calls still on their
+        way), then step them in a thread of their own."""
         try:
             time.sleep(self.window_s)
+            with self._lock:
+                deadline = time.monotonic() + ARRIVAL_WAIT_S
+                while self._arriving > 0 and self._forming.get(key) is rows:
+                    if (left := deadline - time.monotonic()) <= 0:
+                        break
+                    self._arrival.wait(left)
         finally:  # the rows that joined are stepped even if this caller was interrupted meanwhile
             with self._lock:
                 if self._forming.get(key) is rows:

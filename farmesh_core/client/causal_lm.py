@@ -7,7 +7,11 @@ KV caches live in an ``InferenceSession``, and the ``Cache`` transformers sees (
 counts tokens. That is also why beam search is refused: nodes cannot reorder their caches.
 
 Each thread (or asyncio task) has its own open session, as in Petals: threads sharing one model
-generate at once, each in its own ``inference_session``, and the nodes batch their steps.
+generate at once, each in its own ``inference_session``, and the nodes batch their steps. Plain
+greedy calls (below) that start together on sessions that have seen nothing yet go further, as
+``DistributedInferenceClient.generate_ids``' do: they run as the rows of one shared session
+(``batched_generation``), and each call's own session is owed its tokens, sent as one step only if
+that session goes on.
 
 Plain greedy ``generate`` calls (no logits processor but a minimum length's EOS mask) take the LM
 head's quick approximate logits where their error bound cannot change the greedy choice (see
@@ -17,7 +21,7 @@ those of exact logits.
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -37,7 +41,8 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from farmesh_core.client.generation import NoEosBefore, TokenChooser, greedy_certain_logits, next_token
+from farmesh_core.client.batched_generation import GenerationBatcher
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, decode, greedy_certain_logits, next_token
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -101,6 +106,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             self._active: ContextVar[RemoteCache | None] = ContextVar("farmesh_active_cache", default=None)
             self._greedy: ContextVar[list[int] | None] = ContextVar("farmesh_greedy_eos", default=None)
             self.quick_logits = 0  # steps whose logits came from the quick approximate head
+            # plain greedy generations that start together share a session (rows end where callers stop)
+            self.batcher = GenerationBatcher(client_config.batch_window_ms / 1000, eos_ids=set())
             self.eval()
         except BaseException:
             mesh.close()
@@ -139,14 +146,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         on the same model meanwhile."""
         if self._active.get() is not None:
             raise RuntimeError("an inference session is already open on this model in this thread")
-        num_layers = len(self.layers)
-        session = InferenceSession(self.mesh, 0, num_layers, max_length, batch_size, self.client_config.adapter)
-        opened = self._active.set(RemoteCache(session))
-        try:
-            yield session
-        finally:
-            self._active.reset(opened)
-            session.close()
+        # A fresh one-row session is likely on its way to a generate call that may share (``_shared_or``)
+        announced = self.batcher.announce() if batch_size == 1 else contextlib.nullcontext()
+        with announced:
+            session = InferenceSession(
+                self.mesh, 0, len(self.layers), max_length, batch_size, self.client_config.adapter
+            )
+            opened = self._active.set(RemoteCache(session))
+            try:
+                yield session
+            finally:
+                self._active.reset(opened)
+                session.close()
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor | ModelOutput:
@@ -199,9 +210,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if inputs.shape[1] <= cache.skip:
                 raise ValueError("input_ids hold no token the session has not processed yet")
         sent_before = cache.session.position
-        greedy = self._greedy.set(_plain_greedy_eos(self.generation_config, kwargs))
+        greedy_eos = _plain_greedy_eos(self.generation_config, kwargs)
+        greedy = self._greedy.set(greedy_eos)
+        may_share = greedy_eos is not None and sent_before == 0 and cache.session.batch_size == 1
         try:
-            result = super().generate(inputs, *args, cache=cache, **kwargs)
+            with self.batcher.announce() if may_share else contextlib.nullcontext():  # (see ``_shared_or``)
+                result = super().generate(inputs, *args, cache=cache, **kwargs)
         finally:
             self._greedy.reset(greedy)
         sequences = result.sequences if isinstance(result, ModelOutput) else result
@@ -298,6 +312,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """One step of ``cache``'s session: the hidden states of its last ``logits_to_keep`` positions."""
+        self.batcher.arrive()  # (its session steps: it shares no more)
         hidden = self._kept(cache.session.step(self._embedded(input_ids, inputs_embeds)), logits_to_keep)
         cache.record(input_ids)
         return hidden
@@ -324,7 +339,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         making them whole (as ``generate_ids`` does) saves passes over the vocabulary: with 32k
         tokens the client's CPU per token fell from 2.48 to 2.34-2.44 ms one session at a time
         (``generate_ids``: 1.86-2.66, the machine drifting), and to 1.35-1.72 with 8 threads (from
-        1.84)."""
+        1.84). Such calls that start together share a session (``_shared_or``)."""
         cache = model_kwargs.get("cache")
         lean = (
             self._greedy.get() is not None
@@ -338,26 +353,71 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             and all(isinstance(p, NoEosBefore) for p in logits_processor)
         )
         if not lean:
+            self.batcher.arrive()
             return super()._sample(
                 input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
             )
         stops, choose = _StopRules(stopping_criteria), TokenChooser.greedy_after(logits_processor)
-        token = choose(input_ids, self._prefill(input_ids, generation_config, model_kwargs).logits[:, -1])
-        try:
+
+        def alone(prompt: torch.Tensor = input_ids) -> Iterator[torch.Tensor]:
+            """This call's tokens through its own session; each ``send`` gives it the ids so far."""
+            ids = yield choose(prompt, self._prefill(prompt, generation_config, model_kwargs).logits[:, -1])
             while True:
-                new = token[:, None]
-                input_ids = torch.cat([input_ids, new], dim=-1)
+                ids = yield next_token(self.head, choose, ids, self._session_hidden(cache, ids[:, -1:])[:, -1])
+
+        tokens = self._shared_or(alone, cache, input_ids, logits_processor, stops)
+        try:
+            token = next(tokens)
+            while True:
+                input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
                 done = stops(input_ids, int(token))
                 if streamer is not None:
                     streamer.put(token)
                 if done:
                     break
-                token = next_token(self.head, choose, input_ids, self._session_hidden(cache, new)[:, -1])
+                token = tokens.send(input_ids)
         finally:
+            tokens.close()
             self.quick_logits += choose.certain_choices
+        if cache.session.position == 0:  # a row of a shared session: these nodes never saw the tokens
+            sent = input_ids[:, :-1]  # (the last token is returned, not sent, as a session's own generation does)
+            cache.session.owe(self.head.embed(sent))
+            cache.record(sent)
         if streamer is not None:
             streamer.end()
         return input_ids
+
+    def _shared_or(
+        self,
+        alone: Callable[[], Iterator[torch.Tensor]],
+        cache: RemoteCache,
+        input_ids: torch.Tensor,
+        processors: LogitsProcessorList,
+        stops: "_StopRules",
+    ) -> Iterator[torch.Tensor]:
+        """The tokens of a lean greedy call: from a session shared with the calls that start with it
+        (``batched_generation``; as ``DistributedInferenceClient.generate_ids`` does), or ``alone()``.
+
+        A call may share when its session has seen nothing yet and holds what it may generate; its
+        tokens are then owed to that session (``InferenceSession.owe``), sent only if it goes on."""
+        session = cache.session
+        new_tokens = min((c.max_length for c in stops.max_lengths), default=0) - input_ids.shape[1]
+        fits = input_ids.shape[1] + new_tokens - 1 <= session.max_length  # (else its own steps raise where due)
+        if session.position > 0 or session.batch_size != 1 or new_tokens < 1 or not fits:
+            self.batcher.arrive()
+            return alone()
+        key = (input_ids.shape[1], session.adapter, *((p.length, tuple(p.eos_token_ids)) for p in processors))
+
+        def batch(rows: torch.Tensor, max_new_tokens: int) -> Iterator[torch.Tensor]:
+            choose = TokenChooser.greedy_after(processors)
+            length = rows.shape[1] + max_new_tokens
+            with InferenceSession(self.mesh, 0, len(self.layers), length, rows.shape[0], session.adapter) as shared:
+                try:
+                    yield from decode(self.head, shared, rows, max_new_tokens, choose, _NO_EOS)
+                finally:
+                    self.quick_logits += choose.certain_choices
+
+        return self.batcher.generate(input_ids, new_tokens, key, alone, batch)
 
     def _quick_logits(self, hidden: torch.Tensor, eos: list[int]) -> torch.Tensor | None:
         """Approximate logits of one position of one sequence, if greedy decoding picks from them what
@@ -369,6 +429,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if logits is not None:
             self.quick_logits += 1
         return logits
+
+
+_NO_EOS = torch.zeros(0, dtype=torch.long)  # a shared session's rows end where their callers stop reading
 
 
 class _StopRules:

@@ -1,7 +1,7 @@
 """Choosing the next token with transformers' logits processors, and decoding text as it grows."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +18,7 @@ from farmesh_core.head_batch import Refine
 
 if TYPE_CHECKING:
     from farmesh_core.architecture import ClientHead
+    from farmesh_core.client.session import InferenceSession
 
 
 class NoEosBefore(LogitsProcessor):
@@ -193,6 +194,34 @@ def next_token(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor
         return choose(input_ids, head.logits(last))
     token = choose.certain(input_ids, approximate.logits, approximate.bound, approximate.refine)
     return choose(input_ids, head.module_logits(last)) if token is None else token
+
+
+@torch.inference_mode()
+def decode(
+    head: "ClientHead",
+    session: "InferenceSession",
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    choose: TokenChooser,
+    eos: torch.Tensor,
+) -> Iterator[torch.Tensor]:
+    """Each new token id tensor [rows] of ``input_ids``' rows, stepped through ``session`` (which has
+    not seen them); stops after ``max_new_tokens``, or once every row has chosen one of ``eos``."""
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
+    new_input = input_ids
+    for _ in range(max_new_tokens):
+        # Each torch call lets go of the GIL: with sessions stepping from several threads, the calls
+        # saved here (a same-dtype cast, a second unsqueeze) are hand-overs saved.
+        last = head.in_head_dtype(session.step(head.embed(new_input))[:, -1])
+        token = next_token(head, choose, input_ids, last)
+        new_input = token[:, None]
+        input_ids = torch.cat([input_ids, new_input], dim=1)
+        yield token
+        if not eos_ids.isdisjoint(token.tolist()):
+            finished |= torch.isin(token, eos)
+            if finished.all():
+                return
 
 
 class TextStream:

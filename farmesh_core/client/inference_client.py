@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from farmesh_core.client.batched_generation import GenerationBatcher
-from farmesh_core.client.generation import TextStream, TokenChooser, next_token
+from farmesh_core.client.generation import TextStream, TokenChooser, decode
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -127,7 +127,6 @@ class DistributedInferenceClient:
         key = (input_ids.shape[1], *settings)
         yield from self.batcher.generate(input_ids, max_new_tokens, key, alone, batch)
 
-    @torch.inference_mode()
     def _decode(
         self, input_ids: torch.Tensor, max_new_tokens: int, settings: tuple, session: InferenceSession | None = None
     ) -> Iterator[torch.Tensor]:
@@ -137,28 +136,11 @@ class DistributedInferenceClient:
         choose = TokenChooser(
             temperature, top_p, top_k, repetition_penalty, seed, min_new_tokens, input_ids.shape[1], eos.tolist()
         )
-        own_session = session is None
-        if own_session:
-            session = self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0], adapter)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
-        try:
-            new_input = input_ids
-            for _ in range(max_new_tokens):
-                # Each torch call lets go of the GIL: with sessions stepping from several threads, the
-                # calls saved here (a same-dtype cast, a second unsqueeze) are hand-overs saved.
-                last = self.head.in_head_dtype(session.step(self.head.embed(new_input))[:, -1])
-                token = next_token(self.head, choose, input_ids, last)
-                new_input = token[:, None]
-                input_ids = torch.cat([input_ids, new_input], dim=1)
-                yield token
-                if not eos_ids.isdisjoint(token.tolist()):
-                    finished |= torch.isin(token, eos)
-                    if finished.all():
-                        return
-        finally:
-            if own_session:
-                session.close()
+        if session is not None:
+            yield from decode(self.head, session, input_ids, max_new_tokens, choose, eos)
+            return
+        with self.inference_session(input_ids.shape[1] + max_new_tokens, input_ids.shape[0], adapter) as session:
+            yield from decode(self.head, session, input_ids, max_new_tokens, choose, eos)
 
     def _eos_ids(self) -> torch.Tensor:
         eos = self.model_config.eos_token_id

@@ -181,6 +181,7 @@ class InferenceSession:
         self._failed: set[str] = set()
         self._step_seconds = 0.0  # how long the last step took through the whole chain
         self._rest_pending = False  # streams after the first wait to be connected (see _connect_rest)
+        self._owed: torch.Tensor | None = None  # inputs counted in ``position`` but not sent yet (see ``owe``)
 
     def _stream(self, hop: RouteHop) -> _HopStream:
         """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""
@@ -200,11 +201,24 @@ class InferenceSession:
         for stream in self._streams:
             stream.close(self.mesh)
 
+    def owe(self, hidden: torch.Tensor) -> None:
+        """Count ``hidden`` [batch, seq, hidden] (the next tokens' inputs) as this session's, and send
+        it only if the session goes on, ahead of the next step's input: a generation that ran as a row
+        of a shared session (``batched_generation``) leaves its own session's nodes without its tokens."""
+        if self.position + hidden.shape[1] > self.max_length:
+            raise RequestError(f"the session was opened for {self.max_length} tokens")
+        self._owed = hidden if self._owed is None else torch.cat([self._owed, hidden], dim=1)
+        self.position += hidden.shape[1]
+
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
         self.mesh.check_process()
         if self.position + hidden.shape[1] > self.max_length:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
+        if self._owed is not None:  # one step with the owed inputs first, their outputs dropped
+            owed, self._owed = self._owed, None
+            self.position -= owed.shape[1]
+            return self.step(torch.cat([owed, hidden], dim=1))[:, owed.shape[1] :]
         per_token = hidden.shape[0] * hidden.shape[2] * hidden.element_size()
         max_tokens = max(1, MAX_STEP_BYTES // per_token)
         if hidden.shape[1] > max_tokens:
