@@ -110,7 +110,13 @@ def test_threads_generating_together_share_a_session_and_continue_their_own(mesh
     and every thread gets transformers' tokens."""
     model_dir, bootstrap = mesh
     prompts = [torch.tensor([PROMPT[i:] + PROMPT[:i]]) for i in range(4)]
-    all_open = threading.Barrier(len(prompts), timeout=60)
+    all_open = threading.Barrier(len(prompts) + 2, timeout=60)
+
+    def from_embeddings(model: DistributedModelForCausalLM) -> torch.Tensor:  # never shares: its ids are unknown
+        embeds = model.get_input_embeddings()(torch.tensor([PROMPT]))
+        with model.inference_session(max_length=len(PROMPT) + 8):
+            all_open.wait()
+            return model.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)
 
     def generate(model: DistributedModelForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
         with model.inference_session(max_length=input_ids.shape[1] + 16) as session:
@@ -122,12 +128,15 @@ def test_threads_generating_together_share_a_session_and_continue_their_own(mesh
         return torch.cat([first, rest], dim=1)
 
     with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, batch_window_ms=100) as model:
-        with ThreadPoolExecutor(len(prompts)) as pool:
+        with ThreadPoolExecutor(len(prompts) + 2) as pool:
+            embedded = [pool.submit(from_embeddings, model) for _ in range(2)]
             outputs = list(pool.map(lambda ids: generate(model, ids), prompts))
         assert model.batcher.batches >= 1 and model.batcher.batched_rows >= 2  # the first call may run alone
         assert model.batcher.unstarted == 0
     for input_ids, output in zip(prompts, outputs, strict=True):
         assert torch.equal(output, hf_greedy(reference, input_ids, 16))
+    for future in embedded:
+        assert torch.equal(future.result(), hf_greedy(reference, torch.tensor([PROMPT]), 8)[:, len(PROMPT) :])
 
 
 class _Recorder:

@@ -365,7 +365,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             while True:
                 ids = yield next_token(self.head, choose, ids, self._session_hidden(cache, ids[:, -1:])[:, -1])
 
-        tokens = self._shared_or(alone, cache, input_ids, logits_processor, stops)
+        embedded = model_kwargs.get("inputs_embeds") is not None  # (the ids of a shared session's rows are known)
+        tokens = self._shared_or(alone, cache, input_ids, logits_processor, stops, embedded)
         try:
             token = next(tokens)
             while True:
@@ -394,16 +395,18 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         processors: LogitsProcessorList,
         stops: "_StopRules",
+        embedded: bool,
     ) -> Iterator[torch.Tensor]:
         """The tokens of a lean greedy call: from a session shared with the calls that start with it
         (``batched_generation``; as ``DistributedInferenceClient.generate_ids`` does), or ``alone()``.
 
-        A call may share when its session has seen nothing yet and holds what it may generate; its
-        tokens are then owed to that session (``InferenceSession.owe``), sent only if it goes on."""
+        A call from token ids may share when its session has seen nothing yet and holds what it may
+        generate; its tokens are then owed to that session (``InferenceSession.owe``), sent only if it
+        goes on."""
         session = cache.session
         new_tokens = min((c.max_length for c in stops.max_lengths), default=0) - input_ids.shape[1]
         fits = input_ids.shape[1] + new_tokens - 1 <= session.max_length  # (else its own steps raise where due)
-        if session.position > 0 or session.batch_size != 1 or new_tokens < 1 or not fits:
+        if embedded or session.position > 0 or session.batch_size != 1 or new_tokens < 1 or not fits:
             self.batcher.arrive()
             return alone()
         key = (input_ids.shape[1], session.adapter, *((p.length, tuple(p.eos_token_ids)) for p in processors))
