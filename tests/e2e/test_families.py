@@ -128,6 +128,22 @@ def test_concurrent_sessions_each_equal_transformers(family):
         assert list(pool.map(lambda prompt: family.generate(prompt, 24), prompts)) == expected
 
 
+def test_generations_started_together_share_a_session_and_equal_transformers(family):
+    """Prompts of one length started together run as the rows of one session (a batch through each
+    family's layers on the nodes), and each row gets transformers' greedy tokens."""
+    vocab = family.hf.config.vocab_size
+    prompts = [torch.randint(3, vocab, (1, 10), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [hf_greedy(family.hf, prompt, 24) for prompt in prompts]
+    with DistributedInferenceClient(family.model_dir, family.addrs, batch_window_ms=100) as client:
+
+        def generate(prompt: torch.Tensor) -> list[int]:
+            return [int(t[0]) for t in client.generate_ids(prompt, 24, min_new_tokens=24)]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(generate, prompts)) == expected
+        assert client.batcher.batched_rows >= 2 and client.batcher.unstarted == 0  # (the first may run alone)
+
+
 def test_transformers_generate_in_threads_equals_transformers(family):
     """The Petals-compatible model (transformers' ``generate``, FarMesh's lean greedy loop) in two
     threads at once, each in its own session: transformers' greedy tokens, also where EOS may stop."""
