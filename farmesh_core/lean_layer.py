@@ -91,7 +91,7 @@ class LeanLlamaLayer:
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        if batched:
+        if batched or (cache is not None and hidden.shape[0] > 1 and hidden.shape[1] == 1):  # or a session's rows
             linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()

@@ -3,7 +3,7 @@
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -156,7 +156,11 @@ class LayerSpan:
         if cache is not None:
             cache.begin_step(position)
         kwargs = self.adapter.prepare(self.context, hidden, position)
-        with self._using(adapter_name):
+        # A one-token step of a session's several rows multiplies as a decode batch does (packed weights)
+        rows = (
+            decode_batch_rows() if cache is not None and hidden.shape[0] > 1 and hidden.shape[1] == 1 else nullcontext()
+        )
+        with self._using(adapter_name), rows:
             for index in range(start, end):
                 hidden = self.step_calls[index](hidden, cache, kwargs)
         if cache is not None:

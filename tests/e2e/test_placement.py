@@ -128,7 +128,9 @@ def test_a_node_moves_to_missing_layers_and_finishes_its_session_first(model_dir
                 outputs.append(session.step(inputs[:, position : position + 1]))
             assert "Released layers 0:4" not in b_log.read_text(), "B dropped layers a session was using"
         expected = local_steps(model_dir, inputs, 0, 4)
-        torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=1e-5, rtol=1e-5)
+        # (the session's one-token steps of 2 rows multiply through the node's packed weights, as decode
+        # batches do: sums in another order than transformers' batch, 6e-5 apart here; wrong layers: ~1)
+        torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=2e-4, rtol=1e-4)
         wait_for_log(b_log, re.compile(r"Released layers 0:4"), b, timeout=30)
 
         wait_for_layers(model_dir, addrs, num_nodes=2, procs=processes[1:])
