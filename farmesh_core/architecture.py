@@ -114,6 +114,17 @@ class ClientHead(nn.Module):
             return None
         return batcher.approximate(hidden)
 
+    def approximate_rows(self, hidden: torch.Tensor) -> list[ApproximateLogits] | None:
+        """:meth:`approximate_logits` of each row of ``hidden`` [rows, hidden] (a shared session's), in
+        one pass through the head; None where there is no quicker path."""
+        batcher = None if torch.is_grad_enabled() else self._batcher()
+        if batcher is None or batcher.quick is None:
+            return None
+        hidden = self._fused_norm(self.final_norm, hidden)
+        if hidden.dim() != 2 or not batcher.takes(hidden, rows=hidden.shape[0]):
+            return None
+        return batcher.approximate_rows(hidden)
+
     def module_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` by the modules' own calls, alone: the bits of a single-process model."""
         return self.lm_head(self.final_norm(hidden))

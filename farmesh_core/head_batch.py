@@ -99,14 +99,23 @@ class HeadBatcher:
         self._lingers = weight.nbytes >= LINGER_MIN_BYTES
         self._last_call: dict[int, float] = {}  # thread id -> when it last called (heads that linger)
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` is one row this head can batch with others (else the caller uses the module)."""
+    def takes(self, x: torch.Tensor, rows: int = 1) -> bool:
+        """Whether ``x`` is ``rows`` rows this head can batch with others (else the caller uses the module)."""
         weight = self.weight
-        return x.numel() == x.shape[-1] == weight.shape[1] and (x.dtype, x.device) == (weight.dtype, weight.device)
+        width = x.shape[-1] == weight.shape[1] and x.numel() == rows * x.shape[-1]
+        return width and (x.dtype, x.device) == (weight.dtype, weight.device)
 
     def approximate(self, x: torch.Tensor) -> ApproximateLogits:
         """Quick approximate logits of one row ``x`` (needs :attr:`quick`)."""
         return ApproximateLogits(self(x, fast=True), self.error_bound(x), functools.partial(self.refine, x))
+
+    def approximate_rows(self, x: torch.Tensor) -> list[ApproximateLogits]:
+        """:meth:`approximate` for each row of ``x`` [rows, hidden] (a shared session's), in one pass."""
+        logits = self(x, fast=True)
+        return [
+            ApproximateLogits(logits[i : i + 1], self.error_bound(row), functools.partial(self.refine, row))
+            for i, row in enumerate(x.split(1))
+        ]
 
     def refine(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of ``ids`` for one row ``x`` summed in float64, and how far ``F.linear``'s (float32)
@@ -121,8 +130,8 @@ class HeadBatcher:
         return self._bound_per_norm * float(x.norm())
 
     def __call__(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        """The logits of one row ``x`` ([..., hidden] with one row), shaped ``[..., vocab]``; ``fast``
-        takes approximate ones (within :meth:`error_bound`) where that is quicker."""
+        """The logits of one row ``x`` ([..., hidden] with one row; several for ``fast`` ones), shaped
+        ``[..., vocab]``; ``fast`` takes approximate ones (within :meth:`error_bound`) where that is quicker."""
         me = _Waiting(x, fast and self.quick is not None)
         with self._turn:
             self._queue.append(me)
@@ -152,24 +161,24 @@ class HeadBatcher:
 
     def _compute(self, batch: list[_Waiting]) -> None:
         try:
-            if all(waiting.fast for waiting in batch):
-                with torch_threads(1):  # the helper computes the other half
-                    logits = self._split.halves(_float16_linear, torch.cat([w.row.reshape(1, -1) for w in batch]),
-                                                *self.quick)  # fmt: skip
-                outs = [row.view(*w.row.shape[:-1], -1) for row, w in zip(logits, batch, strict=True)]
-            elif len(batch) == 1:
+            if len(batch) == 1 and not batch[0].fast:
                 outs = [self.linear(batch[0].row)]
             else:
-                with torch_threads(1):  # no OpenMP team of this thread spinning after it
-                    logits = self.linear(torch.cat([w.row.reshape(1, -1) for w in batch]))
-                outs = [row.view(*w.row.shape[:-1], -1) for row, w in zip(logits, batch, strict=True)]
+                rows = [w.row.reshape(-1, w.row.shape[-1]) for w in batch]  # (a fast caller may have several)
+                with torch_threads(1):  # the helper computes the other half / no OpenMP team spinning after
+                    if all(waiting.fast for waiting in batch):
+                        logits = self._split.halves(_float16_linear, torch.cat(rows), *self.quick)
+                    else:
+                        logits = self.linear(torch.cat(rows))
+                parts = logits.split([r.shape[0] for r in rows])
+                outs = [part.view(*w.row.shape[:-1], -1) for part, w in zip(parts, batch, strict=True)]
         except BaseException as e:  # every caller of the pass raises it; the head goes on
             outs = [e] * len(batch)
         with self._turn:
             for waiting, out in zip(batch, outs, strict=True):
                 waiting.out = out
             self.passes += 1
-            self.rows += len(batch)
+            self.rows += sum(w.row.numel() // w.row.shape[-1] for w in batch)
             self._busy = False
             self._turn.notify_all()
 

@@ -25,14 +25,15 @@ def rows(count: int) -> list[torch.Tensor]:
     return [torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(i)) for i in range(count)]
 
 
-def call_while_busy(batcher: HeadBatcher, xs: list[torch.Tensor], fast: bool = False) -> list:
-    """Call ``batcher`` (with ``fast``) with each row from its own thread while the head is held busy,
-    then let it go: the rows that queued meanwhile are computed together."""
+def call_while_busy(batcher: HeadBatcher, xs: list[torch.Tensor], fast: bool | list[bool] = False) -> list:
+    """Call ``batcher`` (with ``fast``, or each call with its own) with each row from its own thread
+    while the head is held busy, then let it go: the rows that queued meanwhile are computed together."""
     out: list = [None] * len(xs)
+    fasts = fast if isinstance(fast, list) else [fast] * len(xs)
 
     def run(i):
         try:
-            out[i] = batcher(xs[i], fast=fast)
+            out[i] = batcher(xs[i], fast=fasts[i])
         except Exception as e:
             out[i] = e
 
@@ -238,3 +239,31 @@ def test_a_small_head_does_not_wait_for_other_callers(weight, monkeypatch):
         torch.testing.assert_close(batcher(x), F.linear(x, weight))
         assert time.monotonic() - began < 4.0
     assert (batcher.passes, batcher.rows) == (2, 2)
+
+
+def test_client_head_approximate_rows_in_one_pass_each_within_its_bound(monkeypatch):
+    """A shared session's rows get quick logits in one pass, each row with its own bound and
+    refinement; a pass that also holds an exact caller's row gives each caller its own logits."""
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    head = ClientHead(nn.Embedding(10, HIDDEN), nn.LayerNorm(HIDDEN), lm_head).requires_grad_(False)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(7)) * 10
+    with torch.inference_mode():
+        batcher = head._batcher()
+        passes = batcher.passes
+        approximate = head.approximate_rows(x)
+        assert batcher.passes == passes + 1 and len(approximate) == 3
+        for row, (logits, bound, refine) in zip(x.split(1), approximate, strict=True):
+            exact = head.module_logits(row)
+            assert logits.shape == exact.shape
+            assert 0 < float((logits - exact).abs().max()) <= bound
+            ids = torch.tensor([1, 2])
+            closer, within = refine(ids)
+            assert bool(((closer - exact.reshape(-1)[ids].double()).abs() <= within).all())
+        assert head.approximate_rows(torch.randn(2, 5, HIDDEN)) is None  # rows of one position only
+        normed, y = head.final_norm(x), torch.randn(1, 1, HIDDEN)
+        passes = batcher.passes
+        several, one = call_while_busy(batcher, [normed, y], fast=[True, False])  # one pass, exact for both
+        assert batcher.passes == passes + 1
+        torch.testing.assert_close(several, F.linear(normed, lm_head.weight))
+        torch.testing.assert_close(one, F.linear(y, lm_head.weight))

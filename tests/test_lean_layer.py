@@ -1,7 +1,7 @@
 """Lean layers (farmesh_core/lean_layer.py): the node's inference steps through unmodified Llama layers,
 as plain torch calls, give bit for bit what the transformers modules give, in every kind of step a
-node runs (prefill, a chunk after a prefix, one-token steps, batched decoding of sessions at different
-positions, a batch of sequences, a forward without cache), for multi-head and grouped-query attention,
+node runs (prefill, a chunk after a prefix, one-token steps, a batch of sequences' prefill, a forward
+without cache; batched one-token rows round as a batched matmul does), for multi-head and grouped-query attention,
 and equal transformers' own model. Layers that are not stock Llama layers (int8-quantized, LoRA,
 hooked, Mistral's sliding window) keep the module path and stay correct."""
 
@@ -104,15 +104,20 @@ def test_prefill_then_chunk_then_decode_steps(spans):
 
 
 def test_a_batch_of_sequences(spans):
-    """Two sequences in one session (batch 2): a prefill, then one-token steps."""
+    """Two sequences in one session (batch 2): a prefill, bit for bit, then one-token steps, which
+    multiply as a decode batch does (``_batch_linear``: a shared session's rows) and so round
+    differently from the modules' batched ``F.linear``."""
     caches = [SessionCache(32), SessionCache(32)]
     hidden, position = randn(2, 6, HIDDEN_SIZE, seed=3), 0
-    for _ in range(6):
+    for step in range(6):
         lean, modules = (
             span.forward(hidden, 0, NUM_LAYERS, c, position) for span, c in zip(spans, caches, strict=True)
         )
-        assert_equal(lean, modules)
-        hidden, position = lean[:, -1:], position + hidden.shape[1]
+        if step == 0:
+            assert_equal(lean, modules)
+        else:
+            torch.testing.assert_close(lean, modules, atol=1e-4, rtol=1e-4)
+        hidden, position = modules[:, -1:], position + hidden.shape[1]
 
 
 def test_batched_decoding_of_sessions_at_different_positions(spans):

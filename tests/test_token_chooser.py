@@ -107,3 +107,32 @@ def test_only_plain_greedy_generate_calls_take_quick_logits():
     ):
         assert _plain_greedy_eos(defaults, changes) is None, changes
     assert _plain_greedy_eos(GenerationConfig(eos_token_id=2, bad_words_ids=[[7]]), {}) is None
+
+
+def test_a_shared_sessions_rows_each_get_their_greedy_token_from_one_quick_pass(monkeypatch):
+    """``next_token`` for several rows: one quick pass through the head, each row's choice certain
+    or, for a row whose best logits tie exactly, made from that row's exact logits alone."""
+    from torch import nn
+
+    from farmesh_core import split_head
+    from farmesh_core.architecture import ClientHead
+    from farmesh_core.client.generation import next_token
+
+    monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    hidden, vocab = 64, 3000
+    lm_head = nn.Linear(hidden, vocab, bias=False)
+    head = ClientHead(nn.Embedding(10, hidden), nn.LayerNorm(hidden), lm_head).requires_grad_(False)
+    last = torch.randn(4, hidden, generator=torch.Generator().manual_seed(1)) * 10
+    with torch.inference_mode():
+        best = int(head.module_logits(last[2:3]).argmax())
+        tie = 0 if best else 1
+        lm_head.weight[tie] = lm_head.weight[best]  # row 2's two best logits now tie exactly
+        head = ClientHead(head.embeddings, head.final_norm, lm_head)  # a head batcher for the new weight
+        exact = [int(head.module_logits(row).argmax()) for row in last.split(1)]
+        assert exact[2] == min(best, tie)
+        choose = TokenChooser()
+        passes = head._batcher().passes
+        tokens = next_token(head, choose, torch.zeros(4, 3, dtype=torch.long), last)
+        assert tokens.tolist() == exact
+        assert head._batcher().passes == passes + 1  # all rows' quick logits in one pass
+        assert choose.certain_choices == 3  # the tied row took its exact logits

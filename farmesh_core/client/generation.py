@@ -189,6 +189,8 @@ def next_token(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor
     """The next token from the last position's hidden states [batch, hidden] (in the head's dtype): a
     greedy choice from the head's quick approximate logits where their error bound cannot change it,
     else from exact logits."""
+    if last.shape[0] > 1 and choose.takes_bounds:
+        return _next_tokens(head, choose, input_ids, last)
     approximate = head.approximate_logits(last) if choose.takes_bounds else None
     if approximate is None:
         return choose(input_ids, head.logits(last))
@@ -222,6 +224,22 @@ def decode(
             finished |= torch.isin(token, eos)
             if finished.all():
                 return
+
+
+def _next_tokens(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """:func:`next_token` of each row (a shared session's): one pass through the head's quick logits
+    for all rows, each row's choice made (near ties scored again) as it would be alone, and exact
+    logits, the row alone, for a row they cannot settle. The exact logits of all rows at once cost a
+    32k-token head 7.1 ms for 8 rows on one core, the quick ones 1.4 (``head_batch``)."""
+    rows = head.approximate_rows(last)
+    if rows is None:
+        return choose(input_ids, head.logits(last))
+    tokens = []
+    for i, approximate in enumerate(rows):
+        ids = input_ids[i : i + 1]
+        token = choose.certain(ids, approximate.logits, approximate.bound, approximate.refine)
+        tokens.append(choose(ids, head.module_logits(last[i : i + 1])) if token is None else token)
+    return torch.cat(tokens)
 
 
 class TextStream:

@@ -66,3 +66,21 @@ def test_transformers_generate_takes_quick_logits_and_equals_transformers(wide_m
                 out = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
             assert out[0, prompt.shape[1] :].tolist() == want
         assert model.quick_logits > 0
+
+
+def test_shared_session_rows_take_one_quick_head_pass_and_equal_transformers(wide_mqa):
+    """Prompts of one length started together share a session: its rows' one-token steps multiply
+    through the nodes' packed weights, the client's head gives all rows' quick logits in one pass,
+    and each row still gets transformers' greedy tokens."""
+    prompts = [torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(50 + i)) for i in range(4)]
+    expected = hf_greedy_continuations(wide_mqa.model_dir, prompts, NEW_TOKENS)
+    with DistributedInferenceClient(wide_mqa.model_dir, wide_mqa.addrs, batch_window_ms=100) as client:
+
+        def generate(prompt):
+            return [int(t[0]) for t in client.generate_ids(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            assert list(pool.map(generate, prompts)) == expected
+        assert client.batcher.batched_rows >= 3  # (the first call may run alone)
+        head = client.head._batcher()
+        assert head.rows - head.passes >= 2 * (NEW_TOKENS - 1)  # passes of 3 or 4 rows for the shared steps
