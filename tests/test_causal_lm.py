@@ -139,6 +139,22 @@ def test_threads_generating_together_share_a_session_and_continue_their_own(mesh
         assert torch.equal(future.result(), hf_greedy(reference, torch.tensor([PROMPT]), 8)[:, len(PROMPT) :])
 
 
+@pytest.mark.timeout(300)
+def test_an_inference_session_is_announced_until_it_steps_or_closes(model):
+    """A fresh one-row session announces a call that may share (other threads' windows wait for it);
+    its first step, made through the model or directly, ends that, and so does closing it."""
+    assert model.batcher._arriving == 0
+    with model.inference_session(max_length=8) as session:
+        assert model.batcher._arriving == 1
+        session.step(model.get_input_embeddings()(torch.tensor([PROMPT[:3]])))  # directly, not via the model
+        assert model.batcher._arriving == 0
+    with model.inference_session(max_length=8):
+        assert model.batcher._arriving == 1
+    assert model.batcher._arriving == 0
+    with model.inference_session(max_length=8, batch_size=2):  # rows of its own: it never shares
+        assert model.batcher._arriving == 0
+
+
 class _Recorder:
     """A streamer that keeps what transformers hands it."""
 

@@ -152,6 +152,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session = InferenceSession(
                 self.mesh, 0, len(self.layers), max_length, batch_size, self.client_config.adapter
             )
+            session.before_first_step = self.batcher.arrive  # a session that steps itself shares no more
             opened = self._active.set(RemoteCache(session))
             try:
                 yield session
@@ -312,7 +313,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """One step of ``cache``'s session: the hidden states of its last ``logits_to_keep`` positions."""
-        self.batcher.arrive()  # (its session steps: it shares no more)
         hidden = self._kept(cache.session.step(self._embedded(input_ids, inputs_embeds)), logits_to_keep)
         cache.record(input_ids)
         return hidden

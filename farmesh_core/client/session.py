@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 
 import torch
@@ -182,6 +183,7 @@ class InferenceSession:
         self._step_seconds = 0.0  # how long the last step took through the whole chain
         self._rest_pending = False  # streams after the first wait to be connected (see _connect_rest)
         self._owed: torch.Tensor | None = None  # inputs counted in ``position`` but not sent yet (see ``owe``)
+        self.before_first_step: Callable[[], None] | None = None  # called once, as the first step begins
 
     def _stream(self, hop: RouteHop) -> _HopStream:
         """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""
@@ -213,6 +215,9 @@ class InferenceSession:
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
         self.mesh.check_process()
+        if self.before_first_step is not None:
+            call, self.before_first_step = self.before_first_step, None
+            call()
         if self.position + hidden.shape[1] > self.max_length:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
         if self._owed is not None:  # one step with the owed inputs first, their outputs dropped
