@@ -106,24 +106,25 @@ class ClientHead(nn.Module):
         a bound on how far each may be from them and a way to score near ties again; None where there is
         no quicker path (then use :meth:`logits`). For callers that need only what the bound cannot
         change (a greedy choice, see ``TokenChooser.certain``)."""
-        batcher = None if torch.is_grad_enabled() else self._batcher()
-        if batcher is None or batcher.quick is None:
-            return None
-        hidden = self._fused_norm(self.final_norm, hidden)
-        if not batcher.takes(hidden):
-            return None
-        return batcher.approximate(hidden)
+        batcher, hidden = self._quick(hidden, rows=1)
+        return None if batcher is None else batcher.approximate(hidden)
 
     def approximate_rows(self, hidden: torch.Tensor) -> list[ApproximateLogits] | None:
         """:meth:`approximate_logits` of each row of ``hidden`` [rows, hidden] (a shared session's), in
         one pass through the head; None where there is no quicker path."""
+        if hidden.dim() != 2:
+            return None
+        batcher, hidden = self._quick(hidden, rows=hidden.shape[0])
+        return None if batcher is None else batcher.approximate_rows(hidden)
+
+    def _quick(self, hidden: torch.Tensor, rows: int) -> tuple[HeadBatcher | None, torch.Tensor]:
+        """The head batcher that gives quick logits of ``hidden`` (``rows`` rows), if any, with
+        ``hidden`` through the final norm."""
         batcher = None if torch.is_grad_enabled() else self._batcher()
         if batcher is None or batcher.quick is None:
-            return None
+            return None, hidden
         hidden = self._fused_norm(self.final_norm, hidden)
-        if hidden.dim() != 2 or not batcher.takes(hidden, rows=hidden.shape[0]):
-            return None
-        return batcher.approximate_rows(hidden)
+        return (batcher if batcher.takes(hidden, rows=rows) else None), hidden
 
     def module_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """:meth:`logits` by the modules' own calls, alone: the bits of a single-process model."""

@@ -29,6 +29,7 @@ from transformers.utils import is_torch_npu_available
 from farmesh_core.row_matmul import (
     few_rows_limit,
     few_rows_linear,
+    in_decode_batch_rows,
     packed_linear,
     packed_weight,
     row_blocks,
@@ -91,7 +92,7 @@ class LeanLlamaLayer:
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        if batched or (cache is not None and hidden.shape[0] > 1 and hidden.shape[1] == 1):  # or a session's rows
+        if batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
             linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()

@@ -179,10 +179,16 @@ def splits_lone_rows() -> bool:
 
 
 def decode_batch_rows() -> AbstractContextManager[None]:
-    """Within it, the rows that reach a :class:`StepLinear` on this thread are a decode batch's, one
-    per session: they go through its packed weight, or a few of them through :func:`few_rows_linear`.
-    (A short prefill's rows keep the module's own matmul, and its bits.)"""
+    """Within it, the rows that reach a :class:`StepLinear` or a lean layer on this thread are a decode
+    batch's (one per session, or the rows of one session's one-token step): they go through the packed
+    weight, or a few of them through :func:`few_rows_linear`. (A short prefill's rows keep the
+    module's own matmul, and its bits.)"""
     return _flag("batch")
+
+
+def in_decode_batch_rows() -> bool:
+    """Whether this thread is within :func:`decode_batch_rows`."""
+    return getattr(_local, "batch", False)
 
 
 class StepLinear(nn.Linear):
@@ -215,7 +221,7 @@ class StepLinear(nn.Linear):
             rows = x.numel() // x.shape[-1]
             if rows == 1 and self.blocks is not None and splits_lone_rows():
                 return _plus(split_linear(x, self.blocks), self.bias)
-            if rows >= 2 and getattr(_local, "batch", False):
+            if rows >= 2 and in_decode_batch_rows():
                 if self.packed is not None:
                     return packed_linear(x, self.packed, self.bias)
                 if rows <= self.few_rows:

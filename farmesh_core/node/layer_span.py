@@ -156,7 +156,8 @@ class LayerSpan:
         if cache is not None:
             cache.begin_step(position)
         kwargs = self.adapter.prepare(self.context, hidden, position)
-        # A one-token step of a session's several rows multiplies as a decode batch does (packed weights)
+        # A one-token step of a session's several rows multiplies as a decode batch does (packed weights),
+        # in lean layers and StepLinears alike
         rows = (
             decode_batch_rows() if cache is not None and hidden.shape[0] > 1 and hidden.shape[1] == 1 else nullcontext()
         )
