@@ -122,6 +122,7 @@ class DistributedInferenceClient:
 
         alone_only = session is not None or input_ids.shape[0] != 1 or max_new_tokens < 1
         if alone_only or (seed is not None and temperature > 0):  # (seeded draws depend on the batch)
+            self.batcher.arrive()  # (an announced call that goes alone: windows need not wait for it)
             yield from alone()
             return
         key = (input_ids.shape[1], *settings)

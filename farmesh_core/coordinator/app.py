@@ -7,6 +7,8 @@ worker threads to the HTTP responses.
 """
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import threading
@@ -147,13 +149,27 @@ def create_app(engine: MeshEngine, max_concurrent: int = 16) -> FastAPI:
         that refuses the request) is answered with an HTTP error, not a broken stream."""
         max_tokens = engine.check_length(prompt_ids, options)
         generation = Generation(engine.generate(prompt_ids, max_tokens, options), asyncio.get_running_loop())
-        asyncio.get_running_loop().run_in_executor(pool, generation.work)
+        # (in this request's context: its announcement, see ``announced``, ends where the worker arrives)
+        asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, generation.work)
         try:
             first = await generation.next()
         except BaseException:
             generation.cancel()
             raise
         return generation, first
+
+    def announced(endpoint):
+        """Announce the request's generation to the client's batcher (``GenerationBatcher.announce``)
+        from the moment it reaches ``endpoint``: requests sent together are parsed and tokenized one
+        after another, and a window opened by the first waits for those still on their way, so that
+        they share a session."""
+
+        @functools.wraps(endpoint)
+        async def announcing(body):
+            with engine.client.batcher.announce():
+                return await endpoint(body)
+
+        return announcing
 
     async def tokens_of(generation: Generation, first: Token | None) -> AsyncIterator[Token]:
         token = first
@@ -212,6 +228,7 @@ def create_app(engine: MeshEngine, max_concurrent: int = 16) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
+    @announced
     async def completions(body: CompletionRequest):
         check_model(body.model)
         options = sampling_options(body, 16, engine.sampling_defaults)  # 16: OpenAI's default for completions
@@ -246,6 +263,7 @@ def create_app(engine: MeshEngine, max_concurrent: int = 16) -> FastAPI:
         return await complete("/v1/completions", prompt_ids, options, render)
 
     @app.post("/v1/chat/completions")
+    @announced
     async def chat_completions(body: ChatCompletionRequest):
         check_model(body.model)
         options = sampling_options(body, None, engine.sampling_defaults)  # None: as many as the context holds

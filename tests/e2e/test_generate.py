@@ -134,6 +134,17 @@ def test_seeded_sampling_draws_what_transformers_draws(client, mesh):
     assert got == expected
 
 
+def test_an_announced_call_that_runs_alone_ends_its_announcement(client, mesh):
+    """A seeded sampled call never shares (its draws depend on the batch): once it is under way, no
+    other call's window waits for it (see ``GenerationBatcher.announce``)."""
+    with client.batcher.announce():
+        assert client.batcher._arriving == 1
+        tokens = client.generate_ids(prompt_ids(mesh.model_dir), 4, temperature=0.8, seed=3)
+        next(tokens)
+        assert client.batcher._arriving == 0
+        tokens.close()
+
+
 def test_sampling_with_another_seed_differs(client):
     """Another seed samples other tokens."""
     first = client.generate(PROMPT, max_tokens=32, temperature=0.8, top_k=50, seed=1)
