@@ -137,6 +137,10 @@ class DirectConnection:
             have += got
         return data
 
+    def silent(self) -> bool:
+        """Whether the node has sent nothing on this connection yet (no answer, error or end of stream)."""
+        return self.answered_within(0) is False
+
     def answered_within(self, timeout: float) -> bool:
         """Whether something from the node is here or arrives within ``timeout`` seconds (not read)."""
         return bool(self._buffer) or bool(select.select([self.sock], [], [], timeout)[0])

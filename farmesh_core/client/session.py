@@ -67,6 +67,10 @@ class _HopStream:
     def is_open(self) -> bool:
         return self._direct is not None or self._responses is not None
 
+    @property
+    def is_direct(self) -> bool:
+        return self._direct is not None
+
     def number(self) -> int:
         """A number for the next message to this node (0 outside push sessions)."""
         if self.push_key is None:
@@ -76,10 +80,10 @@ class _HopStream:
 
     def open_direct(self, mesh: MeshConnection) -> None:
         """Connect to the node's direct lane if it has one; on failure the stream stays on P2P."""
-        if self.is_open or (lane := mesh.direct_lane(self.hop.peer_id)) is None:
+        if self.is_open:
             return
         try:
-            self._direct = DirectConnection(*lane, mesh.direct_hello(self.hop.peer_id, "rpc_inference"))
+            self._direct = mesh.inference_lane(self.hop.peer_id)
         except OSError as e:
             logger.info("Direct lane of %s unreachable (%r); using P2P", self.hop.peer_id, e)
             mesh.lane_unreachable(self.hop.peer_id)
@@ -182,6 +186,7 @@ class InferenceSession:
         self._failed: set[str] = set()
         self._step_seconds = 0.0  # how long the last step took through the whole chain
         self._rest_pending = False  # streams after the first wait to be connected (see _connect_rest)
+        self._spares_opened = False  # see _open_spares
         self._owed: torch.Tensor | None = None  # inputs counted in ``position`` but not sent yet (see ``owe``)
         self.before_first_step: Callable[[], None] | None = None  # called once, as the first step begins
 
@@ -288,6 +293,15 @@ class InferenceSession:
                 with suppress(*NETWORK_ERRORS):  # the stream's step fails over then
                     stream.open_ahead(self.mesh, self._opening(stream))
 
+    def _open_spares(self) -> None:
+        """Once, as the second step goes through the nodes: a spare connection to each node's lane
+        (``MeshConnection.open_spares``), so that the next session through them starts sooner. Not
+        before: the first token waits for no more than it must, and a one-step session opens none."""
+        if self._spares_opened or self.position == 0:
+            return
+        self._spares_opened = True
+        self.mesh.open_spares([s.hop.peer_id for s in self._streams if s.is_direct])
+
     async def _open_p2p(self, streams: list[_HopStream]) -> None:
         with suppress(TimeoutError):  # a stream that did not open is retried (and failed over) at its step
             async with asyncio.timeout(self.mesh.config.step_timeout):
@@ -305,6 +319,7 @@ class InferenceSession:
                     meta = self._meta(stream, self.position, self._streams[index + 1 :])
                     stream.send(self.mesh, meta, hidden)
                     self._connect_rest()
+                    self._open_spares()
                     if len(meta.push) == len(self._streams) - index - 1 > 0:
                         # Pushed on to the last node: wait for its answer (at most twice the last step's
                         # time) before reading the answers in order. Waking for each earlier answer as
