@@ -53,7 +53,7 @@ def cmd_node(args) -> None:
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, lean_layers=args.lean_layers,
-        pack_batch_weights=args.pack_batch_weights, direct_lane=args.direct_lane,
+        pack_batch_weights=args.pack_batch_weights, exact_batches=args.exact_batches, direct_lane=args.direct_lane,
         max_session_length=args.max_session_length, step_timeout=args.step_timeout,
         max_message_bytes=args.max_message_bytes, **_network_options(args),
     )  # fmt: skip
@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pack-batch-weights", action=argparse.BooleanOptionalAction, default=None,
         help="keep a copy of the layers' weights packed for decode batches of several sessions (on CPU: "
         "quicker batches, the weights' memory again); by default, where memory leaves room for it",
+    )  # fmt: skip
+    p.add_argument(
+        "--exact-batches", action=argparse.BooleanOptionalAction, default=None,
+        help="decode batches of several sessions give each its step's bits alone, so tokens stay "
+        "transformers' even at float32 near ties (slower batches); by default, where the layers' weights fit "
+        "the CPU's last-level cache",
     )  # fmt: skip
     p.add_argument(
         "--no-direct-lane", dest="direct_lane", action="store_false",

@@ -104,6 +104,13 @@ class NodeConfig(NetworkConfig):
         "sessions about twice as fast on CPU when the weights exceed the caches, at the weights' memory again; "
         "None: where that leaves at least as much memory available as it takes",
     )
+    exact_batches: bool | None = Field(
+        default=None,
+        description="decode batches of several sessions (and a session's several rows) through lean Llama "
+        "layers give each row the bits of its step alone, so tokens stay transformers' even at float32 near "
+        "ties, at ~2.5x the batches' matmul time; False: faster batches whose last bits may differ; None: "
+        "exact where the layers' weights fit the CPU's last-level cache (exact rows read them once per row)",
+    )
     adapters: list[str] = Field(default_factory=list, description="LoRA adapter directories (farmesh-lora)")
     auth: str = "open"
     auth_key_file: str | None = Field(default=None, description="auth 'token': file holding the mesh's secret key")

@@ -27,6 +27,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import is_torch_npu_available
 
 from farmesh_core.row_matmul import (
+    exact_rows_linear,
     few_rows_limit,
     few_rows_linear,
     in_decode_batch_rows,
@@ -82,6 +83,7 @@ class LeanLlamaLayer:
         blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in self.weights}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
+        self.exact_batches = False  # see _batch_linear (``LayerSpan`` decides)
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``); returns
@@ -92,7 +94,8 @@ class LeanLlamaLayer:
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        if batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
+        rows_together = batched or in_decode_batch_rows()  # (or one session's rows: ``LayerSpan.forward`` says so)
+        if rows_together:
             linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
@@ -116,10 +119,16 @@ class LeanLlamaLayer:
         hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
-        return hidden + linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        gate = linear(x, self.gate)
+        act = _each_row(F.silu, gate) if rows_together and self.exact_batches else F.silu(gate)
+        return hidden + linear(act * linear(x, self.up), self.down)
 
     def _batch_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A decode batch's matmul: through the weight's packed copy where it has one."""
+        """A decode batch's matmul: each row with its lone step's bits (``exact_batches``: then the
+        SiLU runs row by row too, see ``_each_row``), else through the weight's packed copy where it
+        has one."""
+        if self.exact_batches:
+            return exact_rows_linear(x, weight)
         packed = self.packed.get(id(weight))
         if packed is not None:
             return packed_linear(x, packed)
@@ -160,6 +169,13 @@ class LeanLlamaLayer:
             query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=is_causal, **gqa
         )
         return out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+
+
+def _each_row(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` row by row: a vectorized op's last elements of a row take a scalar path where the row
+    is alone (688 values: 21 vectors of 32 and a tail), and the vector path inside a batch, which
+    rounds exp differently (SiLU of 8 rows of 688: 0-3 values per row differed from the row alone)."""
+    return torch.cat([fn(row) for row in x.split(1)])
 
 
 def lean_llama_layer(layer: nn.Module, one_row_threads: int = 1) -> LeanLlamaLayer | None:

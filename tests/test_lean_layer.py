@@ -35,13 +35,18 @@ STEPS = 20
 
 
 def load_span(
-    model_dir: str, prepare_layer=None, lean_layers: bool = True, one_row_threads: int = 1, pack: bool | None = False
+    model_dir: str,
+    prepare_layer=None,
+    lean_layers: bool = True,
+    one_row_threads: int = 1,
+    pack: bool | None = False,
+    exact: bool | None = None,
 ) -> LayerSpan:
     checkpoint = Checkpoint(model_dir)
     adapter = adapter_for(checkpoint.config)
     return LayerSpan(
         checkpoint, adapter, 0, NUM_LAYERS, torch.float32, "cpu", prepare_layer,
-        lean_layers=lean_layers, one_row_threads=one_row_threads, pack_batch_weights=pack,
+        lean_layers=lean_layers, one_row_threads=one_row_threads, pack_batch_weights=pack, exact_batches=exact,
     )  # fmt: skip
 
 
@@ -168,7 +173,7 @@ def test_batched_decoding_through_packed_weights(spans, model_dir, sessions):
     """With packed copies of the weights (``pack_batch_weights``), a decode batch's matmuls all go
     through oneDNN on them, each row is what the session gets alone (to rounding), and lone steps
     keep the modules' bits."""
-    packed, modules = load_span(model_dir, pack=True), spans[1]
+    packed, modules = load_span(model_dir, pack=True, exact=False), spans[1]
     weights = sum(w.nbytes for call in packed.step_calls.values() for w in call.weights)
     assert packed.packed_bytes == weights and spans[0].packed_bytes == 0
     lone, batched = [SessionCache(16) for _ in range(sessions)], [SessionCache(16) for _ in range(sessions)]
@@ -194,17 +199,53 @@ def test_batched_decoding_through_packed_weights(spans, model_dir, sessions):
 
 def test_weights_are_packed_by_default_only_where_memory_leaves_room(tiny_llama, monkeypatch):
     """``pack_batch_weights=None`` (a node's default) packs when the copies leave at least as much
-    memory available as they take (the tiny model's few MB, here), and not when they would not."""
+    memory available as they take (the tiny model's few MB, here), and not when they would not; exact
+    batches (which do not use the copies) never pack."""
     from farmesh_core.node import layer_span
 
-    roomy = load_span(tiny_llama, pack=None)
+    roomy = load_span(tiny_llama, pack=None, exact=False)
     weights = sum(w.nbytes for call in roomy.step_calls.values() for w in call.weights)
     assert layer_span._available_memory() >= 2 * weights and roomy.packed_bytes == weights
     monkeypatch.setattr(layer_span, "_available_memory", lambda: 2 * weights - 1)
-    assert load_span(tiny_llama, pack=None).packed_bytes == 0
+    assert load_span(tiny_llama, pack=None, exact=False).packed_bytes == 0
     monkeypatch.setattr(layer_span, "_available_memory", lambda: None)  # a system that does not say
-    assert load_span(tiny_llama, pack=None).packed_bytes == 0
-    assert load_span(tiny_llama, pack=True).packed_bytes == weights
+    assert load_span(tiny_llama, pack=None, exact=False).packed_bytes == 0
+    assert load_span(tiny_llama, pack=True, exact=False).packed_bytes == weights
+    assert load_span(tiny_llama, pack=True, exact=True).packed_bytes == 0
+
+
+def test_decode_batches_keep_each_rows_lone_bits_where_the_weights_fit_the_cache(tiny_llama, monkeypatch):
+    """By default a decode batch's rows get exactly their lone steps' bits where the layers' weights fit
+    the last-level cache (each matmul a batched GEMV, the SiLU row by row): at a float32 near tie a
+    batched GEMM's rounding gave another token. 8 sessions at different positions, 5 steps. Where the
+    weights do not fit the cache (here: a 1 MB cache), batches multiply the faster way, to rounding."""
+    from farmesh_core.node import layer_span
+
+    def batch_and_alone(span: LayerSpan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lengths = [3, 8, 5, 7, 9, 11, 4, 6]
+        lone, batched = [SessionCache(32) for _ in lengths], [SessionCache(32) for _ in lengths]
+        for i, length in enumerate(lengths):
+            for cache in lone[i], batched[i]:
+                span.forward(randn(1, length, HIDDEN_SIZE, seed=60 + i), 0, NUM_LAYERS, cache, 0)
+        hiddens, pairs = [randn(1, 1, HIDDEN_SIZE, seed=70 + i) for i in range(len(lengths))], []
+        for step in range(5):
+            positions = [length + step for length in lengths]
+            alone = [span.forward(h, 0, NUM_LAYERS, c, p) for h, c, p in zip(hiddens, lone, positions, strict=True)]
+            pairs += zip(span.forward_decode_batch(hiddens, 0, NUM_LAYERS, batched, positions), alone, strict=True)
+            hiddens = alone
+        return pairs
+
+    exact = load_span(tiny_llama)
+    assert exact.exact_batches and exact.packed_bytes == 0
+    for batch_row, alone in batch_and_alone(exact):
+        assert_equal(batch_row, alone)
+    monkeypatch.setattr(layer_span, "last_level_cache_bytes", lambda: 2**20)
+    quick = load_span(tiny_llama, pack=True)
+    assert not quick.exact_batches and quick.packed_bytes > 0
+    pairs = batch_and_alone(quick)
+    for batch_row, alone in pairs:
+        torch.testing.assert_close(batch_row, alone, rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(batch_row, alone) for batch_row, alone in pairs)  # (what exact batches avoid)
 
 
 def test_few_rows_linear_is_a_contiguous_linear():

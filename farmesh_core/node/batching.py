@@ -24,14 +24,13 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from farmesh_core import metrics
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.row_matmul import matmuls_on_one_thread
+from farmesh_core.row_matmul import last_level_cache_bytes, matmuls_on_one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +49,6 @@ class _DecodeStep:
 JOIN_TURNS = 4  # turns of the event loop a run waits for other open sessions' steps
 HOLD_SHARE = 0.5  # a run waits while it holds fewer than this share of the recently active sessions' steps
 ACTIVE_S = 0.1  # a session that stepped within this many seconds is active
-
-
-def last_level_cache_bytes() -> int:
-    """The size of the CPU's largest cache (Linux), or 32 MiB where the system does not say."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip().upper()
-            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(sizes, default=32 * 2**20)
 
 
 class DecodeBatcher:

@@ -267,7 +267,7 @@ class FarNode:
             span = LayerSpan(
                 checkpoint, adapter, start, end, dtype, self.config.device, prepare, progress,
                 lean_layers=self.config.lean_layers, one_row_threads=self._threads,
-                pack_batch_weights=self.config.pack_batch_weights,
+                pack_batch_weights=self.config.pack_batch_weights, exact_batches=self.config.exact_batches,
             )  # fmt: skip
             return span, span.measure_throughput()
         finally:

@@ -13,7 +13,7 @@ from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.lean_layer import LeanLlamaLayer
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
-from farmesh_core.row_matmul import StepLinear, decode_batch_rows, step_linears
+from farmesh_core.row_matmul import StepLinear, decode_batch_rows, last_level_cache_bytes, step_linears
 from farmesh_plugins.quantization import module_nbytes
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ class LayerSpan:
 
     ``pack_batch_weights``: keep packed copies of the weights for decode batches (True), not (False), or
     where memory leaves room (None, a node's default: see ``NodeConfig.pack_batch_weights``).
+    ``exact_batches``: the lean layers' decode batches give each row its lone step's bits (True), or
+    multiply faster with other bits (False), or the former where their weights fit the CPU's
+    last-level cache (None: see ``NodeConfig.exact_batches``).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class LayerSpan:
         lean_layers: bool = True,
         one_row_threads: int = 1,
         pack_batch_weights: bool | None = False,
+        exact_batches: bool | None = None,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
@@ -84,6 +88,7 @@ class LayerSpan:
             "layers %d:%d: %d of them run lean, %d linears of the others run as StepLinear",
             start, end, self.lean_count, self.step_linear_count,
         )  # fmt: skip
+        self.exact_batches = self._exact_batches(exact_batches)
         self.packed_bytes = self._pack_for_batches(pack_batch_weights)
         self._weight_bytes = {i: module_nbytes(layer) for i, layer in self.layers.items()}  # quantized ones too
         # The same for any span of the model (a moving node's sessions may step on its old span's layers).
@@ -91,12 +96,22 @@ class LayerSpan:
         self._adapter_lock = threading.Lock()
         self._active_adapter: str | None = None
 
+    def _exact_batches(self, exact: bool | None) -> bool:
+        """Whether the lean layers' decode batches keep each row's lone bits (``exact``; None: where the
+        lean layers' weights fit the last-level cache, since exact rows read each weight once per row)."""
+        lean = [call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer)]
+        if exact is None:
+            exact = sum(weight.nbytes for call in lean for weight in call.weights) <= last_level_cache_bytes()
+        for call in lean:
+            call.exact_batches = exact
+        return bool(lean) and exact
+
     def _pack_for_batches(self, pack: bool | None) -> int:
         """Packed copies of the lean layers' and StepLinears' weights for decode batches (see
         ``row_matmul.packed_weight``), with ``pack`` None only where they leave at least as much memory
         available as they take; returns their bytes."""
         packable: list[LeanLlamaLayer | StepLinear] = [
-            call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer)
+            call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer) and not call.exact_batches
         ]
         packable += [
             module for layer in self.layers.values() for module in layer.modules() if isinstance(module, StepLinear)
