@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--exact-batches", action=argparse.BooleanOptionalAction, default=None,
-        help="decode batches of several sessions give each its step's bits alone, so tokens stay "
-        "transformers' even at float32 near ties (slower batches); by default, where the layers' weights fit "
-        "the CPU's last-level cache",
+        help="decode batches of several sessions, and a shared session's rows, give each row its step's bits "
+        "alone, so tokens stay transformers' even at float32 near ties (slower batches); by default, batches "
+        "of sessions only, where the layers' weights fit the CPU's last-level cache",
     )  # fmt: skip
     p.add_argument(
         "--no-direct-lane", dest="direct_lane", action="store_false",

@@ -106,10 +106,11 @@ class NodeConfig(NetworkConfig):
     )
     exact_batches: bool | None = Field(
         default=None,
-        description="decode batches of several sessions (and a session's several rows) through lean Llama "
-        "layers give each row the bits of its step alone, so tokens stay transformers' even at float32 near "
-        "ties, at ~2.5x the batches' matmul time; False: faster batches whose last bits may differ; None: "
-        "exact where the layers' weights fit the CPU's last-level cache (exact rows read them once per row)",
+        description="decode batches of several sessions through lean Llama layers give each row the bits of "
+        "its step alone, so tokens stay transformers' even at float32 near ties, at ~2.3x the batches' matmul "
+        "time; True also gives a session's several rows (a shared session's) their lone bits; False: faster "
+        "batches whose last bits may differ; None: exact batches of sessions (not rows) where the layers' "
+        "weights fit the CPU's last-level cache (exact rows read them once per row)",
     )
     adapters: list[str] = Field(default_factory=list, description="LoRA adapter directories (farmesh-lora)")
     auth: str = "open"

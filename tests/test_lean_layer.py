@@ -108,21 +108,34 @@ def test_prefill_then_chunk_then_decode_steps(spans):
     assert caches[0].length == caches[1].length == 12 + STEPS
 
 
-def test_a_batch_of_sequences(spans):
-    """Two sequences in one session (batch 2): a prefill, bit for bit, then one-token steps, which
-    multiply as a decode batch does (``_batch_linear``: a shared session's rows) and so round
-    differently from the modules' batched ``F.linear``."""
+def test_a_batch_of_sequences(spans, model_dir):
+    """Two sequences in one session (batch 2, a shared session's rows). By default: a prefill bit for
+    bit the modules' batch's, then one-token steps that multiply as a decode batch does and so round
+    differently from the modules' batched ``F.linear``. With ``exact_batches=True``: each row gets, bit
+    for bit, what the modules give it alone (its prompt row by row, its one-token steps as a decode
+    batch of the rows)."""
+    lean, modules = spans
+    assert lean.exact_batches and not lean.exact_rows
     caches = [SessionCache(32), SessionCache(32)]
     hidden, position = randn(2, 6, HIDDEN_SIZE, seed=3), 0
     for step in range(6):
-        lean, modules = (
-            span.forward(hidden, 0, NUM_LAYERS, c, position) for span, c in zip(spans, caches, strict=True)
-        )
+        batch = (span.forward(hidden, 0, NUM_LAYERS, c, position) for span, c in zip(spans, caches, strict=True))
         if step == 0:
-            assert_equal(lean, modules)
+            assert_equal(*batch)
         else:
-            torch.testing.assert_close(lean, modules, atol=1e-4, rtol=1e-4)
-        hidden, position = modules[:, -1:], position + hidden.shape[1]
+            torch.testing.assert_close(*batch, atol=1e-4, rtol=1e-4)
+        hidden, position = randn(2, 1, HIDDEN_SIZE, seed=10 + step), position + hidden.shape[1]
+    lean = load_span(model_dir, exact=True)
+    assert lean.exact_rows
+    cache, alone = SessionCache(32), [SessionCache(32), SessionCache(32)]
+    hidden, position = randn(2, 6, HIDDEN_SIZE, seed=3), 0
+    for _ in range(6):
+        rows = lean.forward(hidden, 0, NUM_LAYERS, cache, position)
+        expected = torch.cat(
+            [modules.forward(row, 0, NUM_LAYERS, c, position) for row, c in zip(hidden.split(1), alone, strict=True)]
+        )
+        assert_equal(rows, expected)
+        hidden, position = expected[:, -1:], position + hidden.shape[1]
 
 
 def test_batched_decoding_of_sessions_at_different_positions(spans):

@@ -44,9 +44,41 @@ class SessionCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.position
 
+    def row(self, index: int, rows: int) -> "SessionCacheRow":
+        """Row ``index`` of this ``rows``-row session's cache, for a step of that row alone."""
+        return SessionCacheRow(self, index, rows)
+
     def release(self) -> None:
         self._keys.clear()
         self._values.clear()
+
+
+class SessionCacheRow:
+    """One row of a several-row session's cache (``SessionCache.row``), with the same protocol."""
+
+    def __init__(self, cache: SessionCache, index: int, rows: int):
+        self.cache, self.index, self.rows = cache, index, rows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        cache, row = self.cache, slice(self.index, self.index + 1)
+        if layer_idx not in cache._keys:
+            shape = (self.rows, *key_states.shape[1:-2], cache.max_length, key_states.shape[-1])
+            cache._keys[layer_idx] = key_states.new_empty(shape)
+            cache._values[layer_idx] = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
+        keys, values = cache._keys[layer_idx][row], cache._values[layer_idx][row]
+        end = cache.position + key_states.shape[-2]
+        keys.narrow(-2, cache.position, key_states.shape[-2]).copy_(key_states)
+        values.narrow(-2, cache.position, value_states.shape[-2]).copy_(value_states)
+        return keys.narrow(-2, 0, end), values.narrow(-2, 0, end)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.position
+
+    def begin_step(self, position: int) -> None:
+        self.cache.begin_step(position)
+
+    def end_step(self, q_len: int) -> None:
+        self.cache.end_step(q_len)
 
 
 class BatchedDecodeCache:
