@@ -83,7 +83,7 @@ class LeanLlamaLayer:
         blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in self.weights}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
-        self.exact_batches = False  # see _batch_linear (``LayerSpan`` decides)
+        self.exact_batches = False  # see __call__ (``LayerSpan`` decides)
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``); returns
@@ -94,8 +94,12 @@ class LeanLlamaLayer:
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
-        rows_together = batched or in_decode_batch_rows()  # (or one session's rows: ``LayerSpan.forward`` says so)
-        if rows_together:
+        # Separate sessions' rows (a shared session's too, with ``LayerSpan.exact_rows``) keep their
+        # lone bits with ``exact_batches``: each matmul a batched GEMV, the SiLU row by row
+        exact = batched and self.exact_batches
+        if exact:
+            linear = exact_rows_linear
+        elif batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
             linear = self._batch_linear
         else:
             one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
@@ -120,15 +124,12 @@ class LeanLlamaLayer:
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
         gate = linear(x, self.gate)
-        act = _each_row(F.silu, gate) if rows_together and self.exact_batches else F.silu(gate)
+        act = _each_row(F.silu, gate) if exact else F.silu(gate)
         return hidden + linear(act * linear(x, self.up), self.down)
 
     def _batch_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """A decode batch's matmul: each row with its lone step's bits (``exact_batches``: then the
-        SiLU runs row by row too, see ``_each_row``), else through the weight's packed copy where it
-        has one."""
-        if self.exact_batches:
-            return exact_rows_linear(x, weight)
+        """A decode batch's matmul (unless exact, see ``__call__``): through the weight's packed copy
+        where it has one."""
         packed = self.packed.get(id(weight))
         if packed is not None:
             return packed_linear(x, packed)

@@ -37,7 +37,7 @@ class LayerSpan:
     ``pack_batch_weights``: keep packed copies of the weights for decode batches (True), not (False), or
     where memory leaves room (None, a node's default: see ``NodeConfig.pack_batch_weights``).
     ``exact_batches``: the lean layers' decode batches give each row its lone step's bits (True), or
-    multiply faster with other bits (False), or the former where their weights fit the CPU's
+    multiply faster with other bits (False), or the former where their float32 weights fit the CPU's
     last-level cache (None: see ``NodeConfig.exact_batches``). With True, a session's several rows
     get their lone bits too (``_rows_exactly``; not by default: it cost shared sessions a third of
     their throughput).
@@ -103,8 +103,9 @@ class LayerSpan:
         """Whether the lean layers' decode batches keep each row's lone bits (``exact``; None: where the
         lean layers' weights fit the last-level cache, since exact rows read each weight once per row)."""
         lean = [call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer)]
-        if exact is None:
-            exact = sum(weight.nbytes for call in lean for weight in call.weights) <= last_level_cache_bytes()
+        if exact is None:  # (exact rows are checked for float32 on CPUs)
+            fits = sum(weight.nbytes for call in lean for weight in call.weights) <= last_level_cache_bytes()
+            exact = fits and self.device == "cpu" and self.dtype == torch.float32
         for call in lean:
             call.exact_batches = exact
         return bool(lean) and exact
@@ -114,8 +115,8 @@ class LayerSpan:
         ``row_matmul.packed_weight``), with ``pack`` None only where they leave at least as much memory
         available as they take; returns their bytes."""
         packable: list[LeanLlamaLayer | StepLinear] = [
-            call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer) and not call.exact_batches
-        ]
+            call for call in self.step_calls.values() if isinstance(call, LeanLlamaLayer) and not self.exact_rows
+        ]  # (a shared session's rows use the copies unless they are exact)
         packable += [
             module for layer in self.layers.values() for module in layer.modules() if isinstance(module, StepLinear)
         ]
