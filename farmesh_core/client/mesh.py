@@ -73,6 +73,7 @@ class MeshConnection:
         self._lane_unreachable_at: dict[str, float] = {}
         self._spares: dict[str, tuple[float, DirectConnection]] = {}  # peer -> (opened at, an unused stream)
         self._spares_lock = threading.Lock()
+        self._closed = False
         # Clients are often left open (Petals' users never close theirs): at exit, or when dropped,
         # leave the mesh as close() does, rather than let the loop's P2P tasks die pending, each with
         # a "Task was destroyed but it is pending!" on stderr.
@@ -81,6 +82,7 @@ class MeshConnection:
 
     def close(self) -> None:
         with self._spares_lock:
+            self._closed = True
             spares, self._spares = self._spares, {}
         for _, connection in spares.values():
             if self.forked():  # the parent's streams: let go of this process's copy only
@@ -230,9 +232,16 @@ class MeshConnection:
     def open_spares(self, peer_ids: list[str]) -> None:
         """Open a spare inference connection to each of ``peer_ids`` (with a direct lane) that has none,
         for the next session through it: its node accepts it now, off that session's path. One spare
-        per node and client; an unused one is closed with the client."""
+        per node and client; an unused one is closed with the client. The connecting runs on the
+        loop's executor: it costs a round trip to each node (up to CONNECT_TIMEOUT for one that does
+        not answer), which the session stepping now does not wait for."""
+        wanted = [p for p in peer_ids if p not in self._spares and self.direct_lane(p) is not None]
+        if wanted:
+            self.loop.loop.call_soon_threadsafe(self.loop.loop.run_in_executor, None, self._open_spares, wanted)
+
+    def _open_spares(self, peer_ids: list[str]) -> None:
         for peer_id in peer_ids:
-            if peer_id in self._spares or (lane := self.direct_lane(peer_id)) is None:
+            if (lane := self.direct_lane(peer_id)) is None:
                 continue
             try:
                 connection = DirectConnection(*lane, self.direct_hello(peer_id, "rpc_inference"))
@@ -241,7 +250,9 @@ class MeshConnection:
             with self._spares_lock:
                 extra = self._spares.get(peer_id, (0.0, None))[1]
                 self._spares[peer_id] = (time.monotonic(), connection)
-            if extra is not None:  # (another thread's, opened meanwhile)
+                if self._closed:
+                    extra, self._spares = connection, {}
+            if extra is not None:  # (another thread's, opened meanwhile; or the client closed meanwhile)
                 extra.close()
 
     def offers_direct_lane(self, peer_id: str) -> bool:

@@ -22,7 +22,11 @@ def client(llama_mesh):
         yield client
 
 
-def spares(client: DistributedInferenceClient) -> dict:
+def spares(client: DistributedInferenceClient, expected: int = 0) -> dict:
+    """The client's spare connections, once there are ``expected`` of them (they open in the background)."""
+    deadline = time.monotonic() + 10
+    while len(client.mesh._spares) < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
     return {peer: connection for peer, (_, connection) in client.mesh._spares.items()}
 
 
@@ -32,9 +36,10 @@ def test_the_next_session_starts_on_the_spare_connections_of_the_last(client, ll
     ids = prompt_ids(llama_mesh.model_dir)
     with client.inference_session(64) as session:
         session.step(client.head.embed(ids))
+    time.sleep(0.5)
     assert spares(client) == {}
     first = [int(t[0]) for t in client.generate_ids(ids, TOKENS)]
-    left = spares(client)
+    left = spares(client, expected=2)
     assert len(left) == 2
     with client.inference_session(64) as session:
         tokens = [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)]
@@ -48,7 +53,7 @@ def test_a_spare_connection_the_node_ended_or_too_old_is_not_used(client, llama_
     than SPARE_MAX_AGE, is closed and the session connects anew: its tokens are right."""
     ids = prompt_ids(llama_mesh.model_dir)
     list(client.generate_ids(ids, TOKENS))
-    left = spares(client)
+    left = spares(client, expected=2)
     assert len(left) == 2
     if why == "too old":
         monkeypatch.setattr(mesh_module, "SPARE_MAX_AGE", 0.0)
