@@ -139,7 +139,7 @@ class DirectConnection:
 
     def silent(self) -> bool:
         """Whether the node has sent nothing on this connection yet (no answer, error or end of stream)."""
-        return self.answered_within(0) is False
+        return not self.answered_within(0)
 
     def answered_within(self, timeout: float) -> bool:
         """Whether something from the node is here or arrives within ``timeout`` seconds (not read)."""

@@ -29,16 +29,26 @@ class SessionCache:
         self.length = self.position + q_len
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        end = self.position + key_states.shape[-2]
+        keys, values = self._buffers(layer_idx, key_states, value_states, key_states.shape[0])
+        return self._write(keys, values, key_states, value_states)
+
+    def _buffers(
+        self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s key and value buffers [rows, ..., max_length, head_dim], made at its first step."""
         keys = self._keys.get(layer_idx)
         if keys is None:
-            shape = (*key_states.shape[:-2], self.max_length, key_states.shape[-1])
+            shape = (rows, *key_states.shape[1:-2], self.max_length, key_states.shape[-1])
             keys = self._keys[layer_idx] = key_states.new_empty(shape)
             self._values[layer_idx] = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
-        values = self._values[layer_idx]
-        q_len = end - self.position  # narrow and copy_: the same writes as slice assignment, fewer Python steps
-        keys.narrow(-2, self.position, q_len).copy_(key_states)
-        values.narrow(-2, self.position, q_len).copy_(value_states)
+        return keys, self._values[layer_idx]
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write the step's keys and values at its position; the buffers' prefix up to the step's end."""
+        q_len = key_states.shape[-2]
+        end = self.position + q_len
+        keys.narrow(-2, self.position, q_len).copy_(key_states)  # narrow and copy_: the same writes as slice
+        values.narrow(-2, self.position, q_len).copy_(value_states)  # assignment, fewer Python steps
         return keys.narrow(-2, 0, end), values.narrow(-2, 0, end)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -60,16 +70,9 @@ class SessionCacheRow:
         self.cache, self.index, self.rows = cache, index, rows
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        cache, row = self.cache, slice(self.index, self.index + 1)
-        if layer_idx not in cache._keys:
-            shape = (self.rows, *key_states.shape[1:-2], cache.max_length, key_states.shape[-1])
-            cache._keys[layer_idx] = key_states.new_empty(shape)
-            cache._values[layer_idx] = value_states.new_empty((*shape[:-1], value_states.shape[-1]))
-        keys, values = cache._keys[layer_idx][row], cache._values[layer_idx][row]
-        end = cache.position + key_states.shape[-2]
-        keys.narrow(-2, cache.position, key_states.shape[-2]).copy_(key_states)
-        values.narrow(-2, cache.position, value_states.shape[-2]).copy_(value_states)
-        return keys.narrow(-2, 0, end), values.narrow(-2, 0, end)
+        keys, values = self.cache._buffers(layer_idx, key_states, value_states, self.rows)
+        row = slice(self.index, self.index + 1)
+        return self.cache._write(keys[row], values[row], key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.cache.position
