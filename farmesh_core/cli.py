@@ -1,6 +1,7 @@
 """The ``farmesh`` command: run a DHT peer, a Far Node, generate, inspect the mesh, run the demo."""
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -329,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         logger.error("%s", e)
         sys.exit(1)
+    finally:
+        # The process ends now: spare it the collector's walk over torch's and transformers' objects at
+        # exit (1.2 s; a stopped Far Node then exits in 0.15 s).
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """FarNode: load a span of layers, serve them over hivemind P2P, announce them in the DHT."""
 
+import gc
 import logging
 import random
 import signal
@@ -113,6 +114,9 @@ class FarNode:
                 target=self._rebalance_periodically, name="farmesh-rebalance", daemon=True
             )
             self._rebalancer.start()
+        # What is loaded by now (modules, layers) lives as long as the node: out of the collector's sight,
+        # a full collection no longer walks its ~400k objects (0.24 s) in the middle of a step.
+        gc.freeze()
         logger.info(
             "Far Node %s serves layers %d:%d of %s (%.0f tok/s) at %s",
             self.peer_id, self.start_layer, self.end_layer, self.prefix, self.throughput,
