@@ -1,7 +1,7 @@
 """Helpers shared by the tests: plain-transformers references and meshes of real processes.
 
 Every mesh is a real ``farmesh dht`` process plus real ``farmesh node`` processes on 127.0.0.1 with
-port 0, started through :mod:`farmesh_core.launch` and stopped by PID.
+port 0, forked from a preloaded parent (:mod:`tests.preloaded`) and stopped by PID.
 """
 
 import signal
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from farmesh_core.launch import kill_process_group, node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import kill_process_group, node_peer_id, stop_process, wait_for_layers
+from tests.preloaded import Process, spawn_dht, spawn_node
 
 PROMPT = "The logging module"
 HIDDEN_SIZE = 256  # TINY_LLAMA
@@ -118,8 +119,8 @@ class Mesh:
 
     model_dir: str
     addrs: list[str]
-    dht: subprocess.Popen
-    nodes: list[subprocess.Popen]
+    dht: Process
+    nodes: list[Process]
     layers: list[str]
     logs: list[Path] = field(default_factory=list)
 
@@ -143,8 +144,8 @@ class MeshLauncher:
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
-        self.dhts: list[subprocess.Popen] = []
-        self.nodes: list[subprocess.Popen] = []
+        self.dhts: list[Process] = []
+        self.nodes: list[Process] = []
 
     def start(self, model_dir: str, *layers: str, node_args: tuple[str, ...] = ()) -> Mesh:
         dht, addrs = spawn_dht()

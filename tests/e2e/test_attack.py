@@ -16,8 +16,9 @@ from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM
 
 from farmesh_core.client import DistributedInferenceClient
-from farmesh_core.launch import node_peer_id, spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import node_peer_id, stop_process, wait_for_layers
 from farmesh_core.wire import FarNodeRPC, SpanCall, serialize_tensor
+from tests.preloaded import spawn_dht, spawn_node
 
 HIDDEN, STEP_TIMEOUT = 256, 3.0
 

@@ -19,8 +19,9 @@ import pytest
 
 from farmesh_core.client import DistributedInferenceClient
 from farmesh_core.client.batched_generation import RECENT_S
-from farmesh_core.launch import farmesh_command, spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import farmesh_command, stop_process, wait_for_layers
 from tests.helpers import NUM_LAYERS, PROMPT, hf_greedy_text, hf_tokenizer
+from tests.preloaded import Process, spawn_dht, spawn_node
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -63,7 +64,7 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: flo
 def coordinator(tiny_llama, tmp_path_factory):
     """DHT + nodes 0:4 and 4:8 (each with --metrics-port) + ``farmesh coordinator``; stopped by PID."""
     logs = tmp_path_factory.mktemp("coordinator-logs")
-    procs: list[subprocess.Popen] = []
+    procs: list[Process] = []
     try:
         dht, addrs = spawn_dht()
         procs.append(dht)

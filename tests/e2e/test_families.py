@@ -19,9 +19,10 @@ from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client import DistributedInferenceClient
 from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.errors import UnsupportedArchitectureError
-from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import stop_process, wait_for_layers
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from tests.preloaded import spawn_dht, spawn_node
 
 pytestmark = pytest.mark.timeout(300)
 

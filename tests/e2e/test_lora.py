@@ -14,8 +14,9 @@ import torch
 from farmesh import DistributedInferenceClient, DistributedModelForCausalLM
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.errors import NoRouteError, RequestError
-from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import stop_process, wait_for_layers
 from tests.helpers import PROMPT, hf_greedy_ids, prompt_ids
+from tests.preloaded import spawn_dht, spawn_node
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -10,8 +10,9 @@ import torch
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client import DistributedInferenceClient
 from farmesh_core.client.session import InferenceSession
-from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
+from farmesh_core.launch import stop_process, wait_for_layers
 from tests.helpers import PROMPT, hf_greedy_text, hf_hidden_states
+from tests.preloaded import spawn_dht, spawn_node
 
 PREFILL, LENGTH = 8, 16
 

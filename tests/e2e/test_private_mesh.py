@@ -28,8 +28,6 @@ from farmesh_core.launch import (
     farmesh_command,
     kill_process_group,
     node_peer_id,
-    spawn_dht,
-    spawn_node,
     stop_process,
     wait_for_layers,
 )
@@ -37,6 +35,7 @@ from farmesh_core.node.layer_span import LayerSpan
 from farmesh_plugins.auth import create_key_file, issue_token, read_key_file, revoke
 from farmesh_plugins.ledgers import usage_totals
 from tests.helpers import NUM_LAYERS, PROMPT
+from tests.preloaded import Process, spawn_dht, spawn_node
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,7 +48,7 @@ class PrivateMesh:
     revoked_file: str
     private: str  # peer id of the int8, token-auth node
     public: str  # peer id of the plain, open node
-    procs: dict[str, subprocess.Popen]
+    procs: dict[str, Process]
 
     def token(self, client: str, expires_in: float = 3600, **kwargs) -> str:
         return issue_token(read_key_file(self.key_file), client, expires_in, **kwargs)
