@@ -58,7 +58,10 @@ def _child(argv: list[str], out: int | None, parents_fds: tuple[int, ...]) -> No
         os.dup2(null if out is None else out, 2)
         import random
 
-        random.seed()  # not the parent's sequence, shared by every sibling
+        import numpy
+
+        random.seed()  # not the parent's sequences, which every sibling shares
+        numpy.random.seed()
         from farmesh_core.cli import main
 
         main(argv)
