@@ -135,10 +135,13 @@ class ForkedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        with self._parent.exited:
-            if not self._parent.exited.wait_for(lambda: self.pid in self._parent.exit_codes, timeout):
+        parent = self._parent
+        with parent.exited:
+            if not parent.exited.wait_for(lambda: self.pid in parent.exit_codes or parent.gone, timeout):
                 raise subprocess.TimeoutExpired(self.args, timeout)
-        return self.poll()
+        if self.poll() is None:
+            raise FarMeshError(f"the preloaded parent died: nothing reports how {self.pid} ends")
+        return self.returncode
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:  # once reaped its PID may be another process's
@@ -161,12 +164,13 @@ class PreloadedParent:
         )
         self.exit_codes: dict[int, int] = {}
         self.exited = threading.Condition()
+        self.gone = False  # the parent ended (its stdout closed)
         self._pids: list[int] = []
         self._lock = threading.Lock()  # one request at a time: answers come in order
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, name="preloaded-parent", daemon=True)
         self._reader.start()
-        if not self._ready.wait(120):
+        if not self._ready.wait(120) or self.gone:
             raise FarMeshError("the preloaded parent did not start")
 
     def _read(self) -> None:
@@ -182,6 +186,10 @@ class PreloadedParent:
                     self.exited.notify_all()
             else:
                 self._ready.set()
+        with self.exited:
+            self.gone = True
+            self.exited.notify_all()
+        self._ready.set()
 
     def fork(self, *argv: str, log: str | None = None) -> ForkedProcess:
         """Fork ``farmesh ARGV`` (stdout and stderr to ``log``, else nowhere)."""
@@ -191,14 +199,10 @@ class PreloadedParent:
             self._proc.stdin.write((json.dumps({"argv": list(argv), "log": log}) + "\n").encode())
             self._proc.stdin.flush()
             with self.exited:
-                if not self.exited.wait_for(lambda: len(self._pids) > answered, 60):
+                if not self.exited.wait_for(lambda: len(self._pids) > answered or self.gone, 60) or self.gone:
                     raise FarMeshError("the preloaded parent did not fork")
                 pid = self._pids[answered]
         return ForkedProcess(pid, self, ["farmesh", *argv])
-
-    def close(self) -> None:
-        self._proc.stdin.close()
-        self._proc.wait(10)
 
 
 def read_dht_addrs(log: Path, proc: ForkedProcess, timeout: float = 60.0) -> list[str]:
