@@ -1,8 +1,8 @@
-"""The ``farmesh`` command line, end to end: ``farmesh dht`` and two ``farmesh node`` processes (the
-shared mesh is started through the CLI by farmesh_core.launch), then ``farmesh generate`` and
-``farmesh status`` as subprocesses."""
+"""The ``farmesh`` command line, end to end: ``farmesh generate`` and ``farmesh status`` as
+subprocesses, against the shared mesh of ``farmesh dht`` and two ``farmesh node`` processes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +35,29 @@ def test_generate_prints_the_greedy_text(llama_mesh):
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
     assert result.stdout.decode() == hf_greedy_text(llama_mesh.model_dir, PROMPT, 32) + "\n"
+
+
+@pytest.mark.timeout(180)
+def test_a_piped_generate_leaves_nothing_holding_its_output(llama_mesh):
+    """When ``farmesh generate`` exits, no process of its own still holds its stdout or stderr, so a
+    pipe reading them ends with it (hivemind's shared-memory manager used to hold stderr ~2 s more)."""
+    command = farmesh_command(
+        "generate", llama_mesh.model_dir, PROMPT, "--dht-bootstrap", *llama_mesh.addrs, "--max-tokens", "4"
+    )
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pipes = {f"pipe:[{os.fstat(f.fileno()).st_ino}]" for f in (proc.stdout, proc.stderr)}
+    proc.wait(timeout=120)  # (its few lines of output fit the pipes' buffers)
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if int(pid) != os.getpid() and any(os.readlink(f"/proc/{pid}/fd/{fd}") in pipes for fd in fds):
+                holders.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr.decode(errors="replace")[-3000:]
+    assert holders == []
 
 
 @pytest.mark.timeout(180)
