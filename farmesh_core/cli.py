@@ -80,7 +80,7 @@ def _ends_with_its_output() -> None:
     (``torch_shm_manager``) inherits the command's stdout and stderr and outlives it by ~2 s: a pipe
     reading the command's output stayed open that long. Passing file descriptors instead starts no
     manager; it costs ~1.7 ms per DHT call (3.2 against 1.5), so long-running nodes keep hivemind's
-    choice. Before the first future: hivemind sets its strategy when it is imported."""
+    choice. Called before the command makes any future, after importing hivemind (which sets its own)."""
     import hivemind.utils.mpfuture  # noqa: F401
     import torch.multiprocessing
 

@@ -8,8 +8,8 @@ the demo, other environments) keep using ``farmesh_core.launch``.
 
 Run as ``python -m tests.preloaded``, the parent reads one JSON request per line on stdin
 (``{"argv": [...], "log": path}``), forks, and answers ``{"pid": N}``; when a child ends it writes
-``{"exit": N, "code": C}`` (``C`` as ``Popen.returncode``: minus the signal for a signal). It is single
-threaded, so nothing is locked at a fork.
+``{"exit": N, "code": C}`` (``C`` as ``Popen.returncode``: minus the signal for a signal), or
+``{"error": why}`` if it could not fork. It is single threaded, so nothing is locked at a fork.
 """
 
 import gc
@@ -67,7 +67,7 @@ def _child(argv: list[str], out: int | None, parents_fds: tuple[int, ...]) -> No
         main(argv)
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1  # as the interpreter would
     except BaseException:
         import traceback
 
@@ -113,7 +113,11 @@ def _serve() -> None:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
                 log = request.get("log")  # made here, so that it is there once the caller has the PID
-                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if log else None
+                try:
+                    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if log else None
+                except OSError as e:
+                    say({"error": f"cannot write the log {log}: {e}"})
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     _child(request["argv"], out, (answers, wakeup_r, wakeup_w))
@@ -165,7 +169,7 @@ class PreloadedParent:
         self.exit_codes: dict[int, int] = {}
         self.exited = threading.Condition()
         self.gone = False  # the parent ended (its stdout closed)
-        self._pids: list[int] = []
+        self._answers: list[int | str] = []  # a PID, or why there is none
         self._lock = threading.Lock()  # one request at a time: answers come in order
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, name="preloaded-parent", daemon=True)
@@ -180,9 +184,9 @@ class PreloadedParent:
                 with self.exited:
                     self.exit_codes[message["exit"]] = message["code"]
                     self.exited.notify_all()
-            elif "pid" in message:
+            elif "pid" in message or "error" in message:
                 with self.exited:
-                    self._pids.append(message["pid"])
+                    self._answers.append(message.get("pid", message.get("error")))
                     self.exited.notify_all()
             else:
                 self._ready.set()
@@ -195,13 +199,15 @@ class PreloadedParent:
         """Fork ``farmesh ARGV`` (stdout and stderr to ``log``, else nowhere)."""
         with self._lock:
             with self.exited:
-                answered = len(self._pids)
+                answered = len(self._answers)
             self._proc.stdin.write((json.dumps({"argv": list(argv), "log": log}) + "\n").encode())
             self._proc.stdin.flush()
             with self.exited:
-                if not self.exited.wait_for(lambda: len(self._pids) > answered or self.gone, 60) or self.gone:
+                if not self.exited.wait_for(lambda: len(self._answers) > answered or self.gone, 60) or self.gone:
                     raise FarMeshError("the preloaded parent did not fork")
-                pid = self._pids[answered]
+                pid = self._answers[answered]
+        if isinstance(pid, str):
+            raise FarMeshError(pid)
         return ForkedProcess(pid, self, ["farmesh", *argv])
 
 
