@@ -310,6 +310,13 @@ class ArchitectureAdapter:
         return head.eval()
 
 
+def checkpoint_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The dtype a checkpoint's config names (float32 where it names none): the client's head's, and a
+    Far Node's head's, so that both choose the same tokens."""
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
+
+
 def adapter_for(config: PretrainedConfig) -> ArchitectureAdapter:
     """The registered adapter for ``config.model_type``, or an error naming the package to install."""
     from farmesh_core.plugins import get_architectures

@@ -146,6 +146,12 @@ class NodeConfig(NetworkConfig):
         description="torch threads of large steps, and of a lone one-token step's matmuls (the rest of "
         "it runs on one); default: torch's",
     )
+    serve_head: bool | None = Field(
+        default=None,
+        description="load the model's embeddings and LM head where the node serves the last layer, to choose "
+        "greedy tokens itself so that a generation loops through the nodes without the client (see "
+        "node/token_loop.py); default: where they take at most as much memory as the node's layers",
+    )
     direct_lane: bool = Field(
         default=True,
         description="also serve sessions over a plain TCP port (one TCP round trip per hop instead of two P2P "
@@ -194,6 +200,12 @@ class ClientConfig(NetworkConfig):
         description="with direct lanes, each node of a chain sends its output straight to the next node "
         "(the client relays only where that fails); False: the client relays every step",
     )
+    token_loop: bool = Field(
+        default=True,
+        description="where every node of a chain pushes and the last one announces an LM head, greedy generation "
+        "lets that node choose each token and send it round the chain itself (the client reads the answers "
+        "and still fails over); False: the client chooses every token",
+    )
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
     batch_window_ms: float = Field(
         default=2.0,
@@ -228,6 +240,11 @@ class NodeRecord(BaseModel):
     adapters: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=256)
     addrs: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=32)
     direct_lane: bool = Field(default=False, description="the node serves a direct lane (see rpc_direct_ticket)")
+    head_dtype: str = Field(
+        default="",
+        max_length=64,
+        description="the dtype of the LM head it chooses tokens with (wire.TokenLoop); '': none",
+    )
 
     @model_validator(mode="after")
     def _range_is_ordered(self):

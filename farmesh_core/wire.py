@@ -8,7 +8,7 @@ size is checked against their declared shape and dtype before anything is alloca
 import asyncio
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
+from typing import Annotated, AsyncIterator, Literal, TypeVar  # noqa: UP035 (hivemind needs typing.AsyncIterator hints)
 
 import numpy as np
 import torch
@@ -72,6 +72,27 @@ class PushTarget(_Message):
     step: int = Field(ge=1, description="the number the next node's answer will carry")
 
 
+class TokenLoop(_Message):
+    """Asks the node that runs a session's last layers to choose each next token itself (greedily, as
+    the client would) and push its embedding to the first node of the chain, which sends it on as
+    the client's steps go: a generation then loops through the nodes without the client, which reads
+    the answers (and the tokens) as they come (see ``node/token_loop.py``). Travels with the pushes
+    of a step to the node with no one to push to."""
+
+    ring: list[PushTarget] = Field(
+        min_length=1, max_length=64,
+        description="every node of the chain, in order, with the number its answer to the next step carries",
+    )  # fmt: skip
+    tokens: int = Field(ge=1, le=1_000_000, description="tokens still to choose, the one of this step included")
+    eos_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=64, description="ids that end the loop"
+    )
+    masked_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=64, description="ids not chosen while the session is shorter than masked_until"
+    )
+    masked_until: int = Field(default=0, ge=0, description="(a minimum number of new tokens)")
+
+
 class InferenceStep(_Message):
     """Metadata of every message of an inference stream; ``open`` only on the first, which may carry no
     hidden states: the session then opens ahead of its first step (pushed by the previous node)."""
@@ -83,6 +104,7 @@ class InferenceStep(_Message):
         default_factory=list, max_length=64,
         description="the next nodes of the chain: the output goes to the first, which sends its own to the second...",
     )  # fmt: skip
+    loop: TokenLoop | None = None
 
 
 class PushedStep(_Message):
@@ -93,13 +115,18 @@ class PushedStep(_Message):
     position: int = Field(ge=0)
     step: int = Field(ge=1)
     push: list[PushTarget] = Field(default_factory=list, max_length=64, description="where the output goes on")
+    loop: TokenLoop | None = None
 
 
 class StepReply(_Message):
     """Metadata of each answer of a push session."""
 
     step: int = Field(ge=0, description="the number of the message this answers")
-    pushed: bool = Field(default=False, description="the output also went to the next node")
+    pushed: bool = Field(
+        default=False, description="the output also went to the next node (in a token loop: the chosen token's "
+        "embedding went to the first node)",
+    )  # fmt: skip
+    token: int | None = Field(default=None, ge=0, description="the token the node chose (a step of a TokenLoop)")
 
 
 class ErrorReply(_Message):

@@ -41,6 +41,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
+from farmesh_core.architecture import checkpoint_dtype
 from farmesh_core.client.batched_generation import GenerationBatcher
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, decode, greedy_certain_logits, next_token
 from farmesh_core.client.mesh import connect
@@ -100,7 +101,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             with contextlib.suppress(OSError):  # as AutoModelForCausalLM does: the checkpoint's defaults
                 self.generation_config = GenerationConfig.from_pretrained(checkpoint.path, local_files_only=True)
             self.client_config, self.mesh = client_config, mesh
-            self.head = adapter.load_client_head(checkpoint, self.config, dtype or _config_dtype(self.config))
+            self.head = adapter.load_client_head(checkpoint, self.config, dtype or checkpoint_dtype(self.config))
             self.layers = DistributedModel.over(mesh, 0, adapter.num_layers(self.config))
             # Per thread (or task): the open session's cache, and the EOS ids of a plain greedy generate
             self._active: ContextVar[RemoteCache | None] = ContextVar("farmesh_active_cache", default=None)
@@ -502,8 +503,3 @@ def _plain_greedy_eos(defaults: GenerationConfig, kwargs: dict[str, Any]) -> lis
     for ids in (config.eos_token_id, defaults.eos_token_id):  # all that either may mask
         eos.update([] if ids is None else [ids] if isinstance(ids, int) else ids)
     return sorted(eos)
-
-
-def _config_dtype(config: Any) -> torch.dtype:
-    dtype = getattr(config, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")

@@ -14,6 +14,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from farmesh_core.client.session import LoopAsk
 from farmesh_core.head_batch import Refine
 
 if TYPE_CHECKING:
@@ -211,6 +212,17 @@ def decode(
     not seen them); stops after ``max_new_tokens``, or once every row has chosen one of ``eos``."""
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
+    loop = _loop_ask(choose, eos_ids, max_new_tokens)
+    if loop is not None and input_ids.shape[0] == 1 and session.loops(head.lm_head.weight.dtype):
+
+        def choose_here(hidden: torch.Tensor, length: int) -> int:  # where the last node did not choose
+            return int(next_token(head, choose, input_ids[:, :length], head.in_head_dtype(hidden[:, -1]))[0])
+
+        for token in session.loop_tokens(head.embed(input_ids), loop, lambda t: head.embed(torch.tensor([[t]])),
+                                         choose_here):  # fmt: skip
+            input_ids = torch.cat([input_ids, torch.tensor([[token]])], dim=1)
+            yield torch.tensor([token])
+        return
     new_input = input_ids
     for _ in range(max_new_tokens):
         # Each torch call lets go of the GIL: with sessions stepping from several threads, the calls
@@ -224,6 +236,16 @@ def decode(
             finished |= torch.isin(token, eos)
             if finished.all():
                 return
+
+
+def _loop_ask(choose: TokenChooser, eos_ids: set[int], max_new_tokens: int) -> LoopAsk | None:
+    """What a token loop must do to choose as ``choose`` does (greedy, at most a minimum length's EOS
+    mask), or None where it cannot."""
+    masks = [p for p in choose.processors if isinstance(p, NoEosBefore)]
+    if not choose.takes_bounds or len(masks) > 1 or max_new_tokens < 1:
+        return None
+    mask = masks[0] if masks else NoEosBefore(0, [])
+    return LoopAsk(max_new_tokens, sorted(eos_ids), list(mask.eos_token_ids), mask.length)
 
 
 def _next_tokens(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from farmesh_core.architecture import checkpoint_dtype
 from farmesh_core.client.batched_generation import GenerationBatcher
 from farmesh_core.client.generation import TextStream, TokenChooser, decode
 from farmesh_core.client.mesh import connect
@@ -32,14 +33,12 @@ class DistributedInferenceClient:
         self.checkpoint, self.adapter, self.mesh = connect(self.config)
         self.model_config = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer()
-        self.head = self.adapter.load_client_head(self.checkpoint, self.model_config, self._dtype())
+        self.head = self.adapter.load_client_head(
+            self.checkpoint, self.model_config, checkpoint_dtype(self.model_config)
+        )
         self.num_layers = self.adapter.num_layers(self.model_config)
         self.layers = DistributedModel.over(self.mesh, 0, self.num_layers)
         self.batcher = GenerationBatcher(self.config.batch_window_ms / 1000, set(self._eos_ids().tolist()))
-
-    def _dtype(self) -> torch.dtype:
-        dtype = getattr(self.model_config, "dtype", None)
-        return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype or "float32")
 
     def close(self) -> None:
         self.mesh.close()

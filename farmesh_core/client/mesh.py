@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from functools import partial
 
+import torch
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.proto import runtime_pb2
@@ -259,6 +260,12 @@ class MeshConnection:
         """Whether ``peer_id`` announced a direct lane (so other nodes can push to it)."""
         record = self._record(peer_id)
         return record is not None and record.direct_lane
+
+    def chooses_tokens(self, peer_id: str, end: int, dtype: torch.dtype) -> bool:
+        """Whether ``peer_id`` announced an LM head of ``dtype`` after its layers ending at ``end`` (the
+        model's last: it can choose tokens in a token loop, see ``wire.TokenLoop``)."""
+        record = self._record(peer_id)
+        return record is not None and record.end == end and record.head_dtype == str(dtype).removeprefix("torch.")
 
     def _record(self, peer_id: str) -> NodeRecord | None:
         return next((r for r in self._records if r.peer_id == peer_id), None)

@@ -13,8 +13,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
+from dataclasses import dataclass, field
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -28,6 +29,8 @@ from farmesh_core.wire import (
     InferenceStep,
     OpenSession,
     PushTarget,
+    StepReply,
+    TokenLoop,
     WireTensor,
     deserialize_tensor,
     encode_meta,
@@ -127,8 +130,9 @@ class _HopStream:
         else:
             mesh.loop.run(self._p2p_send(mesh, request))
 
-    def receive(self, mesh: MeshConnection, timeout: float) -> tuple[WireTensor, bool]:
-        """The output of the last message numbered for this node, and whether the node pushed it on."""
+    def receive(self, mesh: MeshConnection, timeout: float) -> tuple[WireTensor, StepReply | None]:
+        """The output of the last message numbered for this node, and the node's reply (push sessions):
+        whether it pushed the output on, and the token it chose (a token loop's last node)."""
         while True:
             if self._direct is not None:
                 response = self._direct.receive(timeout)
@@ -141,7 +145,7 @@ class _HopStream:
                          self.numbered)  # fmt: skip
         if len(response.tensors) != 1:
             raise RemoteError(f"node {self.hop.peer_id} answered with {len(response.tensors)} tensors")
-        return response.tensors[0], reply is not None and reply.pushed
+        return response.tensors[0], reply
 
     def answered_within(self, timeout: float) -> bool:
         """Whether an answer of the node's is here or arrives within ``timeout`` seconds (direct lanes only)."""
@@ -167,6 +171,25 @@ class _HopStream:
             mesh.loop.loop.call_soon_threadsafe(self._queue.put_nowait, None)
 
 
+@dataclass
+class LoopAsk:
+    """What a client asks of a token loop (``wire.TokenLoop`` without the ring): ``tokens`` still to
+    choose, of ``asked`` at first."""
+
+    tokens: int
+    eos_token_ids: list[int] = field(default_factory=list)
+    masked_ids: list[int] = field(default_factory=list)
+    masked_until: int = 0
+    asked: int = field(init=False)
+
+    def __post_init__(self):
+        self.asked = self.tokens
+
+    def turn(self, ring: list[PushTarget]) -> TokenLoop:
+        return TokenLoop(ring=ring, tokens=self.tokens, eos_token_ids=self.eos_token_ids,
+                         masked_ids=self.masked_ids, masked_until=self.masked_until)  # fmt: skip
+
+
 class InferenceSession:
     """A generation's KV caches on the chain of nodes covering ``start:end``; use as a context manager."""
 
@@ -181,6 +204,7 @@ class InferenceSession:
         self.position = 0
         self.recoveries: list[float] = []  # seconds each failover took
         self.pushed_inputs = 0  # inputs a node got pushed by the previous one rather than from the client
+        self.looped_tokens = 0  # tokens the last node chose in a token loop (see loop_tokens)
         self.push = mesh.use_direct_lanes and mesh.config.push  # nodes push outputs on (see _HopStream)
         self._streams = [self._stream(hop) for hop in mesh.route(start, end, adapter=adapter)]
         self._failed: set[str] = set()
@@ -217,14 +241,17 @@ class InferenceSession:
         self._owed = hidden if self._owed is None else torch.cat([self._owed, hidden], dim=1)
         self.position += hidden.shape[1]
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
+    def _begin(self, hidden: torch.Tensor) -> None:
         self.mesh.check_process()
         if self.before_first_step is not None:
             call, self.before_first_step = self.before_first_step, None
             call()
         if self.position + hidden.shape[1] > self.max_length:
             raise RequestError(f"the session was opened for {self.max_length} tokens")
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Send ``hidden`` [batch, seq, hidden] (the next tokens) through every layer; return the output."""
+        self._begin(hidden)
         if self._owed is not None:  # one step with the owed inputs first, their outputs dropped
             owed, self._owed = self._owed, None
             self.position -= owed.shape[1]
@@ -233,9 +260,61 @@ class InferenceSession:
         max_tokens = max(1, MAX_STEP_BYTES // per_token)
         if hidden.shape[1] > max_tokens:
             return torch.cat([self.step(part) for part in hidden.split(max_tokens, dim=1)], dim=1)
-        out = self._step(wire_tensor(hidden))
+        out = self._step(wire_tensor(hidden))[0]
         self.position += hidden.shape[1]
         return deserialize_tensor(out, copy=True)  # the proto owns the buffer, read-only
+
+    def loops(self, head_dtype: torch.dtype) -> bool:
+        """Whether :meth:`loop_tokens` can run here: one sequence from the first layer, every node
+        pushing, and the last one choosing tokens with a head of ``head_dtype`` (the client's)."""
+        last = self._streams[-1].hop if self._streams else None
+        return (
+            self.mesh.config.token_loop
+            and self.batch_size == 1
+            and self.start == 0
+            and self._owed is None
+            and all(s.push_key for s in self._streams)
+            and self.mesh.chooses_tokens(last.peer_id, last.end, head_dtype)
+        )
+
+    def loop_tokens(
+        self, hidden: torch.Tensor, ask: "LoopAsk", embed: Callable[[int], torch.Tensor],
+        choose: Callable[[torch.Tensor, int], int],
+    ) -> Iterator[int]:  # fmt: skip
+        """The next ``ask.tokens`` greedy tokens after ``hidden`` [1, seq, hidden] (inputs not sent yet),
+        chosen by the node with the last layers, which sends each one's embedding round the chain
+        itself (a token loop: see ``wire.TokenLoop``); ends after an id of ``ask.eos_token_ids``.
+
+        The client reads every node's answer as it comes, and keeps each node's inputs as in
+        :meth:`step` (``embed(token)`` is the first node's, as the loop pushed it), so a failed node is
+        replaced as there; the step then goes on from the client, which asks the loop to go on. Where
+        the last node did not choose (a replacement without a head), ``choose(output, length)`` does.
+        """
+        self._begin(hidden)
+        if self._owed is not None:
+            raise RequestError("a session with owed inputs steps them first (see owe)")
+        wire, pushed, length = wire_tensor(hidden), False, hidden.shape[1]
+        try:
+            while ask.tokens > 0:
+                if pushed:  # the last node sent this turn's input round: every node answers the next number
+                    for stream in self._streams:
+                        stream.number()
+                out, reply = self._step(wire, ask, pushed)
+                self.position += length
+                token = None if reply is None else reply.token
+                if token is None:
+                    token = choose(deserialize_tensor(out, copy=True), self.position)
+                else:
+                    self.looped_tokens += 1
+                ask.tokens -= 1
+                pushed = reply is not None and reply.pushed
+                yield token
+                if ask.tokens == 0 or token in ask.eos_token_ids or self.position >= self.max_length:
+                    return
+                wire, length = wire_tensor(embed(token)), 1
+        finally:
+            if pushed and ask.tokens > 0:  # read no further: the loop may still run on the nodes
+                self._skip_loop_numbers(ask)
 
     def _opening(self, stream: _HopStream) -> OpenSession:
         """What opens ``stream``'s session on its node."""
@@ -245,10 +324,16 @@ class InferenceSession:
             adapter=self.adapter, credentials=self.mesh.credentials, push_key=stream.push_key,
         )  # fmt: skip
 
-    def _meta(self, stream: _HopStream, position: int, following: list[_HopStream] | None = None) -> InferenceStep:
+    def _meta(
+        self,
+        stream: _HopStream,
+        position: int,
+        following: list[_HopStream] | None = None,
+        loop: "LoopAsk | None" = None,
+    ) -> InferenceStep:
         """The metadata of a step to ``stream``: it opens the session the first time, and asks the node
         to push its output along ``following`` (the next streams), as far as they are open push
-        sessions."""
+        sessions; with ``loop``, the last of them to go on with a token loop."""
         opening = None
         if not stream.opened:
             opening, stream.opened = self._opening(stream), True
@@ -258,7 +343,15 @@ class InferenceSession:
                 break
             push.append(PushTarget(peer_id=nxt.hop.peer_id, session_id=nxt.session_id, key=nxt.push_key,
                                    step=nxt.number()))  # fmt: skip
-        return InferenceStep(position=position, step=stream.number(), open=opening, push=push)
+        number = stream.number()
+        token_loop = None
+        if loop is not None and len(push) == len(following or ()):  # the loop goes with the pushes to the end
+            ring = [
+                PushTarget(peer_id=s.hop.peer_id, session_id=s.session_id, key=s.push_key, step=s.numbered + 1)
+                for s in self._streams
+            ]
+            token_loop = loop.turn(ring)
+        return InferenceStep(position=position, step=number, open=opening, push=push, loop=token_loop)
 
     def _connect(self, streams: list[_HopStream]) -> None:
         """Connect ``streams`` at once rather than one after another: over direct lanes, else P2P."""
@@ -307,37 +400,50 @@ class InferenceSession:
             async with asyncio.timeout(self.mesh.config.step_timeout):
                 await asyncio.gather(*(s.open_p2p(self.mesh) for s in streams), return_exceptions=True)
 
-    def _step(self, hidden: WireTensor) -> WireTensor:
+    def _step(
+        self, hidden: WireTensor, loop: "LoopAsk | None" = None, pushed: bool = False
+    ) -> tuple[WireTensor, StepReply | None]:
+        """``hidden`` through every node: the output, and the last node's reply. ``pushed``: the last
+        node of a token loop already sent ``hidden`` to the first (``loop_tokens``)."""
         if self.position == 0:
             self._connect_first()
         began, index, failures = time.perf_counter(), 0, 0
-        pushed = False  # the previous node pushed this node's input to it
+        reply = None
         while index < len(self._streams):
             stream = self._streams[index]
             try:
                 if not pushed:
-                    meta = self._meta(stream, self.position, self._streams[index + 1 :])
+                    meta = self._meta(stream, self.position, self._streams[index + 1 :], loop)
                     stream.send(self.mesh, meta, hidden)
                     self._connect_rest()
                     self._open_spares()
-                    if len(meta.push) == len(self._streams) - index - 1 > 0:
-                        # Pushed on to the last node: wait for its answer (at most twice the last step's
-                        # time) before reading the answers in order. Waking for each earlier answer as
-                        # it came took a core from the node computing next, on a shared machine.
-                        self._streams[-1].answered_within(2 * self._step_seconds)
-                out, pushed = stream.receive(self.mesh, stream.timeout(self.mesh, hidden))
+                if pushed and index == 0 or not pushed and len(meta.push) == len(self._streams) - index - 1 > 0:
+                    # Pushed on to the last node: wait for its answer (at most twice the last step's
+                    # time) before reading the answers in order. Waking for each earlier answer as
+                    # it came took a core from the node computing next, on a shared machine.
+                    self._streams[-1].answered_within(2 * self._step_seconds)
+                out, reply = stream.receive(self.mesh, stream.timeout(self.mesh, hidden))
             except NETWORK_ERRORS as e:
                 failures += 1
                 self._give_up_if_exhausted(failures, stream.hop, e)
+                if loop is not None:  # the loop may still go round the nodes that remain
+                    self._skip_loop_numbers(loop)
                 self._replace(index, e)
                 pushed = False  # the replacement gets this step from the client
                 continue
             stream.inputs.append(hidden)
+            self.pushed_inputs += pushed
             hidden = out
             index += 1
-            self.pushed_inputs += pushed
+            pushed = reply is not None and reply.pushed
         self._step_seconds = time.perf_counter() - began
-        return hidden
+        return hidden, reply
+
+    def _skip_loop_numbers(self, loop: "LoopAsk") -> None:
+        """Number the next messages to every node past those that a token loop asked for up to ``loop.asked``
+        tokens may still use, so that its messages still going round are stale to every node."""
+        for stream in self._streams:
+            stream.numbered += loop.asked + 1
 
     def _give_up_if_exhausted(self, failures: int, hop: RouteHop, error: Exception) -> None:
         if failures > self.mesh.config.max_retries:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import farmesh_core
 from farmesh_core import __version__
-from farmesh_core.architecture import adapter_for
+from farmesh_core.architecture import ArchitectureAdapter, adapter_for, checkpoint_dtype
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.config import NodeConfig, NodeRecord, parse_layers
 from farmesh_core.dht import declare_node, fetch_node_records, start_dht
@@ -23,6 +23,7 @@ from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
 from farmesh_core.node.push import PushLinks
+from farmesh_core.node.token_loop import NodeHead
 from farmesh_core.openmp import release_worker_threads
 from farmesh_core.plugins import (
     get_auth_providers,
@@ -31,6 +32,7 @@ from farmesh_core.plugins import (
     load_plugins,
     pick,
 )
+from farmesh_plugins.quantization import module_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,8 @@ class FarNode:
         self._p2p = self._loop.run(self.dht.replicate_p2p())
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
-        self.handlers.pushes = PushLinks(self.dht, self.prefix, self._p2p, self.peer_id)
+        self.handlers.pushes = PushLinks(self.dht, self.prefix, self._p2p, self.peer_id, self.handlers.push_inboxes)
+        self.handlers.head = self._load_head(checkpoint, adapter, total)
         self._loop.run(self.handlers.register(self._p2p))
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
@@ -202,6 +205,7 @@ class FarNode:
         return start, end
 
     def record(self, state: str = "online") -> NodeRecord:
+        head = self.handlers.head
         return NodeRecord(
             peer_id=self.peer_id,
             start=self.start_layer,
@@ -217,6 +221,7 @@ class FarNode:
             adapters=self.config.adapter_names,
             addrs=self.multiaddrs,
             direct_lane=self.handlers.direct_lane is not None,
+            head_dtype=str(head.dtype).removeprefix("torch.") if head and self.end_layer == head.num_layers else "",
         )
 
     def _announce(self, state: str, ttl: float | None = None) -> None:
@@ -262,6 +267,18 @@ class FarNode:
             return False
         self.move_to(*target)
         return True
+
+    def _load_head(self, checkpoint: Checkpoint, adapter: ArchitectureAdapter, total: int) -> NodeHead | None:
+        """The model's embeddings and LM head, in the checkpoint's dtype as clients load them, where this
+        node serves the last layer and ``serve_head`` allows (see token_loop.py)."""
+        wanted = self.config.serve_head
+        if wanted is False or self.end_layer != total or not self.config.direct_lane:
+            return None
+        head = adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config))
+        if wanted is None and module_nbytes(head) > self.span.layer_bytes * (self.end_layer - self.start_layer):
+            logger.info("Not loading the LM head: it is larger than the layers (serve_head=True loads it)")
+            return None
+        return NodeHead(head, total)
 
     def _load_span(self, start: int, end: int, progress=None) -> tuple[LayerSpan, float]:
         """Layers ``start:end`` and their one-token steps per second; the calling thread's OpenMP

@@ -31,6 +31,7 @@ from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.streams import add_limited_stream_handler
+from farmesh_core.node.token_loop import NodeHead, next_turn
 from farmesh_core.openmp import release_worker_threads, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
@@ -39,6 +40,7 @@ from farmesh_core.wire import (
     OpenSession,
     SpanCall,
     StepReply,
+    TokenLoop,
     WireTensor,
     all_finite,
     chunked_messages,
@@ -97,6 +99,7 @@ class NodeHandlers:
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
         self.push_inboxes = PushInboxes()
+        self.head: NodeHead | None = None  # where it serves the last layer: see token_loop.py
         metrics.watch_node(self)
 
     def close(self) -> None:
@@ -304,8 +307,8 @@ class NodeHandlers:
         """Check and run one step of a session; its answer (pushed on to the next node if asked)."""
         if len(request.tensors) != 1:
             raise RequestError("each inference step carries exactly one tensor")
-        if step.push and opened.push_key is None:
-            raise RequestError("only a push session (opened with push_key) may push")
+        if (step.push or step.loop) and opened.push_key is None:
+            raise RequestError("only a push session (opened with push_key) may push or loop")
         hidden = self._check_hidden(request.tensors[0], opened.batch_size)
         q_len = hidden.shape[1]
         if step.position > cache.length:
@@ -324,13 +327,35 @@ class NodeHandlers:
         proto = wire_tensor(out)
         response = tensor_message(runtime_pb2.ExpertResponse, proto)
         if opened.push_key is not None:
-            pushed = bool(step.push) and self.pushes is not None and self.pushes.push(step.push, step.position, proto)
-            response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed))
+            token, pushed = None, False
+            if step.push:  # (a token loop goes on with the pushes to the node with the last layers)
+                pushed = self.pushes is not None and self.pushes.push(step.push, step.position, proto, step.loop)
+            elif step.loop is not None:
+                token, pushed = self._turn(opened, step.loop, out, step.position + q_len)
+            response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed, token=token))
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
         )
         self._stepped_at = time.perf_counter()
         return response
+
+    def _turn(self, opened: OpenSession, loop: TokenLoop, out: torch.Tensor, length: int) -> tuple[int, bool]:
+        """A turn of a token loop (see token_loop.py) after the step whose output is ``out``, the session
+        then holding ``length`` tokens: the chosen token, and whether its embedding went on to the
+        first node (False where the loop ends or the push cannot be made: the client goes on then)."""
+        head = self.head
+        if head is None or opened.end != head.num_layers:
+            raise RequestError(
+                "this node chooses no tokens: it has no LM head, or the session ends before the last layer"
+            )
+        token = head.choose(out, length, loop)
+        after = next_turn(loop, token, length, opened.max_length)
+        pushed = (
+            after is not None
+            and self.pushes is not None
+            and self.pushes.push(loop.ring, length, head.embedding(token), after)
+        )
+        return token, pushed
 
     # ---- forward / backward ------------------------------------------------------------------
     def _max_call_bytes(self, tensors: int) -> int:

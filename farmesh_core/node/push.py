@@ -32,6 +32,7 @@ from farmesh_core.wire import (
     PushedStep,
     PushTarget,
     StreamProtocolError,
+    TokenLoop,
     WireTensor,
     decode_meta,
     encode_meta,
@@ -53,27 +54,37 @@ IDLE_TIMEOUT = 600.0  # seconds a push link may stay silent before the receiving
 class PushLinks:
     """This node's connections to the direct lanes of the nodes it pushes outputs to."""
 
-    def __init__(self, dht, prefix: str, p2p: P2P, peer_id: str):
+    def __init__(self, dht, prefix: str, p2p: P2P, peer_id: str, inboxes: "PushInboxes | None" = None):
         self.dht, self.prefix, self.p2p, self.peer_id = dht, prefix, p2p, peer_id
+        self.inboxes = inboxes  # this node's own: a push to another of its sessions goes straight there
         self._writers: dict[str, asyncio.StreamWriter] = {}
         self._connecting: dict[str, asyncio.Task] = {}
         self._links: set[asyncio.Task] = set()  # every link's task, connecting or connected
         self._failed_at: dict[str, float] = {}
 
-    def push(self, targets: list[PushTarget], position: int, hidden: WireTensor) -> bool:
-        """Send ``hidden`` (the output of the step at ``position``) to the session of ``targets[0]``,
-        which pushes its own output to ``targets[1]``, and so on; False if it cannot go at once: the
-        client then relays it. The first push to a node starts connecting."""
+    def push(self, targets: list[PushTarget], position: int, hidden: WireTensor, loop: TokenLoop | None = None) -> bool:
+        """Send ``hidden`` (the input of the step at ``position``) to the session of ``targets[0]``,
+        which pushes its own output to ``targets[1]``, and so on (with ``loop`` to the last of them);
+        False if it cannot go at once: the client then relays it. The first push to a node starts
+        connecting; a push to this node itself (a token loop through one node) needs no connection."""
         target, onward = targets[0], targets[1:]
+        meta = PushedStep(
+            session_id=target.session_id, key=target.key, position=position, step=target.step, push=onward, loop=loop
+        )
+        request = tensor_message(runtime_pb2.ExpertRequest, hidden, encode_meta(meta))
+        if target.peer_id == self.peer_id and self.inboxes is not None:
+            try:
+                self.inboxes.deliver(meta, request, self.peer_id)
+            except RequestError:
+                return False
+            metrics.node_push(True)
+            return True
         writer = self._writers.get(target.peer_id)
         if writer is None or writer.is_closing() or writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self._connect_soon(target.peer_id)
             metrics.node_push(False)
             return False
-        meta = PushedStep(
-            session_id=target.session_id, key=target.key, position=position, step=target.step, push=onward
-        )
-        writer.write(framed(tensor_message(runtime_pb2.ExpertRequest, hidden, encode_meta(meta))))
+        writer.write(framed(request))
         metrics.node_push(True)
         return True
 
@@ -171,7 +182,8 @@ class PushInboxes:
 
     @staticmethod
     def _deliver(pushed: PushedStep, request: runtime_pb2.ExpertRequest, inbox: asyncio.Queue) -> None:
-        inbox.put_nowait((InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push), request))
+        step = InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push, loop=pushed.loop)
+        inbox.put_nowait((step, request))
 
     def _hold(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest) -> None:
         now, size = time.monotonic(), request.ByteSize()

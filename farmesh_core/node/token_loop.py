@@ -1,0 +1,56 @@
+"""Token loops: the node that runs a session's last layers chooses each next token and pushes its
+embedding to the first node of the chain, so that a greedy generation goes round the nodes without
+waiting for the client at every token (``wire.TokenLoop``).
+
+The client asks for it on a step; the request travels with the pushes of that step to this node.
+Each turn the node chooses the token from its output as the client would (the checkpoint's own head,
+in the checkpoint's dtype, through ``generation.next_token``: the same bits and choice), answers the
+client with it, and pushes the token's embedding to the first node of the ring with the loop's next
+turn, which comes back to this node through the chain. Every node still answers the client, which
+keeps each node's inputs as before: when a node fails, the client replaces it and replays them.
+
+A turn saves the client's part of a token (its final norm, LM head, choice, the next embedding and
+sending it) and the hand-off through the client: on one machine the client waking; across
+machines, a round trip to it.
+"""
+
+import torch
+
+from farmesh_core.architecture import ClientHead
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
+from farmesh_core.errors import RequestError
+from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
+
+
+class NodeHead:
+    """The embeddings, final norm and LM head of the model, as a client loads them, on the node that
+    serves the model's last layer."""
+
+    def __init__(self, head: ClientHead, num_layers: int):
+        self.head, self.num_layers = head, num_layers
+        self.dtype = head.lm_head.weight.dtype
+
+    @torch.inference_mode()
+    def choose(self, hidden: torch.Tensor, length: int, loop: TokenLoop) -> int:
+        """The greedy token after ``hidden`` [1, seq, hidden] (the output of the session's last layer), the
+        session then holding ``length`` tokens: as the client's ``TokenChooser`` with ``NoEosBefore``."""
+        if hidden.shape[0] != 1:
+            raise RequestError("a token loop runs one sequence")
+        masked = [NoEosBefore(loop.masked_until, loop.masked_ids)] if loop.masked_ids and loop.masked_until else []
+        choose = TokenChooser.greedy_after(masked)
+        ids = torch.empty(1, length, dtype=torch.long)  # the ids so far: NoEosBefore reads only their number
+        return int(next_token(self.head, choose, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
+
+    @torch.inference_mode()
+    def embedding(self, token: int) -> WireTensor:
+        """The first layer's input for ``token``, as the client sends it."""
+        return wire_tensor(self.head.embed(torch.tensor([[token]])))
+
+
+def next_turn(loop: TokenLoop, token: int, length: int, max_length: int) -> TokenLoop | None:
+    """The loop's next turn after choosing ``token`` with ``length`` tokens in the session (the ring's
+    step numbers one further), or None where it ends: the last token asked for, an EOS, or a full session."""
+    if loop.tokens <= 1 or token in loop.eos_token_ids or length >= max_length:
+        return None
+    ring = [PushTarget(peer_id=t.peer_id, session_id=t.session_id, key=t.key, step=t.step + 1) for t in loop.ring]
+    return loop.model_copy(update={"ring": ring, "tokens": loop.tokens - 1})
