@@ -4,7 +4,7 @@ waiting for the client at every token (``wire.TokenLoop``).
 
 The client asks for it on a step; the request travels with the pushes of that step to this node.
 Each turn the node chooses the token from its output as the client would (the checkpoint's own head,
-in the checkpoint's dtype, through ``generation.next_token``: the same bits and choice), answers the
+in the checkpoint's dtype: the same logits, and the first of their best), answers the
 client with it, and pushes the token's embedding to the first node of the ring with the loop's next
 turn, which comes back to this node through the chain. Every node still answers the client, which
 keeps each node's inputs as before: when a node fails, the client replaces it and replays them.
@@ -17,7 +17,7 @@ machines, a round trip to it.
 import torch
 
 from farmesh_core.architecture import ClientHead
-from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
+from farmesh_core.client.generation import NoEosBefore
 from farmesh_core.errors import RequestError
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
@@ -33,13 +33,17 @@ class NodeHead:
     @torch.inference_mode()
     def choose(self, hidden: torch.Tensor, length: int, loop: TokenLoop) -> int:
         """The greedy token after ``hidden`` [1, seq, hidden] (the output of the session's last layer), the
-        session then holding ``length`` tokens: as the client's ``TokenChooser`` with ``NoEosBefore``."""
+        session then holding ``length`` tokens: the first of the exact logits' best, as the client's
+        ``TokenChooser`` takes it, after ``NoEosBefore``'s mask. Not through the head's quick logits, as
+        the client chooses: right after the layers' step the head's weights are out of the cache, and
+        the one exact pass was the quicker here (0.15 against 0.29 ms, vocabulary 1024)."""
         if hidden.shape[0] != 1:
             raise RequestError("a token loop runs one sequence")
-        masked = [NoEosBefore(loop.masked_until, loop.masked_ids)] if loop.masked_ids and loop.masked_until else []
-        choose = TokenChooser.greedy_after(masked)
-        ids = torch.empty(1, length, dtype=torch.long)  # the ids so far: NoEosBefore reads only their number
-        return int(next_token(self.head, choose, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
+        scores = self.head.logits(self.head.in_head_dtype(hidden[:, -1])).float()
+        if loop.masked_ids and length < loop.masked_until:
+            ids = torch.empty(1, length, dtype=torch.long)  # NoEosBefore reads only their number
+            scores = NoEosBefore(loop.masked_until, loop.masked_ids)(ids, scores)
+        return int(scores.argmax(dim=-1))
 
     @torch.inference_mode()
     def embedding(self, token: int) -> WireTensor:
