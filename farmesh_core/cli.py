@@ -55,7 +55,7 @@ def cmd_node(args) -> None:
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, lean_layers=args.lean_layers,
         pack_batch_weights=args.pack_batch_weights, exact_batches=args.exact_batches, direct_lane=args.direct_lane,
-        max_session_length=args.max_session_length, step_timeout=args.step_timeout,
+        serve_head=args.serve_head, max_session_length=args.max_session_length, step_timeout=args.step_timeout,
         max_message_bytes=args.max_message_bytes, **_network_options(args),
     )  # fmt: skip
     options.update(
@@ -215,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode batches of several sessions, and a shared session's rows, give each row its step's bits "
         "alone, so tokens stay transformers' even at float32 near ties (slower batches); by default, batches "
         "of sessions only, where the layers' weights fit the CPU's last-level cache",
+    )  # fmt: skip
+    p.add_argument(
+        "--serve-head", action=argparse.BooleanOptionalAction, default=None,
+        help="where the node serves the model's last layer, load the embeddings and LM head too and choose greedy "
+        "tokens itself, so a generation goes round the nodes without waiting for the client at each token; by "
+        "default, where they take no more memory than the node's layers",
     )  # fmt: skip
     p.add_argument(
         "--no-direct-lane", dest="direct_lane", action="store_false",

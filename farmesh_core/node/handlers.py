@@ -53,14 +53,6 @@ from farmesh_core.wire import (
 )
 
 logger = logging.getLogger(__name__)
-import os as _os, time as _time
-_TRF = {}
-def _tr(tag):
-    if not _os.environ.get("FTRACE"): return
-    pid = _os.getpid()
-    f = _TRF.get(pid)
-    if f is None: f = _TRF[pid] = open(f"/tmp/p24/tr/{pid}.txt", "a", buffering=1)
-    f.write(f"{tag} {_time.monotonic_ns()}\n")
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
 # An inline prefill uses ``num_threads`` only if the node stepped within this long: a 2-thread prefill
@@ -317,7 +309,12 @@ class NodeHandlers:
             raise RequestError("each inference step carries exactly one tensor")
         if (step.push or step.loop) and opened.push_key is None:
             raise RequestError("only a push session (opened with push_key) may push or loop")
-        _tr('in')
+        turns = step.loop is not None and not step.push  # a token loop's turn is this node's (see _turn)
+        if turns and (self.head is None or opened.end != self.head.num_layers or opened.batch_size != 1):
+            raise RequestError(
+                "this node chooses no tokens here: a token loop runs one sequence, on the node with the LM head "
+                "and the model's last layer"
+            )
         hidden = self._check_hidden(request.tensors[0], opened.batch_size)
         q_len = hidden.shape[1]
         if step.position > cache.length:
@@ -334,16 +331,14 @@ class NodeHandlers:
                 self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter,
             )  # fmt: skip
         token, pushed = None, False
-        if step.loop is not None and not step.push:  # first: the next turn waits for it
+        if turns:  # first: the next turn waits for it
             token, pushed = self._turn(opened, step.loop, out, step.position + q_len)
-        _tr('computed')
         proto = wire_tensor(out)
         response = tensor_message(runtime_pb2.ExpertResponse, proto)
         if opened.push_key is not None:
             if step.push:  # (a token loop goes on with the pushes to the node with the last layers)
                 pushed = self.pushes is not None and self.pushes.push(step.push, step.position, proto, step.loop)
             response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed, token=token))
-            _tr('answer')
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
         )
@@ -355,12 +350,7 @@ class NodeHandlers:
         then holding ``length`` tokens: the chosen token, and whether its embedding went on to the
         first node (False where the loop ends or the push cannot be made: the client goes on then)."""
         head = self.head
-        if head is None or opened.end != head.num_layers:
-            raise RequestError(
-                "this node chooses no tokens: it has no LM head, or the session ends before the last layer"
-            )
         token = head.choose(out, length, loop)
-        _tr('chosen')
         after = next_turn(loop, token, length, opened.max_length)
         pushed = (
             after is not None

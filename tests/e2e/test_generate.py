@@ -363,7 +363,7 @@ def test_greedy_and_sampled_tokens_equal_transformers_with_the_head_split(mesh, 
     certain = TokenChooser.certain
     monkeypatch.setattr(TokenChooser, "certain", lambda *a: outcomes.append(certain(*a)) or outcomes[-1])
     expected = list(hf_greedy_ids(mesh.model_dir, PROMPT, 32))
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs, token_loop=False) as client:  # the client's head
         steps = list(client.generate_ids(prompt_ids(mesh.model_dir), 32))
         split = client.head._head_batcher.linear
         assert isinstance(split, SplitHead) and split.exact

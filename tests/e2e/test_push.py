@@ -45,10 +45,12 @@ def generate(lane_client, llama_mesh, tokens: int = TOKENS) -> tuple[list[int], 
         return ids, session.pushed_inputs
 
 
-def test_pushed_and_relayed_sessions_match_transformers(lane_client, llama_mesh):
+def test_pushed_and_relayed_sessions_match_transformers(llama_mesh):
+    """Without token loops (``test_token_loop.py``), so that the client sends every step to the first node."""
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
-    generate(lane_client, llama_mesh)  # the first push request of a node opens its link to the next one
-    tokens, pushed = generate(lane_client, llama_mesh)
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, token_loop=False) as pushing:
+        generate(pushing, llama_mesh)  # the first push request of a node opens its link to the next one
+        tokens, pushed = generate(pushing, llama_mesh)
     assert tokens == expected
     assert pushed == TOKENS  # every step, the prompt's too: the client opened the second node's session ahead
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=False) as relaying:
@@ -70,7 +72,8 @@ def test_a_prompt_of_large_messages_gives_transformers_tokens(lane_client, llama
             with client.inference_session(ids.shape[1] + TOKENS) as session:
                 tokens = [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)]
         assert tokens == expected
-        assert session.pushed_inputs == (TOKENS if push else 0)
+        # each step's push to the second node, and in the token loop each next token's to the first
+        assert session.pushed_inputs == (2 * TOKENS - 1 if push else 0)
 
 
 def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
@@ -79,7 +82,7 @@ def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama
         generate(client, three)  # opens the links
         tokens, pushed = generate(client, three)
     assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
-    assert pushed == 2 * TOKENS  # both hops of every step
+    assert pushed == 2 * TOKENS + TOKENS - 1  # both hops of every step, and the token loop's hop back
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------
@@ -273,6 +276,7 @@ def test_a_node_killed_mid_generation_costs_a_replay_not_the_answer(spare_mesh, 
             assert victim not in [hop.peer_id for hop in session.route]
             assert len(session.recoveries) == 1
             assert session.pushed_inputs > pushes_before  # the new chain pushes too
+            assert session.looped_tokens == NEW_TOKENS  # and loops: the second node chose every token
     assert pushes_before > 0
     assert tokens == reference
 

@@ -1,0 +1,60 @@
+"""A token loop's turn on the node with the LM head: its choice is the client's, and the next turn's
+step numbers and token count follow (``farmesh_core.node.token_loop``)."""
+
+import torch
+
+from farmesh_core.architecture import adapter_for, checkpoint_dtype
+from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
+from farmesh_core.node.token_loop import NodeHead, next_turn
+from farmesh_core.wire import PushTarget, TokenLoop, deserialize_tensor
+from tests.helpers import randn
+
+RING = [
+    PushTarget(peer_id="first", session_id="s0", key="k" * 32, step=3),
+    PushTarget(peer_id="last", session_id="s1", key="q" * 32, step=7),
+]
+
+
+def node_head(model_dir: str) -> NodeHead:
+    checkpoint = Checkpoint(model_dir)
+    adapter = adapter_for(checkpoint.config)
+    return NodeHead(adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config)), 8)
+
+
+def test_the_node_chooses_the_token_the_client_would(tiny_llama):
+    head = node_head(tiny_llama)
+    loop = TokenLoop(ring=RING, tokens=4)
+    for seed in range(16):
+        hidden = randn(1, 3, 256, seed=seed)
+        client_choice = next_token(head.head, TokenChooser(), torch.zeros(1, 10, dtype=torch.long), hidden[:, -1])
+        assert head.choose(hidden, 10, loop) == int(client_choice[0])
+
+
+def test_masked_ids_are_not_chosen_before_the_minimum_length(tiny_llama):
+    head = node_head(tiny_llama)
+    hidden = randn(1, 1, 256, seed=3)
+    best = head.choose(hidden, 10, TokenLoop(ring=RING, tokens=4))
+    masked = TokenLoop(ring=RING, tokens=4, eos_token_ids=[best], masked_ids=[best], masked_until=12)
+    client = TokenChooser.greedy_after([NoEosBefore(12, [best])])
+    for length in (10, 11, 12, 13):
+        expected = int(next_token(head.head, client, torch.zeros(1, length, dtype=torch.long), hidden[:, -1])[0])
+        assert head.choose(hidden, length, masked) == expected
+        assert (expected == best) == (length >= 12)
+
+
+def test_the_next_turn_numbers_each_node_one_further_and_counts_down():
+    loop = TokenLoop(ring=RING, tokens=3, eos_token_ids=[2])
+    after = next_turn(loop, token=5, length=20, max_length=64)
+    assert [t.step for t in after.ring] == [4, 8] and after.tokens == 2 and after.eos_token_ids == [2]
+    assert [t.session_id for t in after.ring] == ["s0", "s1"]
+    assert next_turn(after, token=5, length=21, max_length=64).tokens == 1
+    assert next_turn(loop.model_copy(update={"tokens": 1}), token=5, length=20, max_length=64) is None  # the last
+    assert next_turn(loop, token=2, length=20, max_length=64) is None  # an EOS
+    assert next_turn(loop, token=5, length=64, max_length=64) is None  # the session is full
+
+
+def test_the_embedding_pushed_is_the_one_the_client_sends(tiny_llama):
+    head = node_head(tiny_llama)
+    for token in (0, 17, 1023):
+        assert torch.equal(deserialize_tensor(head.embedding(token)), head.head.embed(torch.tensor([[token]])))
