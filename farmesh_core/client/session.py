@@ -279,7 +279,7 @@ class InferenceSession:
 
     def loop_tokens(
         self, hidden: torch.Tensor, ask: "LoopAsk", embed: Callable[[int], torch.Tensor],
-        choose: Callable[[torch.Tensor, int], int],
+        choose: Callable[[torch.Tensor], int],
     ) -> Iterator[int]:  # fmt: skip
         """The next ``ask.tokens`` greedy tokens after ``hidden`` [1, seq, hidden] (inputs not sent yet),
         chosen by the node with the last layers, which sends each one's embedding round the chain
@@ -288,7 +288,7 @@ class InferenceSession:
         The client reads every node's answer as it comes, and keeps each node's inputs as in
         :meth:`step` (``embed(token)`` is the first node's, as the loop pushed it), so a failed node is
         replaced as there; the step then goes on from the client, which asks the loop to go on. Where
-        the last node did not choose (a replacement without a head), ``choose(output, length)`` does.
+        the last node did not choose (a replacement without a head), ``choose(output)`` does.
         """
         self._begin(hidden)
         if self._owed is not None:
@@ -303,7 +303,7 @@ class InferenceSession:
                 self.position += length
                 token = None if reply is None else reply.token
                 if token is None:
-                    token = choose(deserialize_tensor(out, copy=True), self.position)
+                    token = choose(deserialize_tensor(out, copy=True))
                 else:
                     self.looped_tokens += 1
                 ask.tokens -= 1
@@ -416,7 +416,7 @@ class InferenceSession:
                     meta = self._meta(stream, self.position, self._streams[index + 1 :], loop)
                     stream.send(self.mesh, meta, hidden)
                     self._connect_rest()
-                    self._open_spares()
+                self._open_spares()  # (once: a turn of a token loop, whose input the client never sends, too)
                 if pushed and index == 0 or not pushed and len(meta.push) == len(self._streams) - index - 1 > 0:
                     # Pushed on to the last node: wait for its answer (at most twice the last step's
                     # time) before reading the answers in order. Waking for each earlier answer as

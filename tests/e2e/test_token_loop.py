@@ -58,10 +58,10 @@ def test_one_node_loops_to_itself(mesh_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def eos_llama(tiny_llama, tmp_path_factory) -> tuple[str, int]:
-    """The tiny Llama with the EOS id set to the 6th token of its greedy continuation (which no earlier
+    """The tiny Llama with the EOS id set to the 13th token of its greedy continuation (which no earlier
     token is), so that a generation meets it; returns the checkpoint and that id."""
     reference = list(hf_greedy_ids(tiny_llama, PROMPT, 24))
-    index = next(i for i in range(5, 24) if reference[i] not in reference[:i])
+    index = next(i for i in range(12, 24) if reference[i] not in reference[:i])
     path = tmp_path_factory.mktemp("eos") / "tiny-llama"
     shutil.copytree(tiny_llama, path)
     for name in ("config.json", "generation_config.json"):
@@ -79,7 +79,7 @@ def eos_client(mesh_factory, eos_llama):
         yield client
 
 
-@pytest.mark.parametrize("min_new_tokens", [0, 10])
+@pytest.mark.parametrize("min_new_tokens", [0, 16])
 def test_an_eos_and_a_minimum_length_are_transformers(eos_client, eos_llama, min_new_tokens):
     model_dir, eos = eos_llama
     ids = prompt_ids(model_dir)
@@ -94,6 +94,24 @@ def test_an_eos_and_a_minimum_length_are_transformers(eos_client, eos_llama, min
     tokens, looped, _ = generate(eos_client, model_dir, 24, min_new_tokens=min_new_tokens)
     assert tokens == expected
     assert looped == len(expected)
+
+
+def test_a_minimum_length_counts_from_the_calls_own_ids_in_a_continued_session(eos_client, eos_llama):
+    """The node compares the session's whole length with the mask's end: a second call in a session
+    must place it after what the session already holds, as transformers' processor counts its ids."""
+    model_dir, eos = eos_llama
+    ids = prompt_ids(model_dir)
+    with eos_client.inference_session(ids.shape[1] + 40) as session:
+        first = [int(t[0]) for t in eos_client.generate_ids(ids, 8, session=session)]
+        pending = torch.tensor([first[-1:]])  # the last token chosen was not sent
+        second = [int(t[0]) for t in eos_client.generate_ids(pending, 24, session=session, min_new_tokens=10)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen = torch.cat([ids, torch.tensor([first])], dim=1)
+    with torch.no_grad():
+        out = model.generate(seen, max_new_tokens=24, min_new_tokens=10, do_sample=False)
+    assert second == out[0, seen.shape[1] :].tolist()
+    reference = list(hf_greedy_ids(model_dir, PROMPT, 24))
+    assert eos in reference[8:18]  # unmasked, the second call would have met the EOS within its first 10
 
 
 def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers(lane_client, llama_mesh):
