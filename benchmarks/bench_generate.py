@@ -140,9 +140,12 @@ def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Itera
 
 
 def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
-    """FarMesh with nodes serving ``spans``; with several nodes, also with the client relaying every step
-    (push off), run for run alternately with the default (nodes push outputs to the next node); and
-    through the Petals-compatible API (transformers' ``generate``), as Petals' benchmark calls Petals."""
+    """FarMesh with nodes serving ``spans``, the client's defaults (on one machine, a token loop through one
+    node, and the client choosing every token through several: see ``InferenceSession.loops``); also,
+    run for run alternately with it, with a token loop forced on (the last node chooses each token and
+    sends it round) and off (the client sends each step to the first node, which pushes to the next),
+    and with several nodes with the client relaying every step (push off); and through the
+    Petals-compatible API (transformers' ``generate``), as Petals' benchmark calls Petals."""
     from farmesh_core.client import DistributedInferenceClient
     from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 
@@ -151,17 +154,24 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
         causal_lm = clients.enter_context(
             DistributedModelForCausalLM.from_pretrained(model.dir, dht_bootstrap=mesh.addrs)
         )
-        relaying = None
-        if len(spans) > 1:
-            relaying = clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, push=False))
-        results, relayed, petals_style, ids = [], [], [], None
+        variants = {
+            "token_loop": {"token_loop": True}, "client_chooses": {"token_loop": False},
+            "relayed_by_client": {"push": False},
+        }  # fmt: skip
+        others = {
+            name: clients.enter_context(DistributedInferenceClient(model.dir, mesh.addrs, **options))
+            for name, options in variants.items()
+            if len(spans) > 1 or name != "relayed_by_client"
+        }
+        results, petals_style, ids = [], [], None
+        other_results: dict[str, list] = {name: [] for name in others}
         for _ in range(runs + 1):
             ids, metrics = generation(client, input_ids)
             results.append(metrics)
-            if relaying is not None:
-                relayed_ids, metrics = generation(relaying, input_ids)
-                relayed.append(metrics)
-                assert relayed_ids == ids, "relayed and pushed sessions gave different tokens"
+            for name, other in others.items():
+                other_ids, metrics = generation(other, input_ids)
+                other_results[name].append(metrics)
+                assert other_ids == ids, f"{name} gave other tokens than the default client"
             petals_ids, metrics = petals_style_generation(causal_lm, input_ids)
             petals_style.append(metrics)
             assert petals_ids == ids, "transformers' generate and generate_ids gave different tokens"
@@ -210,8 +220,8 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             concurrency["load_curve"] = bench_load_curve(generate_ids, model, runs)
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
-    if relayed:
-        out["relayed_by_client"] = _collect(relayed[1:])
+    for name, metrics in other_results.items():
+        out[name] = _collect(metrics[1:])
     out["transformers_generate"] = _collect(petals_style[1:])
     out.update(concurrency)
     return out, ids

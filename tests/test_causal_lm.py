@@ -50,6 +50,22 @@ def model(mesh):
         yield model
 
 
+@pytest.fixture(scope="module")
+def chooser(mesh):
+    """A model whose client chooses every token itself (no token loop through the nodes)."""
+    model_dir, bootstrap = mesh
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, token_loop=False) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def looping(mesh):
+    """A model whose greedy generations loop through the nodes (by default not here: both are local)."""
+    model_dir, bootstrap = mesh
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, token_loop=True) as model:
+        yield model
+
+
 def hf_greedy(reference, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return reference.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)
 
@@ -214,6 +230,23 @@ def test_plain_greedy_generate_takes_the_lean_loop_with_transformers_streams_and
 
 
 @pytest.mark.timeout(300)
+def test_plain_greedy_generate_goes_round_the_nodes_in_a_token_loop(looping, chooser, reference):
+    """After transformers' own first step, the node with the last layer chooses the tokens (see
+    test_token_loop.py); a model with token loops off chooses every one itself. Both give transformers'
+    tokens, and a second call in the session goes on from the first's."""
+    input_ids = torch.tensor([PROMPT])
+    greedy = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = reference.generate(input_ids, **greedy)
+    for lm, looped in ((looping, 19), (chooser, 0)):
+        with lm.inference_session(max_length=len(PROMPT) + 40) as session:
+            first = lm.generate(input_ids, **greedy)
+            assert torch.equal(first, expected)
+            assert session.looped_tokens == looped
+            more = lm.generate(first, **greedy)
+        assert torch.equal(more, reference.generate(first, **greedy))
+
+
+@pytest.mark.timeout(300)
 def test_seeded_sampling_matches_transformers(model, reference):
     input_ids = torch.tensor([PROMPT])
     options = dict(max_new_tokens=16, do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
@@ -247,7 +280,7 @@ def test_plain_greedy_generate_takes_quick_logits_and_stays_exact(mesh, referenc
     input_ids = torch.tensor([PROMPT])
     greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     penalised = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.3)
-    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap) as model:
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, token_loop=False) as model:
         with model.inference_session(max_length=len(PROMPT) + 24):
             assert torch.equal(model.generate(input_ids, **greedy), reference.generate(input_ids, **greedy))
         assert model.quick_logits > 12  # of 24 steps (a step whose bound could change its choice is exact)
@@ -257,19 +290,20 @@ def test_plain_greedy_generate_takes_quick_logits_and_stays_exact(mesh, referenc
 
 
 @pytest.mark.timeout(300)
-def test_minimum_lengths_hold_back_eos_as_transformers_does(model, reference, monkeypatch):
+def test_minimum_lengths_hold_back_eos_as_transformers_does(looping, chooser, reference, monkeypatch):
     """``min_new_tokens`` and ``min_length`` mask EOS through FarMesh's ``NoEosBefore`` (no vocabulary
-    mask per step) with transformers' tokens. EOS is made a token the greedy continuation reaches at
-    its 5th step, so the masks change the output."""
+    mask per step) with transformers' tokens, in the client and in a token loop on the nodes. EOS is
+    made a token the greedy continuation reaches at its 5th step, so the masks change the output."""
     calls = []
     monkeypatch.setattr(NoEosBefore, "__call__", lambda self, ids, scores: calls.append(1) or masked(self, ids, scores))
     input_ids = torch.tensor([PROMPT])
     eos = int(hf_greedy(reference, input_ids, 5)[0, -1])
     unmasked = dict(max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    stopped = model.generate(input_ids, **unmasked)
+    stopped = looping.generate(input_ids, **unmasked)
     assert stopped.shape[1] <= len(PROMPT) + 5 and int(stopped[0, -1]) == eos
     for minimum in ({"min_new_tokens": 12}, {"min_length": len(PROMPT) + 12}):
         calls.clear()
-        out = model.generate(input_ids, **unmasked, **minimum)
+        out = chooser.generate(input_ids, **unmasked, **minimum)
         assert torch.equal(out, reference.generate(input_ids, **unmasked, **minimum))
         assert out.shape[1] >= len(PROMPT) + 12 and len(calls) >= 12
+        assert torch.equal(looping.generate(input_ids, **unmasked, **minimum), out)  # masked on the last node

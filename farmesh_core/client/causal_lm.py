@@ -43,7 +43,14 @@ from transformers.utils import ModelOutput
 
 from farmesh_core.architecture import checkpoint_dtype
 from farmesh_core.client.batched_generation import GenerationBatcher
-from farmesh_core.client.generation import NoEosBefore, TokenChooser, decode, greedy_certain_logits, next_token
+from farmesh_core.client.generation import (
+    NoEosBefore,
+    TokenChooser,
+    decode,
+    greedy_certain_logits,
+    loop_ask,
+    next_token,
+)
 from farmesh_core.client.mesh import connect
 from farmesh_core.client.remote_layers import DistributedModel
 from farmesh_core.client.session import InferenceSession
@@ -361,8 +368,25 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         stops, choose = _StopRules(stopping_criteria), TokenChooser.greedy_after(logits_processor)
 
         def alone(prompt: torch.Tensor = input_ids) -> Iterator[torch.Tensor]:
-            """This call's tokens through its own session; each ``send`` gives it the ids so far."""
+            """This call's tokens through its own session; each ``send`` gives it the ids so far. After the
+            first, where the call stops only at its length or an EOS, in a token loop (see ``decode``)."""
             ids = yield choose(prompt, self._prefill(prompt, generation_config, model_kwargs).logits[:, -1])
+            session, left = cache.session, min((c.max_length for c in stops.max_lengths), default=0) - ids.shape[1]
+            loop = None if stops.others else loop_ask(choose, stops.eos, left, session.position + 1 - ids.shape[1])
+            if loop is not None and session.loops(self.head.lm_head.weight.dtype):
+
+                def choose_here(hidden: torch.Tensor) -> int:  # where the last node did not choose
+                    return int(next_token(self.head, choose, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
+
+                embed = lambda token: self.head.embed(torch.tensor([[token]]))  # noqa: E731
+                steps = session.loop_tokens(self.head.embed(ids[:, -1:]), loop, embed, choose_here)
+                try:
+                    for token in steps:
+                        cache.record(ids[:, -1:])  # the input of the turn that chose it
+                        ids = yield torch.tensor([token])
+                finally:
+                    steps.close()
+                return
             while True:
                 ids = yield next_token(self.head, choose, ids, self._session_hidden(cache, ids[:, -1:])[:, -1])
 

@@ -212,15 +212,17 @@ def decode(
     not seen them); stops after ``max_new_tokens``, or once every row has chosen one of ``eos``."""
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     eos_ids = set(eos.tolist())  # checked in Python first: most tokens are not EOS
-    loop = _loop_ask(choose, eos_ids, max_new_tokens, session.position)
+    loop = loop_ask(choose, eos_ids, max_new_tokens, session.position)
     if loop is not None and input_ids.shape[0] == 1 and session.loops(head.lm_head.weight.dtype):
+        chosen: list[int] = []  # (a list: a tensor of the ids so far only where the client chooses)
 
-        def choose_here(hidden: torch.Tensor) -> int:  # where the last node did not choose (``input_ids``: so far)
-            return int(next_token(head, choose, input_ids, head.in_head_dtype(hidden[:, -1]))[0])
+        def choose_here(hidden: torch.Tensor) -> int:  # where the last node did not choose
+            ids = torch.cat([input_ids, torch.tensor([chosen], dtype=input_ids.dtype)], dim=1)
+            return int(next_token(head, choose, ids, head.in_head_dtype(hidden[:, -1]))[0])
 
         for token in session.loop_tokens(head.embed(input_ids), loop, lambda t: head.embed(torch.tensor([[t]])),
                                          choose_here):  # fmt: skip
-            input_ids = torch.cat([input_ids, torch.tensor([[token]])], dim=1)
+            chosen.append(token)
             yield torch.tensor([token])
         return
     new_input = input_ids
@@ -238,15 +240,17 @@ def decode(
                 return
 
 
-def _loop_ask(choose: TokenChooser, eos_ids: set[int], max_new_tokens: int, offset: int) -> LoopAsk | None:
-    """What a token loop must do to choose as ``choose`` does (greedy, at most a minimum length's EOS
-    mask), or None where it cannot. ``offset``: the session's length before the ids ``choose`` sees
-    (the node counts the session's whole length)."""
-    masks = [p for p in choose.processors if isinstance(p, NoEosBefore)]
-    if not choose.takes_bounds or len(masks) > 1 or max_new_tokens < 1:
+def loop_ask(choose: TokenChooser, eos_ids: set[int], max_new_tokens: int, offset: int) -> LoopAsk | None:
+    """What a token loop must do to choose up to ``max_new_tokens`` as ``choose`` does (greedy, at most
+    a minimum length's EOS mask), or None where it cannot. ``offset``: the session's length less the
+    ids ``choose`` sees at the same moment (the node counts the session's whole length)."""
+    masks = [p for p in choose.processors if isinstance(p, NoEosBefore)]  # (takes_bounds: no others)
+    if not choose.takes_bounds or len({tuple(m.eos_token_ids) for m in masks}) > 1 or max_new_tokens < 1:
         return None
-    mask = masks[0] if masks else NoEosBefore(0, [])
-    return LoopAsk(max_new_tokens, sorted(eos_ids), list(mask.eos_token_ids), mask.length + offset)
+    if not masks:
+        return LoopAsk(max_new_tokens, sorted(eos_ids))
+    until = max(m.length for m in masks)  # (transformers' minimum length and minimum new tokens may both be set)
+    return LoopAsk(max_new_tokens, sorted(eos_ids), list(masks[0].eos_token_ids), until + offset)
 
 
 def _next_tokens(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

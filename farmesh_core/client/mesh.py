@@ -261,6 +261,13 @@ class MeshConnection:
         record = self._record(peer_id)
         return record is not None and record.direct_lane
 
+    def on_this_machine(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` announced only loopback addresses (so it runs on the client's machine)."""
+        record = self._record(peer_id)
+        if record is None or not record.addrs:
+            return False
+        return all(addr.startswith(("/ip4/127.", "/ip6/::1/")) for addr in record.addrs)
+
     def chooses_tokens(self, peer_id: str, end: int, dtype: torch.dtype) -> bool:
         """Whether ``peer_id`` announced an LM head of ``dtype`` after its layers ending at ``end`` (the
         model's last: it can choose tokens in a token loop, see ``wire.TokenLoop``)."""

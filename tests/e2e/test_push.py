@@ -72,8 +72,7 @@ def test_a_prompt_of_large_messages_gives_transformers_tokens(lane_client, llama
             with client.inference_session(ids.shape[1] + TOKENS) as session:
                 tokens = [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)]
         assert tokens == expected
-        # each step's push to the second node, and in the token loop each next token's to the first
-        assert session.pushed_inputs == (2 * TOKENS - 1 if push else 0)
+        assert session.pushed_inputs == (TOKENS if push else 0)  # (no token loop: both nodes are local)
 
 
 def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
@@ -82,7 +81,7 @@ def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama
         generate(client, three)  # opens the links
         tokens, pushed = generate(client, three)
     assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
-    assert pushed == 2 * TOKENS + TOKENS - 1  # both hops of every step, and the token loop's hop back
+    assert pushed == 2 * TOKENS  # both hops of every step (no token loop: the nodes are local)
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------
@@ -263,7 +262,7 @@ def reference(tiny_llama) -> list[int]:
 def test_a_node_killed_mid_generation_costs_a_replay_not_the_answer(spare_mesh, tiny_llama, reference, victim_start):
     addrs, procs = spare_mesh
     input_ids = prompt_ids(tiny_llama)
-    with DistributedInferenceClient(tiny_llama, addrs) as client:
+    with DistributedInferenceClient(tiny_llama, addrs, token_loop=True) as client:
         tokens = []
         with client.inference_session(input_ids.shape[1] + NEW_TOKENS) as session:
             victim = next(hop.peer_id for hop in session.route if hop.start == victim_start)

@@ -31,6 +31,13 @@ pytestmark = pytest.mark.timeout(180)
 TOKENS = 12
 
 
+@pytest.fixture(scope="module")
+def loop_client(llama_mesh):
+    """A client of the shared 2-node mesh that loops (by default it would not: both nodes run on its machine)."""
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, token_loop=True) as client:
+        yield client
+
+
 def generate(client, model_dir: str, tokens: int = TOKENS, **options) -> tuple[list[int], int, int]:
     """The tokens of a greedy generation in a session of its own, with how many the last node chose and
     how many inputs a node got pushed."""
@@ -40,14 +47,22 @@ def generate(client, model_dir: str, tokens: int = TOKENS, **options) -> tuple[l
         return [int(t[0]) for t in steps], session.looped_tokens, session.pushed_inputs
 
 
-def test_greedy_tokens_go_round_the_nodes(lane_client, llama_mesh):
+def test_greedy_tokens_go_round_the_nodes(loop_client, llama_mesh):
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
-    generate(lane_client, llama_mesh.model_dir)  # the first push of a node opens its link to the next one
+    generate(loop_client, llama_mesh.model_dir)  # the first push of a node opens its link to the next one
     # every token chosen by the second node, and every input pushed: each step's to the second node, and
     # each next token's to the first (not the prompt's, which the client sends)
-    assert generate(lane_client, llama_mesh.model_dir) == (expected, TOKENS, 2 * TOKENS - 1)
-    heads = {r.start: r.head_dtype for r in lane_client.mesh.records(refresh=True)}
+    assert generate(loop_client, llama_mesh.model_dir) == (expected, TOKENS, 2 * TOKENS - 1)
+    heads = {r.start: r.head_dtype for r in loop_client.mesh.records(refresh=True)}
     assert heads == {0: "", 4: "float32"}  # only the node with the last layer announces a head
+
+
+def test_by_default_the_client_chooses_where_several_nodes_share_its_machine(lane_client, llama_mesh):
+    """(On one machine the loop was no quicker through two nodes; through one it was: see
+    ``InferenceSession.loops``, and test_one_node_loops_to_itself.)"""
+    expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
+    generate(lane_client, llama_mesh.model_dir)
+    assert generate(lane_client, llama_mesh.model_dir) == (expected, 0, TOKENS)
 
 
 def test_one_node_loops_to_itself(mesh_factory, tiny_llama):
@@ -74,7 +89,7 @@ def eos_llama(tiny_llama, tmp_path_factory) -> tuple[str, int]:
 @pytest.fixture(scope="module")
 def eos_client(mesh_factory, eos_llama):
     mesh = mesh_factory(eos_llama[0], "0:4", "4:8")
-    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs, token_loop=True) as client:
         generate(client, mesh.model_dir)  # opens the push links
         yield client
 
@@ -114,18 +129,18 @@ def test_a_minimum_length_counts_from_the_calls_own_ids_in_a_continued_session(e
     assert eos in reference[8:18]  # unmasked, the second call would have met the EOS within its first 10
 
 
-def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers(lane_client, llama_mesh):
+def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers(loop_client, llama_mesh):
     """The loop runs on round the nodes after the client stops reading. The session then goes on from
     another token than the one the loop went on with: its steps must replace the loop's, whose answers
     (to the same step numbers, had the client not skipped past them) are stale."""
     ids = prompt_ids(llama_mesh.model_dir)
-    with lane_client.inference_session(64) as session:
-        steps = lane_client.generate_ids(ids, TOKENS, session=session)
+    with loop_client.inference_session(64) as session:
+        steps = loop_client.generate_ids(ids, TOKENS, session=session)
         first = [int(next(steps)[0]) for _ in range(4)]
         steps.close()
         time.sleep(0.2)  # the loop has gone round to its end meanwhile
         other = (first[-1] + 1) % 1024
-        rest = [int(t[0]) for t in lane_client.generate_ids(torch.tensor([[other]]), 8, session=session)]
+        rest = [int(t[0]) for t in loop_client.generate_ids(torch.tensor([[other]]), 8, session=session)]
     with torch.no_grad():
         known = torch.cat([ids, torch.tensor([first[:3] + [other]])], dim=1)
         out = hf_model(llama_mesh.model_dir).generate(known, max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -135,7 +150,7 @@ def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers
 def test_without_a_head_on_the_last_node_or_a_loop_the_client_chooses(mesh_factory, tiny_llama, llama_mesh):
     expected = list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
     headless = mesh_factory(tiny_llama, "0:4", "4:8", node_args=("--no-serve-head",))
-    with DistributedInferenceClient(headless.model_dir, headless.addrs) as client:
+    with DistributedInferenceClient(headless.model_dir, headless.addrs, token_loop=True) as client:
         generate(client, tiny_llama)
         assert generate(client, tiny_llama) == (expected, 0, TOKENS)
         assert {r.head_dtype for r in client.mesh.records()} == {""}
