@@ -67,22 +67,21 @@ def test_pushes_before_the_session_opens_wait_for_it_in_order_and_other_keys_are
     assert steps(inboxes.open("s2", KEY)) == []  # nothing of another session's
 
 
-def test_a_full_inbox_drops_further_pushes():
+def test_a_full_inbox_drops_further_pushes_and_says_so():
     inboxes = PushInboxes()
     for step in range(1, push.PUSH_INBOX + 3):
         inboxes.deliver(*request("s", step), PEER)
     assert steps(inboxes.open("s", KEY)) == list(range(1, push.PUSH_INBOX + 1))
     inbox = inboxes.open("t", KEY)
-    for step in range(1, push.PUSH_INBOX + 3):
-        inboxes.deliver(*request("t", step), PEER)
+    delivered = [inboxes.deliver(*request("t", step), PEER) for step in range(1, push.PUSH_INBOX + 3)]
+    assert delivered == [True] * push.PUSH_INBOX + [False, False]  # (a token loop's push to itself reads this)
     assert steps(inbox) == list(range(1, push.PUSH_INBOX + 1))
 
 
 def test_held_pushes_are_bounded_in_number_and_bytes(monkeypatch):
     monkeypatch.setattr(push, "EARLY_PUSHES", 3)
     inboxes = PushInboxes()
-    for n in range(5):
-        inboxes.deliver(*request(f"s{n}", 1), PEER)
+    assert [inboxes.deliver(*request(f"s{n}", 1), PEER) for n in range(5)] == [True, True, True, False, False]
     assert [len(steps(inboxes.open(f"s{n}", KEY))) for n in range(5)] == [1, 1, 1, 0, 0]
 
     monkeypatch.setattr(push, "EARLY_PUSHES", 100)

@@ -74,11 +74,11 @@ class PushLinks:
         request = tensor_message(runtime_pb2.ExpertRequest, hidden, encode_meta(meta))
         if target.peer_id == self.peer_id and self.inboxes is not None:
             try:
-                self.inboxes.deliver(meta, request, self.peer_id)
-            except RequestError:
-                return False
-            metrics.node_push(True)
-            return True
+                delivered = self.inboxes.deliver(meta, request, self.peer_id)
+            except RequestError:  # (a wrong key)
+                delivered = False
+            metrics.node_push(delivered)
+            return delivered
         writer = self._writers.get(target.peer_id)
         if writer is None or writer.is_closing() or writer.transport.get_write_buffer_size() > MAX_BUFFERED_BYTES:
             self._connect_soon(target.peer_id)
@@ -167,33 +167,35 @@ class PushInboxes:
     def close(self, session_id: str) -> None:
         del self._open[session_id]
 
-    def deliver(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest, peer_id: PeerID) -> None:
-        """Put a pushed output into its session's inbox, or hold it until the session opens."""
+    def deliver(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest, peer_id: PeerID | str) -> bool:
+        """Put a pushed output into its session's inbox, or hold it until the session opens; False where
+        it was dropped (too many held, or the session's inbox full)."""
         if pushed.session_id not in self._open:
-            self._hold(pushed, request)
-            return
+            return self._hold(pushed, request)
         key, inbox = self._open[pushed.session_id]
         if not hmac.compare_digest(key, pushed.key):
             raise RequestError(f"wrong push key for session {pushed.session_id}")
         if inbox.full():
             logger.warning("Dropped a push from %s: session %s has unread messages", peer_id, pushed.session_id)
-            return
+            return False
         self._deliver(pushed, request, inbox)
+        return True
 
     @staticmethod
     def _deliver(pushed: PushedStep, request: runtime_pb2.ExpertRequest, inbox: asyncio.Queue) -> None:
         step = InferenceStep(position=pushed.position, step=pushed.step, push=pushed.push, loop=pushed.loop)
         inbox.put_nowait((step, request))
 
-    def _hold(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest) -> None:
+    def _hold(self, pushed: PushedStep, request: runtime_pb2.ExpertRequest) -> bool:
         now, size = time.monotonic(), request.ByteSize()
         self._expire(now)
         held = sum(len(pushes) for pushes in self._early.values())
         if held >= EARLY_PUSHES or self._early_bytes + size > EARLY_PUSH_BYTES:
             logger.debug("Dropped a push for session %s: it is not open and %d pushes wait", pushed.session_id, held)
-            return
+            return False
         self._early.setdefault(pushed.session_id, []).append((now, pushed, request))
         self._early_bytes += size
+        return True
 
     def _take_early(self, session_id: str) -> list:
         """The pushes held for ``session_id`` (those within their time), in arrival order."""
