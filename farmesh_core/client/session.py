@@ -323,8 +323,10 @@ class InferenceSession:
                 ask.tokens -= 1
                 pushed = reply is not None and reply.pushed
                 yield token
-                if ask.tokens == 0 or token in ask.eos_token_ids or self.position >= self.max_length:
+                if ask.tokens == 0 or token in ask.eos_token_ids:
                     return
+                if self.position >= self.max_length:  # (as :meth:`step` would for the next token)
+                    raise RequestError(f"the session was opened for {self.max_length} tokens")
                 wire, length = token, 1  # embedded only where the client sends it or replays it (_input)
         finally:
             if pushed and ask.tokens > 0:  # read no further: the loop may still run on the nodes
