@@ -32,7 +32,6 @@ from farmesh_core.plugins import (
     load_plugins,
     pick,
 )
-from farmesh_plugins.quantization import module_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +274,11 @@ class FarNode:
         if wanted is False or self.end_layer != total or not self.config.direct_lane:
             return None
         head = adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config))
-        if wanted is None and module_nbytes(head) > self.span.layer_bytes * (self.end_layer - self.start_layer):
-            logger.info("Not loading the LM head: it is larger than the layers (serve_head=True loads it)")
+        head_bytes = sum(
+            t.nbytes for t in {t.data_ptr(): t for t in head.state_dict().values()}.values()
+        )  # (tied once)
+        if wanted is None and head_bytes > self.span.layer_bytes * (self.end_layer - self.start_layer):
+            logger.info("Not keeping the LM head: it is larger than the layers (serve_head=True keeps it)")
             return None
         return NodeHead(head, total)
 
