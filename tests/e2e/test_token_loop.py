@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -63,6 +64,23 @@ def test_by_default_the_client_chooses_where_several_nodes_share_its_machine(lan
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
     generate(lane_client, llama_mesh.model_dir)
     assert generate(lane_client, llama_mesh.model_dir) == (expected, 0, TOKENS)
+
+
+def test_sessions_looping_at_once_each_get_their_own_tokens(loop_client, llama_mesh):
+    """Three loops at once through the same nodes (their turns may meet in the nodes' decode batches):
+    each session's tokens are its own and transformers'."""
+    texts = [PROMPT, "A wrapper around the file object", "Numbers and letters"]
+    expected = [list(hf_greedy_ids(llama_mesh.model_dir, text, TOKENS)) for text in texts]
+
+    def loop(text: str) -> tuple[list[int], int]:
+        ids = prompt_ids(llama_mesh.model_dir, text)
+        with loop_client.inference_session(ids.shape[1] + TOKENS) as session:
+            tokens = [int(t[0]) for t in loop_client.generate_ids(ids, TOKENS, session=session)]
+            return tokens, session.looped_tokens
+
+    generate(loop_client, llama_mesh.model_dir)  # the push links
+    with ThreadPoolExecutor(len(texts)) as pool:
+        assert list(pool.map(loop, texts)) == [(tokens, TOKENS) for tokens in expected]
 
 
 def test_one_node_loops_to_itself(mesh_factory, tiny_llama):
