@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import farmesh_core
 from farmesh_core import __version__
-from farmesh_core.architecture import ArchitectureAdapter, adapter_for, checkpoint_dtype
+from farmesh_core.architecture import adapter_for, checkpoint_dtype
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.config import NodeConfig, NodeRecord, parse_layers
 from farmesh_core.dht import declare_node, fetch_node_records, start_dht
@@ -106,7 +106,7 @@ class FarNode:
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
         self.handlers.pushes = PushLinks(self.dht, self.prefix, self._p2p, self.peer_id, self.handlers.push_inboxes)
-        self.handlers.head = self._load_head(checkpoint, adapter, total)
+        self.handlers.head = self._load_head(self.end_layer, self.span)
         self._loop.run(self.handlers.register(self._p2p))
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
@@ -267,17 +267,19 @@ class FarNode:
         self.move_to(*target)
         return True
 
-    def _load_head(self, checkpoint: Checkpoint, adapter: ArchitectureAdapter, total: int) -> NodeHead | None:
-        """The model's embeddings and LM head, in the checkpoint's dtype as clients load them, where this
-        node serves the last layer and ``serve_head`` allows (see token_loop.py)."""
-        wanted = self.config.serve_head
-        if wanted is False or self.end_layer != total or not self.config.direct_lane:
+    def _load_head(self, end: int, span: LayerSpan) -> NodeHead | None:
+        """The model's embeddings and LM head, in the checkpoint's dtype as clients load them, where the
+        node's layers (``span``, ending at ``end``) include the last and ``serve_head`` allows (see
+        token_loop.py)."""
+        checkpoint, adapter, _, _ = self._span_args
+        wanted, total = self.config.serve_head, self.total_layers
+        if wanted is False or end != total or not self.config.direct_lane:
             return None
         head = adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config))
         head_bytes = sum(
             t.nbytes for t in {t.data_ptr(): t for t in head.state_dict().values()}.values()
         )  # (tied once)
-        if wanted is None and head_bytes > self.span.layer_bytes * (self.end_layer - self.start_layer):
+        if wanted is None and head_bytes > span.layer_bytes * (span.end - span.start):
             logger.info("Not keeping the LM head: it is larger than the layers (serve_head=True keeps it)")
             return None
         return NodeHead(head, total)
@@ -306,11 +308,13 @@ class FarNode:
         old_start, old_end = self.start_layer, self.end_layer
         logger.info("Moving from layers %d:%d to %d:%d", old_start, old_end, start, end)
         span, throughput = self._load_span(start, end)
+        head = self.handlers.head or self._load_head(end, span)  # (kept for the old layers' sessions)
         if self._stop.is_set():
             return
         with self._record_lock:
             self._loop.run(_call(switch.switch_to, span), timeout=30)
             self.span, self.start_layer, self.end_layer, self.throughput = span, start, end, throughput
+            self.handlers.head = head
         self._announce("online")
         logger.info("Far Node %s serves layers %d:%d (%.0f tok/s)", self.peer_id, start, end, throughput)
 
@@ -323,6 +327,8 @@ class FarNode:
         if self._stop.is_set():
             return
         self._loop.run(_call(switch.release_old), timeout=30)
+        if self.end_layer != self.total_layers:
+            self.handlers.head = None  # no session ends at the last layer any more
         logger.info("Released layers %d:%d", old_start, old_end)
 
 

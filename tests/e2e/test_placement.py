@@ -137,4 +137,7 @@ def test_a_node_moves_to_missing_layers_and_finishes_its_session_first(model_dir
         wait_for_layers(model_dir, addrs, num_nodes=2, procs=processes[1:])
         records = client.mesh.records(refresh=True)
         assert sorted((r.start, r.end, r.peer_id == b_id) for r in records) == [(0, 4, False), (4, 8, True)]
+        assert {r.start: r.head_dtype for r in records} == {0: "", 4: "float32"}  # B loaded a head as it moved
         assert client.generate(PROMPT, max_tokens=32) == hf_greedy_text(model_dir, PROMPT, 32)
+    with DistributedInferenceClient(model_dir, addrs, token_loop=True) as looping:
+        assert looping.generate(PROMPT, max_tokens=32) == hf_greedy_text(model_dir, PROMPT, 32)
