@@ -106,7 +106,7 @@ class FarNode:
         self.peer_id = str(self.dht.peer_id)
         self.handlers.peer_id = self.peer_id
         self.handlers.pushes = PushLinks(self.dht, self.prefix, self._p2p, self.peer_id, self.handlers.push_inboxes)
-        self.handlers.head = self._load_head(self.end_layer, self.span)
+        self.handlers.head = self._load_head(self.span)
         self._loop.run(self.handlers.register(self._p2p))
         self._announce("online")
         self._announcer = threading.Thread(target=self._announce_periodically, name="farmesh-announce", daemon=True)
@@ -267,19 +267,16 @@ class FarNode:
         self.move_to(*target)
         return True
 
-    def _load_head(self, end: int, span: LayerSpan) -> NodeHead | None:
-        """The model's embeddings and LM head, in the checkpoint's dtype as clients load them, where the
-        node's layers (``span``, ending at ``end``) include the last and ``serve_head`` allows (see
-        token_loop.py)."""
+    def _load_head(self, span: LayerSpan) -> NodeHead | None:
+        """The model's embeddings and LM head, in the checkpoint's dtype as clients load them, where
+        ``span`` (the node's layers) ends at the last layer and ``serve_head`` allows (see token_loop.py)."""
         checkpoint, adapter, _, _ = self._span_args
         wanted, total = self.config.serve_head, self.total_layers
-        if wanted is False or end != total or not self.config.direct_lane:
+        if wanted is False or span.end != total or not self.config.direct_lane:
             return None
         head = adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config))
-        head_bytes = sum(
-            t.nbytes for t in {t.data_ptr(): t for t in head.state_dict().values()}.values()
-        )  # (tied once)
-        if wanted is None and head_bytes > span.layer_bytes * (span.end - span.start):
+        tensors = {t.data_ptr(): t for t in head.state_dict().values()}  # tied embeddings count once
+        if wanted is None and sum(t.nbytes for t in tensors.values()) > span.layer_bytes * (span.end - span.start):
             logger.info("Not keeping the LM head: it is larger than the layers (serve_head=True keeps it)")
             return None
         return NodeHead(head, total)
@@ -308,7 +305,7 @@ class FarNode:
         old_start, old_end = self.start_layer, self.end_layer
         logger.info("Moving from layers %d:%d to %d:%d", old_start, old_end, start, end)
         span, throughput = self._load_span(start, end)
-        head = self.handlers.head or self._load_head(end, span)  # (kept for the old layers' sessions)
+        head = self.handlers.head or self._load_head(span)  # (kept for the old layers' sessions)
         if self._stop.is_set():
             return
         with self._record_lock:

@@ -72,7 +72,9 @@ def test_sigkill_of_a_node_in_use_keeps_the_answer(mesh, model_dir, reference):
 
 
 @pytest.mark.timeout(300)
-def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, reference):
+@pytest.mark.parametrize("token_loop", [False, True], ids=["client-chooses", "token-loop"])
+def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, reference, token_loop):
+    """In a token loop the client waits for the stalled node's answer to a turn it did not send."""
     addrs, procs = mesh
     input_ids, expected = reference
     stopped = []
@@ -82,7 +84,7 @@ def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, refe
         stopped.append(proc)
 
     try:
-        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0) as client:
+        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, token_loop=token_loop) as client:
             tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, stall)
     finally:
         for proc in stopped:

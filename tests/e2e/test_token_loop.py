@@ -5,8 +5,8 @@ Tokens equal transformers' (stopping at an EOS, with a minimum length, one node 
 generation read in part and then continued in its session), and the nodes really loop: the client
 counts the tokens the last node chose and the inputs pushed to the first. Where the last node has no
 head, or the client does not loop, the client chooses. Loop requests a node cannot serve are refused
-and it keeps serving. A node dying within a loop: ``test_push.py`` and ``test_failover.py`` (loops
-are on by default).
+and it keeps serving. A node dying or stalling within a loop: ``test_push.py`` and
+``test_failover.py``.
 """
 
 import json
