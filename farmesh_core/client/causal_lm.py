@@ -49,6 +49,7 @@ from farmesh_core.client.generation import (
     decode,
     greedy_certain_logits,
     loop_ask,
+    looped_tokens,
     next_token,
 )
 from farmesh_core.client.mesh import connect
@@ -374,12 +375,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             session, left = cache.session, min((c.max_length for c in stops.max_lengths), default=0) - ids.shape[1]
             loop = None if stops.others else loop_ask(choose, stops.eos, left, session.position + 1 - ids.shape[1])
             if loop is not None and session.loops(self.head.lm_head.weight.dtype):
-
-                def choose_here(hidden: torch.Tensor) -> int:  # where the last node did not choose
-                    return int(next_token(self.head, choose, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
-
-                embed = lambda token: self.head.embed(torch.tensor([[token]]))  # noqa: E731
-                steps = session.loop_tokens(self.head.embed(ids[:, -1:]), loop, embed, choose_here)
+                steps = looped_tokens(self.head, session, ids[:, -1:], loop, choose, lambda: ids)
                 try:
                     for token in steps:
                         cache.record(ids[:, -1:])  # the input of the turn that chose it

@@ -1,7 +1,7 @@
 """Choosing the next token with transformers' logits processors, and decoding text as it grows."""
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -216,12 +216,10 @@ def decode(
     if loop is not None and input_ids.shape[0] == 1 and session.loops(head.lm_head.weight.dtype):
         chosen: list[int] = []  # (a list: a tensor of the ids so far only where the client chooses)
 
-        def choose_here(hidden: torch.Tensor) -> int:  # where the last node did not choose
-            ids = torch.cat([input_ids, torch.tensor([chosen], dtype=input_ids.dtype)], dim=1)
-            return int(next_token(head, choose, ids, head.in_head_dtype(hidden[:, -1]))[0])
+        def ids_so_far() -> torch.Tensor:
+            return torch.cat([input_ids, torch.tensor([chosen], dtype=input_ids.dtype)], dim=1)
 
-        for token in session.loop_tokens(head.embed(input_ids), loop, lambda t: head.embed(torch.tensor([[t]])),
-                                         choose_here):  # fmt: skip
+        for token in looped_tokens(head, session, input_ids, loop, choose, ids_so_far):
             chosen.append(token)
             yield torch.tensor([token])
         return
@@ -238,6 +236,19 @@ def decode(
             finished |= torch.isin(token, eos)
             if finished.all():
                 return
+
+
+def looped_tokens(
+    head: "ClientHead", session: "InferenceSession", input_ids: torch.Tensor, loop: LoopAsk, choose: TokenChooser,
+    ids_so_far: Callable[[], torch.Tensor],
+) -> Iterator[int]:  # fmt: skip
+    """``session.loop_tokens`` after ``input_ids`` (not sent yet), with the head's embeddings, and
+    ``choose``'s choice where the last node made none (``ids_so_far()``: the ids it sees then)."""
+
+    def choose_here(hidden: torch.Tensor) -> int:
+        return int(next_token(head, choose, ids_so_far(), head.in_head_dtype(hidden[:, -1]))[0])
+
+    return session.loop_tokens(head.embed(input_ids), loop, lambda t: head.embed(torch.tensor([[t]])), choose_here)
 
 
 def loop_ask(choose: TokenChooser, eos_ids: set[int], max_new_tokens: int, offset: int) -> LoopAsk | None:
