@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
 import torch
 from hivemind.p2p import P2PContext
@@ -30,6 +31,7 @@ from farmesh_core.node.direct_lane import DirectLane
 from farmesh_core.node.kv_cache import KVCacheBudget, SessionCache
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.push import PushInboxes, PushLinks, push_server
+from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.node.token_loop import NodeHead, next_turn
 from farmesh_core.openmp import release_worker_threads, torch_threads
@@ -95,6 +97,7 @@ class NodeHandlers:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
         )
+        self.row_groups = RowGroups(threads)
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
@@ -104,6 +107,7 @@ class NodeHandlers:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.row_groups.close()
 
     STREAM_RPCS = ("rpc_inference", "rpc_forward", "rpc_backward")
 
@@ -164,11 +168,11 @@ class NodeHandlers:
             raise RequestError("hidden states contain NaN or infinity")
         return hidden
 
-    async def _compute(self, tokens: int, layers: int, fn, *args):
+    async def _compute(self, tokens: int, layers: int, fn, *args, split: int = 0):
         """``fn(*args)``, a step of ``tokens`` tokens through ``layers`` layers: see INLINE_TOKENS, WARM_S
-        and LARGE_PREFILL."""
+        and LARGE_PREFILL; ``split`` as in _on_worker."""
         if tokens > INLINE_TOKENS:
-            return await self._on_worker(fn, *args)
+            return await self._on_worker(fn, *args, split=split)
         warm = time.perf_counter() - self._stepped_at <= WARM_S
         heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
         if self.active_sessions > 1 or not (warm or heavy):
@@ -176,11 +180,15 @@ class NodeHandlers:
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
             return fn(*args)
 
-    async def _on_worker(self, fn, *args):
+    async def _on_worker(self, fn, *args, split: int = 0):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
         before it. The loop's OpenMP threads (of split one-token steps) end before it and the worker's
-        after it, so that it has the only team and spins between its parallel regions (see openmp.py)."""
+        after it, so that it has the only team and spins between its parallel regions (see openmp.py).
+        With ``split``, fn's first ``split`` arguments are tensors whose rows it treats independently
+        (no cache), which run in groups at once (see row_groups.py)."""
         release_worker_threads()
+        if split and not self.span.switchable:  # (LoRA layers switch adapters under a lock: one group at a time)
+            fn = partial(self.row_groups.run, fn, split)
         return await asyncio.get_running_loop().run_in_executor(self._executor, _then_release, fn, *args)
 
     def _record_usage(
@@ -397,11 +405,11 @@ class NodeHandlers:
             metrics.node_request("backward" if backward else "forward")
             began, tokens = time.perf_counter(), tensors[0].shape[0] * tensors[0].shape[1]
             if backward:
-                out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter)
+                out = await self._on_worker(self.span.backward, *tensors, call.start, call.end, call.adapter, split=2)
             else:
                 out = await self._compute(
                     tokens, call.end - call.start,
-                    self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter,
+                    self.span.forward, tensors[0], call.start, call.end, None, 0, call.adapter, split=1,
                 )  # fmt: skip
             self._record_usage(client, "", call.start, call.end, tokens, True, began, peer=str(context.remote_id))
         except (RequestError, TimeoutError) as e:

@@ -40,8 +40,9 @@ def reference(model_dir):
     return input_ids, out[0, input_ids.shape[1] :].tolist()
 
 
-def generate_with_fault(client, input_ids, procs, fault) -> tuple[list[int], float, list[float]]:
-    """Generate, applying ``fault`` to the process of the 4:8 node in use after KILL_AFTER tokens.
+def generate_with_fault(client, input_ids, procs, fault, after_recovery=None) -> tuple[list[int], float, list[float]]:
+    """Generate, applying ``fault`` to the process of the 4:8 node in use after KILL_AFTER tokens, and
+    ``after_recovery`` (if given) to it at the first token after the session replaced it.
 
     Returns the tokens, the longest gap between two tokens after the fault, and the session's recoveries.
     """
@@ -53,6 +54,9 @@ def generate_with_fault(client, input_ids, procs, fault) -> tuple[list[int], flo
             times.append(time.perf_counter())
             if len(tokens) == KILL_AFTER:
                 fault(procs[victim])
+            if after_recovery is not None and session.recoveries:
+                after_recovery(procs[victim])
+                after_recovery = None
         assert victim not in [hop.peer_id for hop in session.route], "the failed node is still in the chain"
         recoveries = session.recoveries
     pause = max(b - a for a, b in zip(times[KILL_AFTER - 1 :], times[KILL_AFTER:], strict=False))
@@ -92,6 +96,33 @@ def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, refe
     print(f"\nSIGSTOP: pause after the stall {pause * 1000:.0f} ms")
     assert tokens == expected
     assert 2.0 <= pause < 10.0
+
+
+@pytest.mark.timeout(300)
+def test_a_stalled_node_waking_after_its_replacement_changes_nothing(mesh, model_dir, reference):
+    """The stalled node of a token loop wakes while the generation goes on without it, with the turn it
+    was given still to run: the token it then chooses and pushes round must be stale to every node."""
+    addrs, procs = mesh
+    input_ids, expected = reference
+    stopped = []
+
+    def stall(proc):
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped.append(proc)
+
+    def wake(proc):
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped.remove(proc)
+        time.sleep(0.2)  # its turn runs and goes round before the client's next step
+
+    try:
+        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, token_loop=True) as client:
+            tokens, _, recoveries = generate_with_fault(client, input_ids, procs, stall, after_recovery=wake)
+    finally:
+        for proc in stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+    assert tokens == expected
+    assert len(recoveries) == 1
 
 
 @pytest.mark.timeout(300)
