@@ -195,10 +195,12 @@ class ClientConfig(NetworkConfig):
         description="use nodes' direct lanes (plain TCP) where they offer one; default: yes, unless the client "
         "sends credentials (an auth token), which then stay on encrypted P2P",
     )
-    push: bool = Field(
-        default=True,
+    push: bool | None = Field(
+        default=None,
         description="with direct lanes, each node of a chain sends its output straight to the next node "
-        "(the client relays only where that fails); False: the client relays every step",
+        "(the client relays only where that fails); False: the client relays every step; default: push, "
+        "unless the chain has several nodes, all on this machine (there relaying measured quicker) and no "
+        "token loop is asked for (a loop needs pushes)",
     )
     token_loop: bool | None = Field(
         default=None,

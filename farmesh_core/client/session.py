@@ -207,8 +207,9 @@ class InferenceSession:
         self.recoveries: list[float] = []  # seconds each failover took
         self.pushed_inputs = 0  # inputs a node got pushed by the previous one rather than from the client
         self.looped_tokens = 0  # tokens the last node chose in a token loop (see loop_tokens)
-        self.push = mesh.use_direct_lanes and mesh.config.push  # nodes push outputs on (see _HopStream)
-        self._streams = [self._stream(hop) for hop in mesh.route(start, end, adapter=adapter)]
+        hops = mesh.route(start, end, adapter=adapter)
+        self.push = mesh.use_direct_lanes and self._pushes(hops)  # nodes push outputs on (see _HopStream)
+        self._streams = [self._stream(hop) for hop in hops]
         self._failed: set[str] = set()
         self._step_seconds = 0.0  # how long the last step took through the whole chain
         self._rest_pending = False  # streams after the first wait to be connected (see _connect_rest)
@@ -216,6 +217,21 @@ class InferenceSession:
         self._owed: torch.Tensor | None = None  # inputs counted in ``position`` but not sent yet (see ``owe``)
         self.before_first_step: Callable[[], None] | None = None  # called once, as the first step begins
         self._embed: Callable[[int], torch.Tensor] | None = None  # a token loop's: see _input
+
+    def _pushes(self, hops: list[RouteHop]) -> bool:
+        """The client's ``push``; by default True unless several nodes all run on this machine and no
+        token loop is asked for. There the client relaying each step was quicker (baseline model, 2
+        nodes: 3.68 against 4.26 ms a token, 30 of 40 alternating generations; a 32k-vocabulary model:
+        4.54 against 4.89, 19 of 24) and 8 concurrent sessions ran as fast; across machines a push
+        saves a network trip."""
+        push = self.mesh.config.push
+        if push is None:
+            push = (
+                self.mesh.config.token_loop is True
+                or len(hops) == 1
+                or not all(self.mesh.on_this_machine(hop.peer_id) for hop in hops)
+            )
+        return push
 
     def _stream(self, hop: RouteHop) -> _HopStream:
         """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""

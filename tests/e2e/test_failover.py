@@ -76,9 +76,14 @@ def test_sigkill_of_a_node_in_use_keeps_the_answer(mesh, model_dir, reference):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("token_loop", [False, True], ids=["client-chooses", "token-loop"])
-def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, reference, token_loop):
-    """In a token loop the client waits for the stalled node's answer to a turn it did not send."""
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"push": True, "token_loop": False}, {"token_loop": True}],
+    ids=["relayed", "pushed", "token-loop"],
+)
+def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, reference, options):
+    """By default the client relays each step here (its nodes all run on its machine); with pushes it waits
+    for an answer to a step the first node pushed; in a token loop, to a turn it did not send."""
     addrs, procs = mesh
     input_ids, expected = reference
     stopped = []
@@ -88,7 +93,7 @@ def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, refe
         stopped.append(proc)
 
     try:
-        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, token_loop=token_loop) as client:
+        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, **options) as client:
             tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, stall)
     finally:
         for proc in stopped:

@@ -46,9 +46,10 @@ def generate(lane_client, llama_mesh, tokens: int = TOKENS) -> tuple[list[int], 
 
 
 def test_pushed_and_relayed_sessions_match_transformers(llama_mesh):
-    """Without token loops (``test_token_loop.py``), so that the client sends every step to the first node."""
+    """Without token loops (``test_token_loop.py``), so that the client sends every step to the first node;
+    pushes asked for (by default a client relays through several nodes of its own machine)."""
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
-    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, token_loop=False) as pushing:
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=True, token_loop=False) as pushing:
         generate(pushing, llama_mesh)  # the first push request of a node opens its link to the next one
         tokens, pushed = generate(pushing, llama_mesh)
     assert tokens == expected
@@ -77,7 +78,7 @@ def test_a_prompt_of_large_messages_gives_transformers_tokens(lane_client, llama
 
 def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
     three = mesh_factory(tiny_llama, "0:3", "3:6", "6:8")
-    with DistributedInferenceClient(three.model_dir, three.addrs) as client:
+    with DistributedInferenceClient(three.model_dir, three.addrs, push=True) as client:
         generate(client, three)  # opens the links
         tokens, pushed = generate(client, three)
     assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
