@@ -7,7 +7,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import torch
+from farmesh_core.openmp import set_thread_count
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ class BackgroundLoop:
         self._thread.start()
 
     def _run(self) -> None:
-        torch.set_num_threads(1)
+        set_thread_count(1)
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

@@ -52,6 +52,16 @@ def release_worker_threads() -> None:
         runtime.omp_pause_resource_all(_OMP_PAUSE_SOFT)
 
 
+def set_thread_count(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` for the calling thread, for good. ATen gives each thread its
+    count lazily, at its first parallel op (or ``get_num_threads``), from the count that any thread of
+    the process set last, and that overwrites a count the thread set before: a node's compute worker,
+    started with 2, ran its large steps on 1 because the event loop had set 1 since. So the thread
+    takes its lazy count first."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """The calling thread's torch ops on ``threads`` threads within the block (torch's count is per thread)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from farmesh_core.openmp import set_thread_count
 from farmesh_core.row_matmul import rows_linear
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class SplitHead:
 
 def _serve(jobs: queue.SimpleQueue) -> None:
     """The helper thread: ``fn(x, weight)`` for each job, until None comes."""
-    torch.set_num_threads(1)
+    set_thread_count(1)
     while (job := jobs.get()) is not None:
         fn, x, weight, out, done = job
         try:

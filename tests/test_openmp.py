@@ -61,3 +61,35 @@ def test_importing_farmesh_shortens_the_openmp_spin_unless_torch_came_first_or_i
     assert _fresh_python("import torch; " + show) == "None False"  # too late: FarNode warns
     assert _fresh_python("import torch; " + show, GOMP_SPINCOUNT="300000") == "300000 True"
     assert _fresh_python(show, GOMP_SPINCOUNT="100") == "100 True"
+
+
+_LATER_COUNT = """
+import threading
+import torch
+from farmesh_core.openmp import set_thread_count
+
+def counts(set_count):
+    started, other_set, out = threading.Event(), threading.Event(), []
+
+    def worker():
+        set_count(2)
+        started.set()
+        other_set.wait()
+        out.append(torch.get_num_threads())  # its first use: ATen's lazy per-thread count
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started.wait()
+    torch.set_num_threads(1)  # another thread sets its own count meanwhile
+    other_set.set()
+    thread.join()
+    return out[0]
+
+print(counts(torch.set_num_threads), counts(set_thread_count))
+"""
+
+
+def test_a_threads_own_count_holds_when_another_thread_sets_one_later():
+    """torch's plain set_num_threads loses to ATen's lazy count (the last one any thread set);
+    set_thread_count holds (a node's compute worker ran its large steps on 1 thread without it)."""
+    assert _fresh_python(_LATER_COUNT) == "1 2"

@@ -34,7 +34,7 @@ from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.node.token_loop import NodeHead, next_turn
-from farmesh_core.openmp import release_worker_threads, torch_threads
+from farmesh_core.openmp import release_worker_threads, set_thread_count, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
     FarNodeRPC,
@@ -95,7 +95,7 @@ class NodeHandlers:
         self.record_json = b"{}"
         self._threads = threads = config.num_threads or torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="farmesh-compute", initializer=torch.set_num_threads, initargs=(threads,)
+            max_workers=1, thread_name_prefix="farmesh-compute", initializer=set_thread_count, initargs=(threads,)
         )
         self.row_groups = RowGroups(threads)
         self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
