@@ -9,6 +9,7 @@ import torch
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
+from farmesh_core.node import batching
 from farmesh_core.node.batching import ACTIVE_S, JOIN_TURNS, DecodeBatcher, last_level_cache_bytes
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
@@ -143,20 +144,30 @@ def test_steps_do_not_wait_where_the_weights_fit_the_cache(span):
     assert asyncio.run(run())
 
 
-@pytest.mark.parametrize("open_sessions, split", [(1, True), (3, False)])
-def test_a_lone_step_splits_its_matmuls_only_on_an_otherwise_idle_node(tiny_llama, open_sessions, split):
-    """On a node with one session a lone one-token step spreads its matmuls over the node's threads;
-    with other sessions open, those give the node its parallelism and the step stays on one thread."""
+@pytest.mark.parametrize(
+    "open_sessions, idle, split", [(1, False, True), (1, True, False), (3, False, False)],
+    ids=["alone", "alone-after-idling", "beside-other-sessions"],
+)  # fmt: skip
+def test_a_lone_step_splits_its_matmuls_only_on_a_node_busy_with_that_session(
+    tiny_llama, monkeypatch, open_sessions, idle, split
+):
+    """On a node with one session a lone one-token step right after another spreads its matmuls over the
+    node's threads; after the node idled (``SPLIT_IDLE_S``) it stays on one thread, as it does with
+    other sessions open (those give the node its parallelism). The node's first step follows idling."""
+    monkeypatch.setattr(batching, "SPLIT_IDLE_S", 0.005 if idle else 10.0)  # (a loaded machine may stall)
     checkpoint = Checkpoint(tiny_llama)
     span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, NUM_LAYERS, torch.float32, "cpu", one_row_threads=2)
     ((cache, hidden, position),) = sessions(span, 1)
+    batcher = DecodeBatcher(span, sessions=lambda: open_sessions)
 
-    async def run():
-        batcher = DecodeBatcher(span, sessions=lambda: open_sessions)
-        return await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)
+    async def steps():
+        await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)  # the node's first: on one thread
+        if idle:
+            await asyncio.sleep(0.02)
+        await batcher.submit(hidden, 0, NUM_LAYERS, cache, position + 1)
 
     blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
-    assert op_counts(lambda: asyncio.run(run())).get("aten::bmm", 0) == (blocks if split else 0)
+    assert op_counts(lambda: asyncio.run(steps())).get("aten::bmm", 0) == (blocks if split else 0)
 
 
 # ---- the other families: their layers run as modules, with StepLinears (farmesh_core/row_matmul.py) ----
