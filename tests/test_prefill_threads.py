@@ -1,6 +1,6 @@
 """A Far Node's short prefills (inline on its event loop): on ``num_threads`` torch threads only while
-the node serves that session alone and is warm (see handlers.WARM_S) or the prefill is heavy
-(handlers.LARGE_PREFILL), else on the loop's one thread."""
+the node serves that session alone and is warm (its event loop ran ops on several threads lately: see
+handlers.WARM_S) or the prefill is heavy (handlers.LARGE_PREFILL), else on the loop's one thread."""
 
 import asyncio
 import time
@@ -42,14 +42,18 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
     try:
         node.active_sessions = 1
         assert asyncio.run(threads_of_a_prefill()) == 1  # never stepped yet: cold
-        node._stepped_at = time.perf_counter()
-        assert asyncio.run(threads_of_a_prefill()) == 2  # stepped just now: warm
+        node._threaded_at = time.perf_counter()
+        assert asyncio.run(threads_of_a_prefill()) == 2  # a prefill on its threads just now: warm
+        node._threaded_at = 0.0
+        node.batcher.split_at = time.perf_counter()
+        assert asyncio.run(threads_of_a_prefill()) == 2  # a split one-token step just now: warm too
+        node.batcher.split_at = 0.0
         node.active_sessions = 2
-        node._stepped_at = time.perf_counter()
+        node._threaded_at = time.perf_counter()
         assert asyncio.run(threads_of_a_prefill()) == 1  # other sessions give the node its parallelism
         node.active_sessions = 1
-        node._stepped_at = time.perf_counter() - 2 * handlers.WARM_S
-        assert asyncio.run(threads_of_a_prefill()) == 1  # idle for a while: cold again
+        node._threaded_at = time.perf_counter() - 2 * handlers.WARM_S
+        assert asyncio.run(threads_of_a_prefill()) == 1  # idle for a while (or steps on one thread): cold
         assert asyncio.run(threads_of_a_prefill(heavy - 1)) == 1  # cold, and just short of heavy
         assert asyncio.run(threads_of_a_prefill(heavy)) == 2  # cold, but heavy enough
         node.active_sessions = 2

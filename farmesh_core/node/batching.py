@@ -51,9 +51,12 @@ HOLD_SHARE = 0.5  # a run waits while it holds fewer than this share of the rece
 ACTIVE_S = 0.1  # a session that stepped within this many seconds is active
 # A lone step splits its matmuls over the node's threads (row_matmul.row_blocks) only if the node ran a
 # step this recently. In-process, 4 layers of the tiny Llama on 2 threads took 0.56 ms back to back,
-# 1.2-1.4 ms after 2-4 ms of sleep and 8.5-9.1 ms after 4.5 ms or more (the other core had gone idle
-# and woke slowly), where one thread took 0.89-1.16 and 1.66-1.97 ms.
-SPLIT_IDLE_S = 0.002
+# 1.0-1.4 ms after 2-4 ms of sleep and 8.5-9.1 ms after 4.5 ms or more (the other core had gone idle
+# and woke slowly), where one thread took 0.62, 0.9-1.2 and 1.7-2.0 ms. Just under that edge, so that
+# the nodes of a chain on one machine (each idle ~2.5 ms between its steps) still split, which keeps
+# the loop's OpenMP team warm for the next prompt (handlers.WARM_S): at 2 ms a prompt right after a
+# generation took 9.9-24 ms to its first token, its prefills on one thread or on a team woken cold.
+SPLIT_IDLE_S = 0.004
 
 
 class DecodeBatcher:
@@ -81,6 +84,7 @@ class DecodeBatcher:
         self._hold_until = 0.0
         self._last_run_s = 0.0  # how long the last run computed
         self._ran_at = 0.0  # when the last run ended
+        self.split_at = 0.0  # when the last run that split its matmuls over threads ended
         self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
 
     def submit(
@@ -140,6 +144,8 @@ class DecodeBatcher:
                 self._compute(start, end, steps[first : first + self.max_batch], adapter_name, one_thread)
         self._ran_at = time.perf_counter()
         self._last_run_s = self._ran_at - began
+        if not one_thread:
+            self.split_at = self._ran_at
 
     def _compute(
         self, start: int, end: int, steps: list[_DecodeStep], adapter_name: str | None, one_thread: bool

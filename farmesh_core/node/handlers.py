@@ -57,10 +57,12 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
-# An inline prefill uses ``num_threads`` only if the node stepped within this long: a 2-thread prefill
-# right after idling took 17-23 ms here against 6 on one thread (the cores of this VM are slow to
-# wake), where back to back it took 3.5.
-WARM_S = 0.02
+# An inline prefill uses ``num_threads`` only if the node's event loop ran torch ops on several threads
+# (a split one-token step, such a prefill) within this long: a 2-thread prefill right after idling
+# took 17-23 ms here against 6 on one thread (the cores of this VM are slow to wake), where back to
+# back it took 3.5. In-process, 34 tokens through 4 layers on 2 threads took 2.6-3.5 ms after 1-12 ms
+# of sleep, 5.1 after 15 and 21 after 18 or more (one thread: 3.6-5.0).
+WARM_S = 0.012
 # ...or if it is this large (tokens x bytes of the layers' weights; ~1.5 GFLOP in float32, ~40 ms on
 # one thread here): waking the other cores then costs less than the second thread saves.
 LARGE_PREFILL = 3 * 1024**3
@@ -91,7 +93,7 @@ class NodeHandlers:
         self.config, self.span, self.auth, self.ledger, self.peer_id = config, span, auth, ledger, peer_id
         self.budget = KVCacheBudget(config.kv_cache_bytes, config.kv_cache_peer_share)
         self.active_sessions = 0
-        self._stepped_at = 0.0
+        self._threaded_at = 0.0  # when the event loop last ran a prefill on several threads
         self.record_json = b"{}"
         self._threads = threads = config.num_threads or torch.get_num_threads()
         self._executor = ThreadPoolExecutor(
@@ -173,12 +175,14 @@ class NodeHandlers:
         and LARGE_PREFILL; ``split`` as in _on_worker."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args, split=split)
-        warm = time.perf_counter() - self._stepped_at <= WARM_S
+        warm = time.perf_counter() - max(self._threaded_at, self.batcher.split_at) <= WARM_S
         heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
         if self.active_sessions > 1 or not (warm or heavy):
             return fn(*args)
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
-            return fn(*args)
+            out = fn(*args)
+        self._threaded_at = time.perf_counter()
+        return out
 
     async def _on_worker(self, fn, *args, split: int = 0):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
@@ -350,7 +354,6 @@ class NodeHandlers:
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
         )
-        self._stepped_at = time.perf_counter()
         return response
 
     def _turn(self, opened: OpenSession, loop: TokenLoop, out: torch.Tensor, length: int) -> tuple[int, bool]:
