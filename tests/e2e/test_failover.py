@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -63,6 +64,26 @@ def generate_with_fault(client, input_ids, procs, fault, after_recovery=None) ->
     return tokens, pause, recoveries
 
 
+@contextmanager
+def stalls():
+    """``stall(proc)`` (SIGSTOP) and ``wake(proc)`` (SIGCONT); whatever is still stopped wakes at the end."""
+    stopped = []
+
+    def stall(proc):
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped.append(proc)
+
+    def wake(proc):
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped.remove(proc)
+
+    try:
+        yield stall, wake
+    finally:
+        for proc in stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_of_a_node_in_use_keeps_the_answer(mesh, model_dir, reference):
     addrs, procs = mesh
@@ -86,18 +107,8 @@ def test_a_stalled_node_is_replaced_after_the_step_timeout(mesh, model_dir, refe
     for an answer to a step the first node pushed; in a token loop, to a turn it did not send."""
     addrs, procs = mesh
     input_ids, expected = reference
-    stopped = []
-
-    def stall(proc):
-        os.kill(proc.pid, signal.SIGSTOP)
-        stopped.append(proc)
-
-    try:
-        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, **options) as client:
-            tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, stall)
-    finally:
-        for proc in stopped:
-            os.kill(proc.pid, signal.SIGCONT)
+    with stalls() as (stall, _), DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, **options) as client:
+        tokens, pause, recoveries = generate_with_fault(client, input_ids, procs, stall)
     print(f"\nSIGSTOP: pause after the stall {pause * 1000:.0f} ms")
     assert tokens == expected
     assert 2.0 <= pause < 10.0
@@ -109,23 +120,16 @@ def test_a_stalled_node_waking_after_its_replacement_changes_nothing(mesh, model
     was given still to run: the token it then chooses and pushes round must be stale to every node."""
     addrs, procs = mesh
     input_ids, expected = reference
-    stopped = []
 
-    def stall(proc):
-        os.kill(proc.pid, signal.SIGSTOP)
-        stopped.append(proc)
-
-    def wake(proc):
-        os.kill(proc.pid, signal.SIGCONT)
-        stopped.remove(proc)
+    def wake_then_wait(proc):
+        wake(proc)
         time.sleep(0.2)  # its turn runs and goes round before the client's next step
 
-    try:
-        with DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, token_loop=True) as client:
-            tokens, _, recoveries = generate_with_fault(client, input_ids, procs, stall, after_recovery=wake)
-    finally:
-        for proc in stopped:
-            os.kill(proc.pid, signal.SIGCONT)
+    with (
+        stalls() as (stall, wake),
+        DistributedInferenceClient(model_dir, addrs, step_timeout=2.0, token_loop=True) as client,
+    ):
+        tokens, _, recoveries = generate_with_fault(client, input_ids, procs, stall, after_recovery=wake_then_wait)
     assert tokens == expected
     assert len(recoveries) == 1
 
