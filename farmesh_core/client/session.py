@@ -226,12 +226,12 @@ class InferenceSession:
         saves a network trip."""
         push = self.mesh.config.push
         if push is None:
-            push = (
-                self.mesh.config.token_loop is True
-                or len(hops) == 1
-                or not all(self.mesh.on_this_machine(hop.peer_id) for hop in hops)
-            )
+            push = self.mesh.config.token_loop is True or not self._several_on_this_machine(hops)
         return push
+
+    def _several_on_this_machine(self, hops: list[RouteHop]) -> bool:
+        """Whether the chain has several nodes and all run on this machine (so they share its cores)."""
+        return len(hops) > 1 and all(self.mesh.on_this_machine(hop.peer_id) for hop in hops)
 
     def _stream(self, hop: RouteHop) -> _HopStream:
         """A stream to ``hop``: a push session where the node has a direct lane (pushes arrive there)."""
@@ -295,7 +295,7 @@ class InferenceSession:
             return False
         wanted = self.mesh.config.token_loop
         if wanted is None:
-            wanted = len(self._streams) == 1 or not all(self.mesh.on_this_machine(s.hop.peer_id) for s in self._streams)
+            wanted = not self._several_on_this_machine(self.route)
         last = self._streams[-1].hop
         return (
             wanted
