@@ -12,6 +12,7 @@ from farmesh_core import split_head
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.client.generation import NoEosBefore
+from farmesh_core.client.session import InferenceSession
 from farmesh_core.launch import spawn_dht, spawn_node, stop_process, wait_for_layers
 
 PROMPT = [1, 57, 300, 12, 801, 44, 9]
@@ -307,3 +308,74 @@ def test_minimum_lengths_hold_back_eos_as_transformers_does(looping, chooser, re
         assert torch.equal(out, reference.generate(input_ids, **unmasked, **minimum))
         assert out.shape[1] >= len(PROMPT) + 12 and len(calls) >= 12
         assert torch.equal(looping.generate(input_ids, **unmasked, **minimum), out)  # masked on the last node
+
+
+# ---- assisted decoding: a step checks several drafted tokens, the session rewinds past rejected ones ----
+REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 4  # prompt lookup drafts from it (the model continues otherwise)
+
+
+@pytest.fixture
+def session_calls(monkeypatch) -> list[tuple[str, int]]:
+    """("step", tokens sent) and ("rewind", tokens dropped) for every session (spies on the real methods)."""
+    calls = []
+    step, rewind = InferenceSession.step, InferenceSession.rewind
+
+    def stepped(session, hidden):
+        calls.append(("step", hidden.shape[1]))
+        return step(session, hidden)
+
+    def rewound(session, position):
+        calls.append(("rewind", session.position - position))
+        rewind(session, position)
+
+    monkeypatch.setattr(InferenceSession, "step", stepped)
+    monkeypatch.setattr(InferenceSession, "rewind", rewound)
+    return calls
+
+
+@pytest.mark.timeout(300)
+def test_prompt_lookup_generates_what_transformers_does(model, reference, session_calls):
+    """transformers' prompt lookup through the mesh: each step sends the drafted tokens at once, and the
+    session rewinds past those the model rejects (``RemoteCache.crop``); the tokens are transformers'."""
+    input_ids = torch.tensor([REPEATING])
+    options = dict(max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+    assert torch.equal(model.generate(input_ids, **options), reference.generate(input_ids, **options))
+    assert sum(n for call, n in session_calls if call == "rewind") > 0  # drafts were sent, and rejected
+
+
+@pytest.mark.timeout(300)
+def test_rejected_drafts_leave_nothing_behind_in_a_longer_session(model, reference, session_calls):
+    """In a session with room to spare, drafts the model rejected would stay in the nodes' caches and
+    change every later token: the session continues as transformers' greedy generation does."""
+    input_ids = torch.tensor([REPEATING])
+    options = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=4)
+    with model.inference_session(max_length=len(REPEATING) + 64) as session:
+        first = model.generate(input_ids, **options)
+        assert session.position == first.shape[1] - 1  # all but the last token, which is sent next
+        full = model.generate(first, max_new_tokens=16, do_sample=False)
+    assert sum(n for call, n in session_calls if call == "rewind") > 0
+    assert torch.equal(first, reference.generate(input_ids, **options))
+    assert torch.equal(full, hf_greedy(reference, first, 16))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("weights", ["same", "other"])
+def test_an_assistant_models_drafts_give_transformers_tokens(model, reference, mesh, weights, tmp_path, session_calls):
+    """Speculative decoding with a small local model drafting: with the served model's own weights
+    every draft holds and a step yields several tokens; with other weights most are rejected. Either
+    way the tokens are those of transformers' assisted generation with the same assistant."""
+    assistant_dir = mesh[0] if weights == "same" else make_checkpoint(str(tmp_path / "assistant"), seed=7)
+    assistant = AutoModelForCausalLM.from_pretrained(assistant_dir, dtype=torch.float32).eval()
+    drafts = assistant.generation_config  # 4 drafts a step, however unsure the (random) assistant is
+    drafts.num_assistant_tokens, drafts.num_assistant_tokens_schedule = 4, "constant"
+    drafts.assistant_confidence_threshold = 0.0
+    input_ids = torch.tensor([PROMPT])
+    options = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, assistant_model=assistant)
+    out = model.generate(input_ids, **options)
+    assert torch.equal(out, reference.generate(input_ids, **options))
+    steps = [n for call, n in session_calls if call == "step"]
+    dropped = sum(n for call, n in session_calls if call == "rewind")
+    if weights == "same":
+        assert len(steps) <= 24 / 4 and dropped == 0
+    else:
+        assert dropped > 0

@@ -4,7 +4,9 @@ The Petals-compatible way in: ``model.generate(input_ids, ...)`` goes through tr
 generation loop (logits processors, stopping criteria, streamers) while the embeddings, final norm
 and LM head run here and the decoder layers on the mesh. Generation is stateful on the nodes: the
 KV caches live in an ``InferenceSession``, and the ``Cache`` transformers sees (``RemoteCache``) only
-counts tokens. That is also why beam search is refused: nodes cannot reorder their caches.
+counts tokens. That is also why beam search is refused: nodes cannot reorder their caches. They can
+drop their last tokens, so assisted decoding works (``prompt_lookup_num_tokens=``, ``assistant_model=``):
+each step checks the drafts at once, and the session rewinds past those the model rejects.
 
 Each thread (or asyncio task) has its own open session, as in Petals: threads sharing one model
 generate at once, each in its own ``inference_session``, and the nodes batch their steps. Plain
@@ -82,6 +84,23 @@ class RemoteCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.session.max_length
 
+    @property
+    def is_croppable(self) -> bool:
+        """Yes: :meth:`crop` rewinds the session (transformers' assisted decoding asks before it drafts)."""
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens, as transformers' assisted decoding (prompt lookup,
+        an assistant model) does with the drafts its step rejected: the session rewinds, and the nodes
+        write its next step over them. A positive count is refused, as transformers' own layers do."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes minus the number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0:
+            return
+        self.session.rewind(self.session.position + tokens_to_remove)
+        if self.tokens is not None:
+            self.tokens = self.tokens[:, : self.tokens.shape[1] + tokens_to_remove]
+
     def record(self, input_ids: torch.Tensor | None) -> None:
         """Remember the ids just sent (``None`` for embeddings: from then on the ids are unknown)."""
         known = self.tokens is not None and input_ids is not None
@@ -152,7 +171,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Keep one session on the nodes across ``forward`` and ``generate`` calls (Petals semantics).
 
         The session belongs to the calling thread (or asyncio task): other threads may open their own
-        on the same model meanwhile."""
+        on the same model meanwhile. For transformers' prompt lookup, give it ``prompt_lookup_num_tokens``
+        more than the tokens it will hold: the last step may check that many drafts past them."""
         if self._active.get() is not None:
             raise RuntimeError("an inference session is already open on this model in this thread")
         # A fresh one-row session is likely on its way to a generate call that may share (``_shared_or``)
@@ -193,15 +213,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             return self._generate_in(self._active.get(), inputs, *args, **kwargs)
 
     def _session_length(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> int:
-        """Tokens a one-call session must hold: the prompt plus everything it may generate."""
+        """Tokens a one-call session must hold: the prompt plus everything it may generate, plus the
+        drafts of transformers' prompt lookup, whose last check may run that far past the end."""
         source = inputs if inputs is not None else kwargs["inputs_embeds"]
         config = kwargs.get("generation_config") or self.generation_config
+        drafts = kwargs.get("prompt_lookup_num_tokens") or config.prompt_lookup_num_tokens or 0
         new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
         if new_tokens is not None:
-            return source.shape[1] + new_tokens
+            return source.shape[1] + new_tokens + drafts
         if kwargs.get("max_length") is not None:
-            return max(kwargs["max_length"], source.shape[1] + 1)
-        return source.shape[1] + (config.max_length or 20)  # a default max_length means that many new tokens
+            return max(kwargs["max_length"], source.shape[1] + 1) + drafts
+        return source.shape[1] + (config.max_length or 20) + drafts  # a default max_length: that many new tokens
 
     def _generate_in(self, cache: RemoteCache, inputs: torch.Tensor | None, *args: Any, **kwargs: Any):
         """Run ``GenerationMixin.generate`` on the session's whole known sequence; strip what was added."""

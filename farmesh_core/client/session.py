@@ -283,6 +283,18 @@ class InferenceSession:
         self.position += hidden.shape[1]
         return deserialize_tensor(out, copy=True)  # the proto owns the buffer, read-only
 
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from ``position`` on (drafts that a speculative step checked and rejected):
+        the next step writes over them on every node, and a node that fails later is replaced with the
+        inputs up to ``position`` only."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind a session at position {self.position} to {position}")
+        if self._owed is not None:
+            raise RequestError("a session with owed inputs steps them first (see owe)")
+        for stream in self._streams:
+            stream.inputs = _first_tokens(stream.inputs, position)
+        self.position = position
+
     def loops(self, head_dtype: torch.dtype) -> bool:
         """Whether :meth:`loop_tokens` should run here: it can (one sequence from the first layer, every
         node pushing, and the last one choosing tokens with a head of ``head_dtype``, the client's), and
@@ -529,3 +541,18 @@ class InferenceSession:
             logger.info("Replaced node %s by %s in %.3f s", failed.hop.peer_id, [h.peer_id for h in hops],
                         self.recoveries[-1])  # fmt: skip
             return
+
+
+def _first_tokens(inputs: list[WireTensor | int], tokens: int) -> list[WireTensor | int]:
+    """A stream's recorded ``inputs`` (see ``_HopStream.inputs``) up to ``tokens`` tokens, the last one
+    cut short where it runs past them."""
+    kept: list[WireTensor | int] = []
+    for item in inputs:
+        if tokens <= 0:
+            break
+        length = 1 if isinstance(item, int) else item.size[1]
+        if length > tokens:
+            item, length = wire_tensor(deserialize_tensor(item)[:, :tokens].contiguous()), tokens
+        kept.append(item)
+        tokens -= length
+    return kept

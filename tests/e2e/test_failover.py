@@ -8,8 +8,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
 
 from farmesh_core.client import DistributedInferenceClient
+from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 from farmesh_core.errors import NoRouteError
 from farmesh_core.launch import kill_process_group
 from tests.helpers import nodes_by_peer
@@ -169,3 +171,42 @@ def test_no_replacement_gives_an_error_naming_the_layers(mesh, model_dir, refere
         kill_process_group(procs[first])
         with pytest.raises(NoRouteError, match=r"0-3"):
             list(client.generate_ids(input_ids, 4))
+
+
+class _AfterTokens(BaseStreamer):
+    """Calls ``fault()`` once ``tokens`` new tokens have come (transformers streams the prompt first)."""
+
+    def __init__(self, tokens: int, fault):
+        self.left, self.fault, self.prompt_seen = tokens, fault, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.left -= value.numel()
+        if self.left <= 0 and self.fault is not None:
+            self.fault, fault = None, self.fault
+            fault()
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(300)
+def test_a_node_replaced_after_rejected_drafts_is_replayed_only_the_kept_tokens(mesh, model_dir):
+    """Prompt lookup (transformers' assisted decoding) with the 4:8 node killed mid-generation: its
+    replacement is replayed the session's tokens up to where it rewound, not the drafts it rejected,
+    so the answer stays transformers'."""
+    addrs, procs = mesh
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 3])  # prompt lookup drafts from it
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, prompt_lookup_num_tokens=4)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = reference.generate(input_ids, **options)
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=addrs) as model:
+        # (room for the last check's drafts too: prompt lookup may draft past the last token)
+        with model.inference_session(input_ids.shape[1] + NEW_TOKENS + 4) as session:
+            victim = next(hop.peer_id for hop in session.route if hop.start == 4)
+            kill = _AfterTokens(KILL_AFTER, lambda: kill_process_group(procs[victim]))
+            out = model.generate(input_ids, streamer=kill, **options)
+            assert len(session.recoveries) == 1
+    assert torch.equal(out, expected)
