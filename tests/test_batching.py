@@ -152,22 +152,51 @@ def test_a_lone_step_splits_its_matmuls_only_on_a_node_busy_with_that_session(
     tiny_llama, monkeypatch, open_sessions, idle, split
 ):
     """On a node with one session a lone one-token step right after another spreads its matmuls over the
-    node's threads; after the node idled (``SPLIT_IDLE_S``) it stays on one thread, as it does with
-    other sessions open (those give the node its parallelism). The node's first step follows idling."""
+    node's threads; after the node idled (past ``SPLIT_IDLE_S``) it goes the way its earlier steps after
+    as long an idle stretch found quicker (here one thread); with other sessions open it stays on one
+    thread (those give the node its parallelism). The node's first step follows idling."""
     monkeypatch.setattr(batching, "SPLIT_IDLE_S", 0.005 if idle else 10.0)  # (a loaded machine may stall)
     checkpoint = Checkpoint(tiny_llama)
     span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, NUM_LAYERS, torch.float32, "cpu", one_row_threads=2)
     ((cache, hidden, position),) = sessions(span, 1)
     batcher = DecodeBatcher(span, sessions=lambda: open_sessions)
+    for idle_s in (*batching.IDLE_EDGES_S, 1e9):  # split steps after idling were slower on this node
+        for _ in range(batching.TRIES):
+            batcher.split_choice.record(idle_s, True, 1e-3)
+            batcher.split_choice.record(idle_s, False, 1e-4)
 
     async def steps():
-        await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)  # the node's first: on one thread
+        await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)  # the node's first
         if idle:
             await asyncio.sleep(0.02)
         await batcher.submit(hidden, 0, NUM_LAYERS, cache, position + 1)
 
     blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
     assert op_counts(lambda: asyncio.run(steps())).get("aten::bmm", 0) == (blocks if split else 0)
+
+
+def test_split_choice_tries_both_ways_then_takes_the_quicker_and_sometimes_the_other():
+    """After idling past ``SPLIT_IDLE_S``: each way ``TRIES`` times, then the quicker one, with the
+    slower one again once in ``EXPLORE_EVERY`` steps times how much slower it was; each idle stretch
+    learns on its own, and within ``SPLIT_IDLE_S`` a step always splits."""
+    choice = batching.SplitChoice()
+    short, long, longer = batching.SPLIT_IDLE_S / 2, 0.010, 0.050  # (10 and 50 ms: different stretches)
+    assert choice.splits(short) and choice.splits(short)  # always
+    first = [choice.splits(long) for _ in range(2 * batching.TRIES)]
+    assert first == [True] * 2 * batching.TRIES  # unrecorded steps: split ones are tried first...
+    for _ in range(batching.TRIES):
+        choice.record(long, True, 3e-3)
+    assert choice.splits(long) is False  # ...then one-thread ones
+    for _ in range(batching.TRIES):
+        choice.record(long, False, 1e-3)  # three times quicker
+    ways = [choice.splits(long) for _ in range(10 * batching.EXPLORE_EVERY)]
+    assert ways.count(True) == 10 * batching.EXPLORE_EVERY // (3 * batching.EXPLORE_EVERY)  # the slower now and then
+    assert choice.splits(longer) is True  # another stretch: nothing learned there yet
+    choice.record(long, True, 1e-4)  # split steps got quicker: a mean, not the last step alone...
+    assert choice.splits(long) is False
+    for _ in range(20):
+        choice.record(long, True, 1e-4)  # ...until they stay quicker
+    assert all(choice.splits(long) for _ in range(batching.EXPLORE_EVERY - 1))
 
 
 # ---- the other families: their layers run as modules, with StepLinears (farmesh_core/row_matmul.py) ----

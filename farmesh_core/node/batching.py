@@ -19,11 +19,12 @@ that fit the cache leave a batch's rows the larger part of its cost, and waiting
 """
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,14 +50,71 @@ class _DecodeStep:
 JOIN_TURNS = 4  # turns of the event loop a run waits for other open sessions' steps
 HOLD_SHARE = 0.5  # a run waits while it holds fewer than this share of the recently active sessions' steps
 ACTIVE_S = 0.1  # a session that stepped within this many seconds is active
-# A lone step splits its matmuls over the node's threads (row_matmul.row_blocks) only if the node ran a
-# step this recently. In-process, 4 layers of the tiny Llama on 2 threads took 0.56 ms back to back,
-# 1.0-1.4 ms after 2-4 ms of sleep and 8.5-9.1 ms after 4.5 ms or more (the other core had gone idle
-# and woke slowly), where one thread took 0.62, 0.9-1.2 and 1.7-2.0 ms. Just under that edge, so that
-# the nodes of a chain on one machine (each idle ~2.5 ms between its steps) still split, which keeps
-# the loop's OpenMP team warm for the next prompt (handlers.WARM_S): at 2 ms a prompt right after a
-# generation took 9.9-24 ms to its first token, its prefills on one thread or on a team woken cold.
+# A lone step splits its matmuls over the node's threads (row_matmul.row_blocks) if the node ran a step
+# this recently. In-process, 4 layers of the tiny Llama on 2 threads took 0.56 ms back to back, 1.0-1.4
+# ms after 2-4 ms of sleep and 8.2-9.1 ms after 4.5 ms or more (the other core had gone idle and woke
+# slowly), where one thread took 0.62, 0.9-1.2 and 1.7-2.0 ms. Just under that edge, so that the nodes
+# of a chain on one machine (each idle ~2.5 ms between its steps) still split, which keeps the loop's
+# OpenMP team warm for the next prompt (handlers.WARM_S). After a longer idle stretch, SplitChoice
+# learns from the node's own steps which way is quicker: larger models gain more from the threads and
+# fall off no such edge there (a hidden-1024 model's 2-node chain on one machine, each node idle ~10 ms
+# between its steps, ran at 18.0 ms a token against 25.8 on one thread).
 SPLIT_IDLE_S = 0.004
+IDLE_EDGES_S = (0.008, 0.016, 0.032, 0.064)  # the stretches of idling past SPLIT_IDLE_S, each learned apart
+TRIES = 2  # steps of each way in a stretch before the quicker is chosen
+EXPLORE_EVERY = 32  # the slower way runs again once in this many steps, times how much slower it was...
+EXPLORE_RATIO_MAX = 32  # ...up to this many times: a machine's speed drifts
+MEAN_WEIGHT = 0.2  # of a new step in a way's mean time
+
+
+@dataclass
+class _Stretch:
+    """Lone steps that came after a stretch of idling: the mean seconds per layer of those on one
+    thread (index 0) and of those split (1), how many of each ran, and the steps since the way not
+    chosen last ran."""
+
+    means: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    counts: list[int] = field(default_factory=lambda: [0, 0])
+    since_other: int = 0
+
+
+class SplitChoice:
+    """Whether a lone one-token step splits its matmuls over the node's threads: always within
+    ``SPLIT_IDLE_S`` of the node's last step, and after longer idling, from how long the node's earlier
+    lone steps took each way after as long an idle stretch (``IDLE_EDGES_S``): each way ``TRIES``
+    times first, then the quicker, and now and then the other again (``EXPLORE_EVERY``), as the
+    machine's speed drifts."""
+
+    def __init__(self):
+        self._stretches = [_Stretch() for _ in range(len(IDLE_EDGES_S) + 1)]
+
+    def splits(self, idle: float) -> bool:
+        """Whether the step after ``idle`` seconds of idling splits."""
+        if idle <= SPLIT_IDLE_S:
+            return True
+        stretch = self._stretches[bisect.bisect(IDLE_EDGES_S, idle)]
+        for way in (1, 0):
+            if stretch.counts[way] < TRIES:
+                return bool(way)
+        best = int(stretch.means[1] <= stretch.means[0])
+        slower = stretch.means[1 - best] / max(stretch.means[best], 1e-9)
+        stretch.since_other += 1
+        if stretch.since_other >= EXPLORE_EVERY * min(slower, EXPLORE_RATIO_MAX):
+            stretch.since_other = 0
+            return not best
+        return bool(best)
+
+    def record(self, idle: float, split: bool, seconds_per_layer: float) -> None:
+        """A lone step after ``idle`` seconds of idling took ``seconds_per_layer``, split or not."""
+        if idle <= SPLIT_IDLE_S:
+            return
+        stretch = self._stretches[bisect.bisect(IDLE_EDGES_S, idle)]
+        way = int(split)
+        mean = stretch.means[way]
+        stretch.means[way] = (
+            seconds_per_layer if not stretch.counts[way] else mean + MEAN_WEIGHT * (seconds_per_layer - mean)
+        )
+        stretch.counts[way] += 1
 
 
 class DecodeBatcher:
@@ -85,6 +143,7 @@ class DecodeBatcher:
         self._last_run_s = 0.0  # how long the last run computed
         self._ran_at = 0.0  # when the last run ended
         self.split_at = 0.0  # when the last run that split its matmuls over threads ended
+        self.split_choice = SplitChoice()
         self.batches = self.steps = 0  # how much batching happened (for metrics and tests)
 
     def submit(
@@ -138,12 +197,16 @@ class DecodeBatcher:
         for step in queue:
             if not step.future.cancelled():
                 groups.setdefault((step.start, step.end, step.adapter_name), []).append(step)
-        one_thread = self.sessions() > 1 or began - self._ran_at > SPLIT_IDLE_S
+        idle, lone = began - self._ran_at, self.sessions() <= 1 and len(queue) == 1
+        one_thread = not (lone and self.split_choice.splits(idle))
         for (start, end, adapter_name), steps in groups.items():
             for first in range(0, len(steps), self.max_batch):
                 self._compute(start, end, steps[first : first + self.max_batch], adapter_name, one_thread)
         self._ran_at = time.perf_counter()
         self._last_run_s = self._ran_at - began
+        if lone:
+            step = queue[0]
+            self.split_choice.record(idle, not one_thread, self._last_run_s / max(1, step.end - step.start))
         if not one_thread:
             self.split_at = self._ran_at
 
