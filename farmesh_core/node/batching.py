@@ -197,15 +197,16 @@ class DecodeBatcher:
         for step in queue:
             if not step.future.cancelled():
                 groups.setdefault((step.start, step.end, step.adapter_name), []).append(step)
-        idle, lone = began - self._ran_at, self.sessions() <= 1 and len(queue) == 1
+        idle = began - self._ran_at
+        lone = self.sessions() <= 1 and len(queue) == 1 and not queue[0].future.cancelled()
         one_thread = not (lone and self.split_choice.splits(idle))
         for (start, end, adapter_name), steps in groups.items():
             for first in range(0, len(steps), self.max_batch):
                 self._compute(start, end, steps[first : first + self.max_batch], adapter_name, one_thread)
         self._ran_at = time.perf_counter()
         self._last_run_s = self._ran_at - began
-        if lone:
-            step = queue[0]
+        step = queue[0]
+        if lone and step.future.done() and not step.future.cancelled() and step.future.exception() is None:
             self.split_choice.record(idle, not one_thread, self._last_run_s / max(1, step.end - step.start))
         if not one_thread:
             self.split_at = self._ran_at
