@@ -175,6 +175,23 @@ def test_a_lone_step_splits_its_matmuls_only_on_a_node_busy_with_that_session(
     assert op_counts(lambda: asyncio.run(steps())).get("aten::bmm", 0) == (blocks if split else 0)
 
 
+def test_a_failed_lone_step_teaches_the_split_choice_nothing(tiny_llama):
+    """A step that fails (or was cancelled) ends quickly: counted, it would make its way look quick."""
+    checkpoint = Checkpoint(tiny_llama)
+    span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, NUM_LAYERS, torch.float32, "cpu", one_row_threads=2)
+    ((cache, hidden, position),) = sessions(span, 1)
+    batcher = DecodeBatcher(span)
+
+    async def steps():
+        with pytest.raises(RuntimeError):  # a hidden state one value short: the first layer refuses it
+            await batcher.submit(hidden[..., :-1], 0, NUM_LAYERS, cache, position)
+        await asyncio.sleep(2 * batching.SPLIT_IDLE_S)  # (a step right after another is not learned from)
+        await batcher.submit(hidden, 0, NUM_LAYERS, cache, position)
+
+    asyncio.run(steps())
+    assert [sum(stretch.counts) for stretch in batcher.split_choice._stretches].count(1) == 1  # the good step
+
+
 def test_split_choice_tries_both_ways_then_takes_the_quicker_and_sometimes_the_other():
     """After idling past ``SPLIT_IDLE_S``: each way ``TRIES`` times, then the quicker one, with the
     slower one again once in ``EXPLORE_EVERY`` steps times how much slower it was; each idle stretch
