@@ -344,15 +344,19 @@ def test_prompt_lookup_generates_what_transformers_does(model, reference, sessio
 
 
 @pytest.mark.timeout(300)
-def test_rejected_drafts_leave_nothing_behind_in_a_longer_session(model, reference, session_calls):
+@pytest.mark.parametrize("client", ["model", "looping"], ids=["relayed", "pushed-and-looping"])
+def test_rejected_drafts_leave_nothing_behind_in_a_longer_session(client, reference, session_calls, request):
     """In a session with room to spare, drafts the model rejected would stay in the nodes' caches and
-    change every later token: the session continues as transformers' greedy generation does."""
+    change every later token: the session continues as transformers' greedy generation does, also
+    where each node pushes its output to the next and the greedy continuation loops through them."""
+    model = request.getfixturevalue(client)
     input_ids = torch.tensor([REPEATING])
     options = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=4)
     with model.inference_session(max_length=len(REPEATING) + 64) as session:
         first = model.generate(input_ids, **options)
         assert session.position == first.shape[1] - 1  # all but the last token, which is sent next
         full = model.generate(first, max_new_tokens=16, do_sample=False)
+    assert (session.pushed_inputs > 0) == (client == "looping")
     assert sum(n for call, n in session_calls if call == "rewind") > 0
     assert torch.equal(first, reference.generate(input_ids, **options))
     assert torch.equal(full, hf_greedy(reference, first, 16))
