@@ -5,7 +5,7 @@ going. Small steps (decoding, short prefills) run inline on the event loop on on
 fastest path here (a hand-off to another thread costs more than it saves), except the matmuls of a
 lone one-token step, which are split over ``num_threads`` (see ``row_matmul.row_blocks``), and a short
 prefill of the node's only session while the node is warm (``WARM_S``) or when it is heavy
-(``LARGE_PREFILL``), which uses ``num_threads``;
+(``LARGE_PREFILL``), and any short step whose bits one thread would change, which use ``num_threads``;
 large ones (long prefills, forward, backward) run off the loop with ``num_threads`` torch threads, so
 they use every core and do not stall other sessions' messages.
 """
@@ -177,12 +177,18 @@ class NodeHandlers:
             return await self._on_worker(fn, *args, split=split)
         warm = time.perf_counter() - max(self._threaded_at, self.batcher.split_at) <= WARM_S
         heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
-        if self.active_sessions > 1 or not (warm or heavy):
+        if (self.active_sessions > 1 or not (warm or heavy)) and self._one_thread_keeps_bits(tokens):
             return fn(*args)
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
             out = fn(*args)
         self._threaded_at = time.perf_counter()
         return out
+
+    def _one_thread_keeps_bits(self, tokens: int) -> bool:
+        """Whether a step of ``tokens`` tokens may run on one thread: its bits are those of the node's
+        threads (else its output would hang on the node's state, and could differ from what
+        ``transformers`` computes on as many threads; see ``LayerSpan.same_bits_on_one_thread``)."""
+        return self._threads == 1 or self.span.same_bits_on_one_thread(tokens, self._threads)
 
     async def _on_worker(self, fn, *args, split: int = 0):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps

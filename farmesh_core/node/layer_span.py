@@ -13,6 +13,7 @@ from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.lean_layer import LeanLlamaLayer
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
+from farmesh_core.openmp import torch_threads
 from farmesh_core.row_matmul import StepLinear, decode_batch_rows, last_level_cache_bytes, step_linears
 from farmesh_plugins.quantization import module_nbytes
 
@@ -60,6 +61,9 @@ class LayerSpan:
         exact_batches: bool | None = None,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
+        self._one_thread_verdicts: dict[
+            int, bool
+        ] = {}  # tokens -> same bits on one thread (see same_bits_on_one_thread)
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
         self.hidden_size = adapter.hidden_size(self.config)
         self.layers = {}
@@ -261,6 +265,23 @@ class LayerSpan:
                 out = self.adapter.run_layer(self.layers[index], out, None, kwargs)
             (grad_input,) = torch.autograd.grad(out, hidden, grad_output.to(out.dtype))
         return grad_input
+
+    def same_bits_on_one_thread(self, tokens: int, threads: int) -> bool:
+        """Whether a step of ``tokens`` tokens through the whole span gives the same bits on one torch
+        thread as on ``threads``, checked once per token count on a seeded input.
+
+        MKL picks its matmul kernels by shape and thread count: with the baseline's weights, 5, 6, 7,
+        9, 10 and 11 rows came out with other bits on 1 thread than on 2 (the other counts of 1-128
+        the same)."""
+        verdict = self._one_thread_verdicts.get(tokens)
+        if verdict is None:
+            hidden = torch.randn(1, tokens, self.hidden_size, generator=torch.Generator().manual_seed(tokens))
+            outputs = []
+            for count in (1, threads):
+                with torch_threads(count):
+                    outputs.append(self.forward(hidden, self.start, self.end, SessionCache(tokens), 0))
+            verdict = self._one_thread_verdicts[tokens] = torch.equal(*outputs)
+        return verdict
 
     def measure_throughput(self, steps: int = 8) -> float:
         """One-token steps per second through the whole span (what a decoding client gets)."""
