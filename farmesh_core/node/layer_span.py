@@ -61,9 +61,8 @@ class LayerSpan:
         exact_batches: bool | None = None,
     ):
         self.adapter, self.start, self.end, self.dtype, self.device = adapter, start, end, dtype, device
-        self._one_thread_verdicts: dict[
-            int, bool
-        ] = {}  # tokens -> same bits on one thread (see same_bits_on_one_thread)
+        # (tokens, threads) -> whether one thread gives the same bits (see same_bits_on_one_thread)
+        self._one_thread_verdicts: dict[tuple[int, int], bool] = {}
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
         self.hidden_size = adapter.hidden_size(self.config)
         self.layers = {}
@@ -268,19 +267,19 @@ class LayerSpan:
 
     def same_bits_on_one_thread(self, tokens: int, threads: int) -> bool:
         """Whether a step of ``tokens`` tokens through the whole span gives the same bits on one torch
-        thread as on ``threads``, checked once per token count on a seeded input.
+        thread as on ``threads``, checked once per token count (and thread count) on a seeded input.
 
         MKL picks its matmul kernels by shape and thread count: with the baseline's weights, 5, 6, 7,
         9, 10 and 11 rows came out with other bits on 1 thread than on 2 (the other counts of 1-128
         the same)."""
-        verdict = self._one_thread_verdicts.get(tokens)
+        verdict = self._one_thread_verdicts.get((tokens, threads))
         if verdict is None:
             hidden = torch.randn(1, tokens, self.hidden_size, generator=torch.Generator().manual_seed(tokens))
             outputs = []
             for count in (1, threads):
                 with torch_threads(count):
                     outputs.append(self.forward(hidden, self.start, self.end, SessionCache(tokens), 0))
-            verdict = self._one_thread_verdicts[tokens] = torch.equal(*outputs)
+            verdict = self._one_thread_verdicts[tokens, threads] = torch.equal(*outputs)
         return verdict
 
     def measure_throughput(self, steps: int = 8) -> float:
