@@ -27,17 +27,17 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
     node = NodeHandlers(config, span, OpenAuth(), NullLedger())
     length = next(n for n in range(12, 64) if span.same_bits_on_one_thread(n, 2))  # (see the next test)
     prompt = torch.randn(1, length, span.hidden_size)
-    expected = span.forward(prompt, 0, 2, SessionCache(16), 0)
+    expected = span.forward(prompt, 0, 2, SessionCache(length), 0)
 
-    def prefill() -> tuple[int, torch.Tensor]:
-        return torch.get_num_threads(), span.forward(prompt, 0, 2, SessionCache(16), 0)
+    def prefill(hidden: torch.Tensor) -> tuple[int, torch.Tensor]:  # (the span's forward, with its thread count)
+        return torch.get_num_threads(), span.forward(hidden, 0, 2, SessionCache(length), 0)
 
     # as many layers as would make these tokens a heavy prefill (the step itself runs 2)
     heavy = -(-handlers.LARGE_PREFILL // (prompt.shape[1] * span.layer_bytes))
 
     async def threads_of_a_prefill(layers: int = 2) -> int:
         torch.set_num_threads(1)  # as on a node's event loop
-        threads, out = await node._compute(prompt.shape[1], layers, prefill)
+        threads, out = await node._compute(prompt.shape[1], layers, prefill, prompt)
         torch.testing.assert_close(out, expected)
         assert torch.get_num_threads() == 1  # the loop's own count is back
         return threads

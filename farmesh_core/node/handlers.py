@@ -171,24 +171,30 @@ class NodeHandlers:
         return hidden
 
     async def _compute(self, tokens: int, layers: int, fn, *args, split: int = 0):
-        """``fn(*args)``, a step of ``tokens`` tokens through ``layers`` layers: see INLINE_TOKENS, WARM_S
-        and LARGE_PREFILL; ``split`` as in _on_worker."""
+        """``fn(*args)``, a step of ``tokens`` tokens through ``layers`` layers (``fn``: the span's
+        forward, ``args[0]`` its hidden states): see INLINE_TOKENS, WARM_S and LARGE_PREFILL; ``split``
+        as in _on_worker. A one-row step of a token count whose bits one thread would change runs on
+        the node's threads (``_one_thread_keeps_bits``)."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args, split=split)
         warm = time.perf_counter() - max(self._threaded_at, self.batcher.split_at) <= WARM_S
         heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
-        if (self.active_sessions > 1 or not (warm or heavy)) and self._one_thread_keeps_bits(tokens):
+        if (self.active_sessions > 1 or not (warm or heavy)) and self._one_thread_keeps_bits(args[0]):
             return fn(*args)
         with torch_threads(self._threads):  # a prompt on a node that is warm and serves it alone
             out = fn(*args)
         self._threaded_at = time.perf_counter()
         return out
 
-    def _one_thread_keeps_bits(self, tokens: int) -> bool:
-        """Whether a step of ``tokens`` tokens may run on one thread: its bits are those of the node's
-        threads (else its output would hang on the node's state, and could differ from what
-        ``transformers`` computes on as many threads; see ``LayerSpan.same_bits_on_one_thread``)."""
-        return self._threads == 1 or self.span.same_bits_on_one_thread(tokens, self._threads)
+    def _one_thread_keeps_bits(self, hidden: torch.Tensor) -> bool:
+        """Whether a step of ``hidden`` [rows, tokens, hidden] may run on one thread: its bits are those
+        of the node's threads (else its output would hang on the node's state, and could differ from
+        what ``transformers`` computes on as many threads; see ``LayerSpan.same_bits_on_one_thread``).
+        Checked for one row; steps of several rows (shared sessions' decode steps, batched forwards)
+        take paths of their own and stay as they were."""
+        if self._threads == 1 or hidden.shape[0] > 1:
+            return True
+        return self.span.same_bits_on_one_thread(hidden.shape[1], self._threads)
 
     async def _on_worker(self, fn, *args, split: int = 0):
         """``fn(*args)`` with ``num_threads`` torch threads, off the event loop, after the large steps
