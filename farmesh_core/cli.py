@@ -53,7 +53,8 @@ def cmd_node(args) -> None:
 
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
-        layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, lean_layers=args.lean_layers,
+        layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, spread_threads=args.spread_threads,
+        lean_layers=args.lean_layers,
         pack_batch_weights=args.pack_batch_weights, exact_batches=args.exact_batches, direct_lane=args.direct_lane,
         serve_head=args.serve_head, max_session_length=args.max_session_length, step_timeout=args.step_timeout,
         max_message_bytes=args.max_message_bytes, **_network_options(args),
@@ -200,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch threads of large steps (prefill, forward) and of a lone one-token step's matmuls",
     )
+    p.add_argument(
+        "--no-spread-threads", dest="spread_threads", action="store_false",
+        help="leave the placement of a step's torch threads to the kernel (by default, while a step runs on "
+        "several threads, each has a CPU of its own)",
+    )  # fmt: skip
     p.add_argument(
         "--no-lean-layers", dest="lean_layers", action="store_false",
         help="run every layer through its transformers modules (by default, inference steps of unmodified "

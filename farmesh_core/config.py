@@ -146,6 +146,11 @@ class NodeConfig(NetworkConfig):
         description="torch threads of large steps, and of a lone one-token step's matmuls (the rest of "
         "it runs on one); default: torch's",
     )
+    spread_threads: bool = Field(
+        default=True,
+        description="while a step runs on several torch threads, give each of them a CPU of its own, so that the "
+        "kernel cannot stack them on one CPU (see openmp.spread_team)",
+    )
     serve_head: bool | None = Field(
         default=None,
         description="load the model's embeddings and LM head where the node serves the last layer, to choose "

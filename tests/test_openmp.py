@@ -1,6 +1,8 @@
-"""release_worker_threads (farmesh_core/openmp.py): the OpenMP worker threads a thread's
-multi-threaded torch op started end when it is called, and start again with the next such op."""
+"""farmesh_core/openmp.py: release_worker_threads (the OpenMP worker threads a thread's multi-threaded
+torch op started end when it is called, and start again with the next such op), thread counts, and
+spread_team (a team's threads on CPUs of their own)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +95,56 @@ def test_a_threads_own_count_holds_when_another_thread_sets_one_later():
     """torch's plain set_num_threads loses to ATen's lazy count (the last one any thread set);
     set_thread_count holds (a node's compute worker ran its large steps on 1 thread without it)."""
     assert _fresh_python(_LATER_COUNT) == "1 2"
+
+
+_SPREAD = """
+import json, os, threading
+import torch
+from farmesh_core import openmp
+
+openmp.spreading = SPREADING
+out = {"cpus": sorted(os.sched_getaffinity(0))}
+
+def a_team_at_work(name):
+    before = set(os.listdir("/proc/self/task"))
+    a = torch.randn(256, 256)
+    with openmp.torch_threads(2):
+        a @ a  # a parallel region of 2 threads
+        workers = set(os.listdir("/proc/self/task")) - before
+        out[name] = {
+            "lead": sorted(os.sched_getaffinity(0)),
+            "workers": [sorted(os.sched_getaffinity(int(tid))) for tid in workers],
+        }
+    out[name]["lead_after"] = sorted(os.sched_getaffinity(0))
+    openmp.release_worker_threads()  # the next team has new workers, which start where their lead runs
+
+def work():
+    torch.set_num_threads(1)
+    a_team_at_work("first")
+    a_team_at_work("again")
+
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+def test_a_spread_team_gives_each_of_its_threads_a_cpu_of_their_own_while_it_works():
+    """With ``spreading`` on (a Far Node), a team of 2 torch threads has its worker pinned to one CPU
+    and its lead thread to another while the block runs, and the lead free again after; a released
+    team's new worker is pinned again. Off, the kernel places them (as in a client)."""
+    spread = json.loads(_fresh_python(_SPREAD.replace("SPREADING", "True")))
+    cpus = spread["cpus"]
+    for team in (spread["first"], spread["again"]):
+        assert team["lead_after"] == cpus
+        assert len(team["workers"]) == 1
+        if len(cpus) >= 2:
+            assert len(team["lead"]) == 1 and len(team["workers"][0]) == 1
+            assert team["lead"] != team["workers"][0]
+        else:  # one CPU: nothing to spread over
+            assert team["lead"] == team["workers"][0] == cpus
+    left = json.loads(_fresh_python(_SPREAD.replace("SPREADING", "False")))
+    for team in (left["first"], left["again"]):
+        assert team["lead"] == team["lead_after"] == left["cpus"]
+        assert team["workers"] == [left["cpus"]]

@@ -23,7 +23,6 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from farmesh_core import metrics
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.openmp import spread_team
 from farmesh_core.row_matmul import last_level_cache_bytes, matmuls_on_one_thread
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class DecodeBatcher:
                     adapter_name,
                 )  # fmt: skip
             if outputs is None:
-                with matmuls_on_one_thread() if one_thread else nullcontext():
+                with matmuls_on_one_thread() if one_thread else spread_team(self.span.one_row_threads):
                     outputs = [
                         self.span.forward(s.hidden, start, end, s.cache, s.position, adapter_name) for s in steps
                     ]

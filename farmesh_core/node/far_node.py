@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 import farmesh_core
-from farmesh_core import __version__
+from farmesh_core import __version__, openmp
 from farmesh_core.architecture import adapter_for, checkpoint_dtype
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.config import NodeConfig, NodeRecord, parse_layers
@@ -68,6 +68,7 @@ class FarNode:
                 "torch was imported before farmesh, so its OpenMP threads spin ~3 ms after each step and take "
                 "cores from other nodes on this machine: import farmesh first or set GOMP_SPINCOUNT=5000"
             )
+        openmp.spreading = config.spread_threads and config.device == "cpu"
         load_plugins()
         checkpoint = Checkpoint(config.model_id)
         adapter = adapter_for(checkpoint.config)

@@ -34,7 +34,7 @@ from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.node.token_loop import NodeHead, next_turn
-from farmesh_core.openmp import release_worker_threads, set_thread_count, torch_threads
+from farmesh_core.openmp import release_worker_threads, set_thread_count, spread_team, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
     FarNodeRPC,
@@ -74,7 +74,8 @@ def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
 
 def _then_release(fn, *args):
     try:
-        return fn(*args)
+        with spread_team(torch.get_num_threads()):
+            return fn(*args)
     finally:
         release_worker_threads()
 

@@ -65,6 +65,7 @@ class LayerSpan:
         self._one_thread_verdicts: dict[tuple[int, int], bool] = {}
         self.config: PretrainedConfig = adapter.prepare_config(checkpoint.config)
         self.hidden_size = adapter.hidden_size(self.config)
+        self.one_row_threads = one_row_threads  # threads a lone one-token step splits its matmuls over
         self.layers = {}
         for index in range(start, end):
             layer = adapter.load_layer(checkpoint, self.config, index, dtype, device)

@@ -5,6 +5,7 @@ hidden states within 1e-5. Each test runs for multi-head attention and for group
 """
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -53,6 +54,22 @@ def test_greedy_generate_equals_transformers(client, mesh):
     expected = hf_greedy_text(mesh.model_dir, PROMPT, 64)
     assert len(hf_greedy_ids(mesh.model_dir, PROMPT, 64)) == 64, "the reference should not stop early at EOS"
     assert client.generate(PROMPT, max_tokens=64) == expected
+
+
+def test_a_nodes_torch_workers_keep_cpus_of_their_own_and_its_threads_are_free_between_steps(client, mesh):
+    """After a generation, each node's OpenMP worker (its split one-token steps ran on 2 threads) is
+    pinned to one CPU (see openmp.spread_team), and the node's own threads are free again: the lead
+    of a team is pinned only while its step runs."""
+    client.generate(PROMPT, max_tokens=8)
+    cpus = os.sched_getaffinity(0)
+    for node in mesh.nodes:
+        masks = {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{node.pid}/task")}
+        assert masks[node.pid] == cpus
+        pinned = [mask for mask in masks.values() if mask != cpus]
+        if len(cpus) >= 2:
+            assert pinned and all(len(mask) == 1 for mask in pinned), masks
+        else:
+            assert not pinned
 
 
 def test_temperature_zero_is_greedy(client, mesh):
