@@ -87,12 +87,10 @@ def _lead_cpu(threads: int) -> int | None:
     if getattr(_spread, "threads", 0) >= threads:
         return _spread.lead
     _spread.threads, _spread.lead = threads, None  # (tried once per team, even where it cannot pin)
-    runtime = _runtime()
-    if runtime is None or not hasattr(runtime, "GOMP_parallel") or not hasattr(os, "sched_setaffinity"):
+    if not spreads(threads):
         return None
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
+    runtime = _runtime()
     here = _current_cpu()
     first = cpus.index(here) if here in cpus else 0
     with _pin_lock:
@@ -101,6 +99,19 @@ def _lead_cpu(threads: int) -> int | None:
         runtime.GOMP_parallel(_pin_body, None, ctypes.c_uint(threads), ctypes.c_uint(0))
     _spread.lead = cpus[first]
     return _spread.lead
+
+
+def spreads(threads: int) -> bool:
+    """Whether :func:`spread_team` gives a team of ``threads`` CPUs of their own in this process."""
+    runtime = _runtime()
+    return (
+        spreading
+        and threads >= 2
+        and runtime is not None
+        and hasattr(runtime, "GOMP_parallel")
+        and hasattr(os, "sched_getaffinity")
+        and len(os.sched_getaffinity(0)) >= 2
+    )
 
 
 @contextmanager

@@ -1,13 +1,15 @@
 """A Far Node's short prefills (inline on its event loop): on ``num_threads`` torch threads only while
-the node serves that session alone and is warm (its event loop ran ops on several threads lately: see
-handlers.WARM_S) or the prefill is heavy (handlers.LARGE_PREFILL), else on the loop's one thread,
-unless one thread would give a step of that many tokens other bits."""
+the node serves that session alone and its threads get CPUs of their own (openmp.spreads), or it is
+warm (its event loop ran ops on several threads lately: see handlers.WARM_S), or the prefill is heavy
+(handlers.LARGE_PREFILL); else on the loop's one thread, unless one thread would give a step of that
+many tokens other bits."""
 
 import asyncio
 import time
 
 import torch
 
+from farmesh_core import openmp
 from farmesh_core.architecture import adapter_for
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.config import NodeConfig
@@ -61,7 +63,15 @@ def test_a_short_prefill_takes_the_nodes_threads_only_when_warm_and_alone(tiny_l
         assert asyncio.run(threads_of_a_prefill(heavy)) == 2  # cold, but heavy enough
         node.active_sessions = 2
         assert asyncio.run(threads_of_a_prefill(heavy)) == 1  # heavy, but not alone
+        # Where the team's threads get CPUs of their own (as a Far Node's do), a cold team costs no more.
+        openmp.spreading = True
+        node.active_sessions = 1
+        assert asyncio.run(threads_of_a_prefill()) == (2 if openmp.spreads(2) else 1)
+        node.active_sessions = 2
+        assert asyncio.run(threads_of_a_prefill()) == 1  # other sessions give the node its parallelism
     finally:
+        openmp.spreading = False
+        openmp.release_worker_threads()  # (the next test's team starts unpinned)
         node.close()
 
 

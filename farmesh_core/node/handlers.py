@@ -34,7 +34,7 @@ from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.node.token_loop import NodeHead, next_turn
-from farmesh_core.openmp import release_worker_threads, set_thread_count, spread_team, torch_threads
+from farmesh_core.openmp import release_worker_threads, set_thread_count, spread_team, spreads, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
     FarNodeRPC,
@@ -57,11 +57,12 @@ from farmesh_core.wire import (
 logger = logging.getLogger(__name__)
 
 INLINE_TOKENS = 128  # steps with at most this many tokens run on the event loop
-# An inline prefill uses ``num_threads`` only if the node's event loop ran torch ops on several threads
-# (a split one-token step, such a prefill) within this long: a 2-thread prefill right after idling
-# took 17-23 ms here against 6 on one thread (the cores of this VM are slow to wake), where back to
-# back it took 3.5. In-process, 34 tokens through 4 layers on 2 threads took 2.6-3.5 ms after 1-12 ms
-# of sleep, 5.1 after 15 and 21 after 18 or more (one thread: 3.6-5.0).
+# Where a step's threads cannot have CPUs of their own (openmp.spreads), an inline prefill uses
+# ``num_threads`` only if the node's event loop ran torch ops on several threads (a split one-token
+# step, such a prefill) within this long: in-process, 34 tokens through 4 layers on 2 threads took
+# 2.6-3.5 ms after 1-12 ms of sleep, 5.1 after 15 and 21 after 18 or more (one thread: 3.6-5.0), as
+# the kernel of this VM stacked the team's threads on one CPU. With CPUs of their own, 3.4-3.5 ms
+# after 20-500 ms of sleep, against 4.2-4.4 on one thread.
 WARM_S = 0.012
 # ...or if it is this large (tokens x bytes of the layers' weights; ~1.5 GFLOP in float32, ~40 ms on
 # one thread here): waking the other cores then costs less than the second thread saves.
@@ -178,7 +179,7 @@ class NodeHandlers:
         the node's threads (``_one_thread_keeps_bits``)."""
         if tokens > INLINE_TOKENS:
             return await self._on_worker(fn, *args, split=split)
-        warm = time.perf_counter() - max(self._threaded_at, self.batcher.split_at) <= WARM_S
+        warm = spreads(self._threads) or time.perf_counter() - max(self._threaded_at, self.batcher.split_at) <= WARM_S
         heavy = tokens * layers * self.span.layer_bytes >= LARGE_PREFILL
         if (self.active_sessions > 1 or not (warm or heavy)) and self._one_thread_keeps_bits(args[0]):
             return fn(*args)
