@@ -222,7 +222,7 @@ class DecodeBatcher:
                     adapter_name,
                 )  # fmt: skip
             if outputs is None:
-                with matmuls_on_one_thread() if one_thread else spread_team(self.span.one_row_threads):
+                with matmuls_on_one_thread() if one_thread else spread_team(self.span.one_row_threads, short=True):
                     outputs = [
                         self.span.forward(s.hidden, start, end, s.cache, s.position, adapter_name) for s in steps
                     ]
