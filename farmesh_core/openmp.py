@@ -143,6 +143,12 @@ def spread_team(threads: int, short: bool = False) -> Iterator[None]:
         os.sched_setaffinity(0, own)
 
 
+def on_spread_team(threads: int, fn, *args):
+    """``fn(*args)`` within :func:`spread_team` of ``threads``."""
+    with spread_team(threads):
+        return fn(*args)
+
+
 @cache
 def _libc() -> ctypes.CDLL | None:
     try:

@@ -34,7 +34,7 @@ from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
 from farmesh_core.node.token_loop import NodeHead, next_turn
-from farmesh_core.openmp import release_worker_threads, set_thread_count, spread_team, spreads, torch_threads
+from farmesh_core.openmp import on_spread_team, release_worker_threads, set_thread_count, spreads, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
     FarNodeRPC,
@@ -75,8 +75,7 @@ def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
 
 def _then_release(fn, *args):
     try:
-        with spread_team(torch.get_num_threads()):
-            return fn(*args)
+        return fn(*args)
     finally:
         release_worker_threads()
 
@@ -207,6 +206,8 @@ class NodeHandlers:
         release_worker_threads()
         if split and not self.span.switchable:  # (LoRA layers switch adapters under a lock: one group at a time)
             fn = partial(self.row_groups.run, fn, split)
+        else:
+            fn = partial(on_spread_team, self._threads, fn)
         return await asyncio.get_running_loop().run_in_executor(self._executor, _then_release, fn, *args)
 
     def _record_usage(

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-from farmesh_core.openmp import release_worker_threads, set_thread_count, torch_threads
+from farmesh_core.openmp import on_spread_team, release_worker_threads, set_thread_count, torch_threads
 
 MAX_VERDICTS = 1024  # shapes remembered (the oldest forgotten first)
 
@@ -45,17 +45,18 @@ class RowGroups:
         """``fn(*args)``, whose first ``split`` arguments are tensors [batch, ...] whose rows it treats
         independently, with those rows in groups at once where that keeps the bits (checked the first
         time a shape comes: then it runs both ways); the calling thread runs the first group. The other
-        arguments must be hashable: they are part of the shape."""
+        arguments must be hashable: they are part of the shape. Run whole, it takes the calling thread's
+        team of ``threads`` spread over the CPUs (see openmp.spread_team); in groups, each group's."""
         groups = min(args[0].shape[0], self.threads)
         if groups < 2 or self._pool is None:
-            return fn(*args)
+            return on_spread_team(self.threads, fn, *args)
         key = (getattr(fn, "__qualname__", repr(fn)), *(tuple(t.shape) for t in args[:split]), *args[split:])
         verdict = self._verdicts.get(key)
         if verdict is False:
-            return fn(*args)
+            return on_spread_team(self.threads, fn, *args)
         grouped = self._in_groups(fn, split, args, groups)
         if verdict is None:
-            whole = fn(*args)
+            whole = on_spread_team(self.threads, fn, *args)
             self._verdicts[key] = torch.equal(whole, grouped)
             if len(self._verdicts) > MAX_VERDICTS:
                 self._verdicts.popitem(last=False)
