@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-spread-threads", dest="spread_threads", action="store_false",
         help="leave the placement of a step's torch threads to the kernel (by default, while a step runs on "
-        "several threads, each has a CPU of its own)",
+        "several threads, they are pinned apart: the leading one to one CPU, each worker to a share of the others)",
     )  # fmt: skip
     p.add_argument(
         "--no-lean-layers", dest="lean_layers", action="store_false",

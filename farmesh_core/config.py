@@ -148,8 +148,9 @@ class NodeConfig(NetworkConfig):
     )
     spread_threads: bool = Field(
         default=True,
-        description="while a step runs on several torch threads, give each of them a CPU of its own, so that the "
-        "kernel cannot stack them on one CPU (see openmp.spread_team)",
+        description="while a step runs on several torch threads, pin them apart (the leading thread to one CPU, "
+        "each worker to a share of the others), so that the kernel cannot stack them on one CPU (see "
+        "openmp.spread_team)",
     )
     serve_head: bool | None = Field(
         default=None,

@@ -11,7 +11,7 @@ run large steps, and the one that loaded the layers, end their workers when done
 ``omp_pause_resource_all``); the next large step starts them again, which costs far less than a
 fresh thread per step did (33 against 41 ms for a [4x128] forward through 4 layers).
 
-A node also gives each thread of a team a CPU of its own while the team works (:func:`spread_team`).
+A node also keeps the threads of a team apart, on CPUs of their own, while the team works (:func:`spread_team`).
 """
 
 import ctypes
@@ -80,9 +80,10 @@ _pin_body = _PIN_BODY(_pin_this_thread)
 
 
 def _lead_cpu(threads: int) -> int | None:
-    """The CPU the calling thread takes while it leads its team of ``threads``, whose workers are
-    pinned each to one of the next CPUs (once per team: a released team's new workers are placed
-    again); None where nothing is pinned."""
+    """The CPU the calling thread takes while it leads its team of ``threads`` (the one it runs on
+    when the team is placed), whose workers are pinned to the other CPUs, each to a share of its
+    own (on 2 CPUs, the other one; with more threads than CPUs, one each in turn). Once per team: a
+    released team's new workers are placed again. None where nothing is pinned."""
     if not spreading or threads < 2:
         return None
     if getattr(_spread, "threads", 0) >= threads:
@@ -94,12 +95,14 @@ def _lead_cpu(threads: int) -> int | None:
     runtime = _runtime()
     here = _current_cpu()
     first = cpus.index(here) if here in cpus else 0
-    workers = {i: cpus[(first + i) % len(cpus)] for i in range(1, threads)}
+    others = [cpus[(first + k) % len(cpus)] for k in range(1, len(cpus))]
+    shares = min(threads - 1, len(others))
+    workers = {i: set(others[(i - 1) % shares :: shares]) for i in range(1, threads)}
     with _pin_lock:
         _placement.clear()
-        _placement.update({i: {cpu} for i, cpu in workers.items()})
+        _placement.update(workers)
         runtime.GOMP_parallel(_pin_body, None, ctypes.c_uint(threads), ctypes.c_uint(0))
-    _spread.lead, _spread.workers = cpus[first], set(workers.values())
+    _spread.lead, _spread.workers = cpus[first], set(others)
     return _spread.lead
 
 
@@ -118,9 +121,9 @@ def spreads(threads: int) -> bool:
 
 @contextmanager
 def spread_team(threads: int, short: bool = False) -> Iterator[None]:
-    """Within the block, the calling thread's OpenMP team of ``threads`` runs one thread per CPU: each
-    worker pinned to a CPU of its own, the calling thread (its leader) to another one until the
-    block ends. For a ``short`` block the leader is pinned only if it runs on a worker's CPU: a node
+    """Within the block, the calling thread's OpenMP team of ``threads`` runs apart: each worker pinned
+    to CPUs of its own, the calling thread (its leader) to another one until the block ends (see
+    _lead_cpu). For a ``short`` block the leader is pinned only if it runs on a worker's CPU: a node
     looping tokens through itself steps back to back, and there a leader held to its CPU waited for
     the client reading on it (2.84 against 2.44 ms a token, 15 of 16 generations), where a chain's
     steps after idling needed it pinned (3.52 against 4.16). Does nothing unless ``spreading`` is on,
