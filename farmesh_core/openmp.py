@@ -79,10 +79,21 @@ def _pin_this_thread(_data) -> None:
 _pin_body = _PIN_BODY(_pin_this_thread)
 
 
+def worker_cpus(cpus: list[int], lead: int, threads: int) -> dict[int, set[int]]:
+    """Where the workers (1 to ``threads - 1``) of a team led from CPU ``lead`` go: each to a share
+    of its own of the other ``cpus`` (on 2 CPUs, the other one), or where the team has as many
+    threads as there are CPUs or more, each to one CPU in turn after the lead's, so that every CPU
+    carries as many of the team as any other."""
+    first = cpus.index(lead)
+    if threads >= len(cpus):
+        return {i: {cpus[(first + i) % len(cpus)]} for i in range(1, threads)}
+    others = [cpus[(first + k) % len(cpus)] for k in range(1, len(cpus))]
+    return {i: set(others[i - 1 :: threads - 1]) for i in range(1, threads)}
+
+
 def _lead_cpu(threads: int) -> int | None:
     """The CPU the calling thread takes while it leads its team of ``threads`` (the one it runs on
-    when the team is placed), whose workers are pinned to the other CPUs, each to a share of its
-    own (on 2 CPUs, the other one; with more threads than CPUs, one each in turn). Once per team: a
+    when the team is placed), its workers pinned as :func:`worker_cpus` says. Once per team: a
     released team's new workers are placed again. None where nothing is pinned."""
     if not spreading or threads < 2:
         return None
@@ -94,15 +105,13 @@ def _lead_cpu(threads: int) -> int | None:
     cpus = sorted(os.sched_getaffinity(0))
     runtime = _runtime()
     here = _current_cpu()
-    first = cpus.index(here) if here in cpus else 0
-    others = [cpus[(first + k) % len(cpus)] for k in range(1, len(cpus))]
-    shares = min(threads - 1, len(others))
-    workers = {i: set(others[(i - 1) % shares :: shares]) for i in range(1, threads)}
+    lead = here if here in cpus else cpus[0]
+    workers = worker_cpus(cpus, lead, threads)
     with _pin_lock:
         _placement.clear()
         _placement.update(workers)
         runtime.GOMP_parallel(_pin_body, None, ctypes.c_uint(threads), ctypes.c_uint(0))
-    _spread.lead, _spread.workers = cpus[first], set(others)
+    _spread.lead, _spread.workers = lead, set().union(*workers.values())
     return _spread.lead
 
 

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from farmesh_core.openmp import worker_cpus
+
 _CYCLES = """
 import os, threading, time
 import torch
@@ -148,3 +150,22 @@ def test_a_spread_team_gives_each_of_its_threads_a_cpu_of_their_own_while_it_wor
     for team in (left["first"], left["again"]):
         assert team["lead"] == team["lead_after"] == left["cpus"]
         assert team["workers"] == [left["cpus"]]
+
+
+def test_a_teams_workers_go_apart_from_their_lead_and_from_each_other():
+    """openmp.worker_cpus: on 2 CPUs a worker takes the CPU its lead does not; with fewer threads than
+    CPUs each worker gets a share of the other CPUs, the shares disjoint and covering them; with more
+    threads than CPUs they go round the CPUs from the lead's, none carrying more than one more than another."""
+    assert worker_cpus([0, 1], 1, 2) == {1: {0}}
+    assert worker_cpus([0, 1], 0, 2) == {1: {1}}
+    shares = worker_cpus(list(range(16)), 3, 4)
+    assert set().union(*shares.values()) == set(range(16)) - {3}
+    assert sum(len(share) for share in shares.values()) == 15  # disjoint
+    assert sorted(len(share) for share in shares.values()) == [5, 5, 5]
+    assert worker_cpus([0, 1], 0, 4) == {1: {1}, 2: {0}, 3: {1}}  # 2 threads on each CPU, the lead's included
+    loads = [0] * 4
+    for share in worker_cpus([4, 5, 6, 7], 6, 10).values():
+        (cpu,) = share
+        loads[cpu - 4] += 1
+    loads[6 - 4] += 1  # the lead's
+    assert max(loads) - min(loads) <= 1
