@@ -40,6 +40,10 @@ LATENCY_MAX_AGE = 60.0  # seconds a measured round trip is trusted
 # the background, so that a client making sessions often never waits for the DHT (a fetch took ~12 ms
 # of a session's first token here) or for pings.
 REFRESH_AHEAD = 0.5
+# ...starting this long after the route that asked for it, off the way of its session's first token: a
+# refresh running beside it (a DHT fetch, the client's and the DHT process's CPU) made every 2.5 s a
+# first token of the benchmark's order 12.5-15.8 ms instead of 7.5-9 (2 nodes on 2 cores).
+REFRESH_DELAY = 0.1
 LANE_RETRY_AFTER = 600.0  # seconds before a direct lane this client could not reach is tried again
 PING_TIMEOUT = 2.0
 UNREACHABLE = 10.0  # seconds recorded for a node that did not answer a ping
@@ -118,11 +122,12 @@ class MeshConnection:
         self._records, self._records_at = records, time.monotonic()
 
     def _in_background(self, refresh: Coroutine) -> None:
-        """Run ``refresh`` on the loop unless another refresh still runs (then drop it)."""
+        """Run ``refresh`` on the loop in REFRESH_DELAY, unless another refresh still waits or runs (then
+        drop it)."""
         if self._refreshing is not None and not self._refreshing.done():
             refresh.close()
             return
-        self._refreshing = self.loop.submit(refresh)
+        self._refreshing = self.loop.submit(_after(REFRESH_DELAY, refresh))
         self._refreshing.add_done_callback(_log_failure)
 
     def route(self, start: int, end: int, avoid: set[str] = frozenset(), adapter: str | None = None) -> list[RouteHop]:
@@ -308,6 +313,11 @@ class MeshConnection:
         for LANE_RETRY_AFTER seconds."""
         self.forget_direct_lane(peer_id)
         self._lane_unreachable_at[peer_id] = time.monotonic()
+
+
+async def _after(delay: float, work: Coroutine):
+    await asyncio.sleep(delay)
+    return await work
 
 
 def _log_failure(refresh: Future) -> None:
