@@ -73,10 +73,13 @@ def test_a_spare_connection_the_node_ended_or_too_old_is_not_used(client, llama_
 
 def test_an_aging_view_of_the_mesh_is_refreshed_in_the_background(llama_mesh, monkeypatch):
     """A route made with records older than REFRESH_AHEAD of their max age uses them and fetches new
-    ones in the background; records past their max age are fetched before the route is made."""
+    ones in the background, REFRESH_DELAY later (off the way of its session's first token); records
+    past their max age are fetched before the route is made."""
     fetch = mesh_module.fetch_node_records
+    fetched_at = []
 
     def slow_fetch(*args, **kwargs):
+        fetched_at.append(time.monotonic())
         time.sleep(1.0)  # (a slow DHT, so that waiting for it shows)
         return fetch(*args, **kwargs)
 
@@ -93,6 +96,7 @@ def test_an_aging_view_of_the_mesh_is_refreshed_in_the_background(llama_mesh, mo
         while time.monotonic() - connection._records_at > 0.5 * aging and time.monotonic() < deadline:
             time.sleep(0.05)
         assert time.monotonic() - connection._records_at < 0.5 * aging  # refreshed meanwhile
+        assert fetched_at[0] - began >= mesh_module.REFRESH_DELAY
         connection._records_at -= 2 * mesh_module.RECORDS_MAX_AGE
         began = time.monotonic()
         assert len(connection.route(0, 8)) == 2
