@@ -202,7 +202,8 @@ class NodeHandlers:
         before it. The loop's OpenMP threads (of split one-token steps) end before it and the worker's
         after it, so that it has the only team and spins between its parallel regions (see openmp.py).
         With ``split``, fn's first ``split`` arguments are tensors whose rows it treats independently
-        (no cache), which run in groups at once (see row_groups.py)."""
+        (no cache), which run in groups at once (see row_groups.py); a step run whole keeps its team's
+        threads apart (openmp.spread_team)."""
         release_worker_threads()
         if split and not self.span.switchable:  # (LoRA layers switch adapters under a lock: one group at a time)
             fn = partial(self.row_groups.run, fn, split)
