@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 
@@ -148,11 +148,16 @@ def spread_team(threads: int, short: bool = False) -> Iterator[None]:
         yield
         return
     own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {lead})
+    try:
+        os.sched_setaffinity(0, {lead})
+    except OSError:  # (the CPU left this process's set since: the step runs where it is)
+        own = None
     try:
         yield
     finally:
-        os.sched_setaffinity(0, own)
+        if own is not None:
+            with suppress(OSError):
+                os.sched_setaffinity(0, own)
 
 
 def on_spread_team(threads: int, fn, *args):
