@@ -67,7 +67,7 @@ def test_a_nodes_torch_workers_keep_cpus_of_their_own_and_its_threads_are_free_b
         assert masks[node.pid] == cpus
         pinned = [mask for mask in masks.values() if mask != cpus]
         if len(cpus) >= 2:
-            assert pinned and all(len(mask) == len(cpus) - 1 for mask in pinned), masks
+            assert pinned and all(0 < len(mask) < len(cpus) for mask in pinned), masks  # (see worker_cpus)
         else:
             assert not pinned
 
