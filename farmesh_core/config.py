@@ -204,17 +204,15 @@ class ClientConfig(NetworkConfig):
     push: bool | None = Field(
         default=None,
         description="with direct lanes, each node of a chain sends its output straight to the next node "
-        "(the client relays only where that fails); False: the client relays every step; default: push, "
-        "unless the chain has several nodes, all on this machine (there relaying measured quicker) and no "
-        "token loop is asked for (a loop needs pushes)",
+        "(the client relays only where that fails); False: the client relays every step; default: push "
+        "(a token loop needs it), unless token loops are off and the chain has several nodes, all on this "
+        "machine (there relaying measured as quick or quicker)",
     )
-    token_loop: bool | None = Field(
-        default=None,
+    token_loop: bool = Field(
+        default=True,
         description="where every node of a chain pushes and the last one announces an LM head, greedy generation "
         "lets that node choose each token and send it round the chain itself (the client reads the answers "
-        "and still fails over); default: unless the chain has several nodes, all on this machine (there the "
-        "nodes and the client share its cores, and the loop measured no quicker); False: the client chooses "
-        "every token",
+        "and still fails over); False: the client chooses every token",
     )
     adapter: str | None = Field(default=None, description="LoRA adapter name (or the directory nodes loaded)")
     batch_window_ms: float = Field(

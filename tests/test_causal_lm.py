@@ -61,7 +61,7 @@ def chooser(mesh):
 
 @pytest.fixture(scope="module")
 def looping(mesh):
-    """A model whose greedy generations loop through the nodes (by default not here: both are local)."""
+    """A model whose greedy generations loop through the nodes (as by default)."""
     model_dir, bootstrap = mesh
     with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=bootstrap, token_loop=True) as model:
         yield model
@@ -344,7 +344,7 @@ def test_prompt_lookup_generates_what_transformers_does(model, reference, sessio
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("client", ["model", "looping"], ids=["relayed", "pushed-and-looping"])
+@pytest.mark.parametrize("client", ["chooser", "looping"], ids=["relayed", "pushed-and-looping"])
 def test_rejected_drafts_leave_nothing_behind_in_a_longer_session(client, reference, session_calls, request):
     """In a session with room to spare, drafts the model rejected would stay in the nodes' caches and
     change every later token: the session continues as transformers' greedy generation does, also

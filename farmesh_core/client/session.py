@@ -219,14 +219,15 @@ class InferenceSession:
         self._embed: Callable[[int], torch.Tensor] | None = None  # a token loop's: see _input
 
     def _pushes(self, hops: list[RouteHop]) -> bool:
-        """The client's ``push``; by default True unless several nodes all run on this machine and no
-        token loop is asked for. There the client relaying each step was quicker (baseline model, 2
-        nodes: 3.68 against 4.26 ms a token, 30 of 40 alternating generations; a 32k-vocabulary model:
-        4.54 against 4.89, 19 of 24) and 8 concurrent sessions ran as fast; across machines a push
-        saves a network trip."""
+        """The client's ``push``; by default True (a token loop needs it), unless token loops are off
+        and several nodes all run on this machine. There, before a step's threads were kept apart
+        (``openmp.spread_team``), the client relaying each step was quicker (baseline model, 2 nodes:
+        3.68 against 4.26 ms a token, 30 of 40 alternating generations; a 32k-vocabulary model: 4.54
+        against 4.89, 19 of 24; since, 3.26 against 3.31 and 2.89 against 2.86, 20 each) and 8
+        concurrent sessions ran as fast; across machines a push saves a network trip."""
         push = self.mesh.config.push
         if push is None:
-            push = self.mesh.config.token_loop is True or not self._several_on_this_machine(hops)
+            push = self.mesh.config.token_loop or not self._several_on_this_machine(hops)
         return push
 
     def _several_on_this_machine(self, hops: list[RouteHop]) -> bool:
@@ -298,19 +299,16 @@ class InferenceSession:
     def loops(self, head_dtype: torch.dtype) -> bool:
         """Whether :meth:`loop_tokens` should run here: it can (one sequence from the first layer, every
         node pushing, and the last one choosing tokens with a head of ``head_dtype``, the client's), and
-        the client's ``token_loop`` wants it. By default not through several nodes that all run on this
-        machine: there the client's reading of each answer and the other node's hand-off share the cores
-        with the next node's step, and the loop was no quicker (baseline model, 2 nodes: 4.05 against
-        3.86 ms a token, and 192 against 216 tok/s in a benchmark run), where through one node it was
-        (2.79 against 3.01 ms)."""
+        the client's ``token_loop`` wants it (by default it does). Through one node the loop was quicker
+        (2.79 against 3.01 ms a token); through two on one machine, which share its cores with the
+        client, it was not until a step's threads were kept apart (``openmp.spread_team``): 4.05 against
+        3.86 ms before, 3.10 against 3.26 and 2.70 against 2.89 after (14 and 19 of 20 alternating
+        generations, baseline model)."""
         if not self._streams:
             return False
-        wanted = self.mesh.config.token_loop
-        if wanted is None:
-            wanted = not self._several_on_this_machine(self.route)
         last = self._streams[-1].hop
         return (
-            wanted
+            self.mesh.config.token_loop
             and self.batch_size == 1
             and self.start == 0
             and self._owed is None

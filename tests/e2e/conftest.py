@@ -7,8 +7,8 @@ from farmesh import DistributedInferenceClient
 
 @pytest.fixture(scope="module")
 def lane_client(llama_mesh):
-    """A client of the shared mesh with the defaults: on direct lanes, and, through the mesh's two nodes on
-    this machine, relaying each step and choosing each token (see InferenceSession._pushes and loops)."""
+    """A client of the shared mesh with the defaults: on direct lanes, each node pushing its output to the
+    next, and greedy generations looping through the nodes (see InferenceSession._pushes and loops)."""
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs) as client:
         yield client
 

@@ -47,7 +47,7 @@ def generate(lane_client, llama_mesh, tokens: int = TOKENS) -> tuple[list[int], 
 
 def test_pushed_and_relayed_sessions_match_transformers(llama_mesh):
     """Without token loops (``test_token_loop.py``), so that the client sends every step to the first node;
-    pushes asked for (by default a client relays through several nodes of its own machine)."""
+    pushes asked for (without loops, a client relays through several nodes of its own machine)."""
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=True, token_loop=False) as pushing:
         generate(pushing, llama_mesh)  # the first push request of a node opens its link to the next one
@@ -68,21 +68,22 @@ def test_a_prompt_of_large_messages_gives_transformers_tokens(lane_client, llama
     ids = prompt_ids(llama_mesh.model_dir, LONG_PROMPT)
     assert ids.shape[1] * HIDDEN_SIZE * 4 >= LARGE_BYTES
     expected = list(hf_greedy_ids(llama_mesh.model_dir, LONG_PROMPT, TOKENS))
-    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, push=push) as client:
+    options = dict(push=push, token_loop=False)  # (every step from the client: its first carries the prompt)
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, **options) as client:
         for _ in range(2):  # the first push request of a node opens its link to the next one
             with client.inference_session(ids.shape[1] + TOKENS) as session:
                 tokens = [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)]
         assert tokens == expected
-        assert session.pushed_inputs == (TOKENS if push else 0)  # (no token loop: both nodes are local)
+        assert session.pushed_inputs == (TOKENS if push else 0)
 
 
 def test_each_node_of_a_longer_chain_pushes_to_the_next(mesh_factory, tiny_llama):
     three = mesh_factory(tiny_llama, "0:3", "3:6", "6:8")
-    with DistributedInferenceClient(three.model_dir, three.addrs, push=True) as client:
+    with DistributedInferenceClient(three.model_dir, three.addrs, push=True, token_loop=False) as client:
         generate(client, three)  # opens the links
         tokens, pushed = generate(client, three)
     assert tokens == list(hf_greedy_ids(tiny_llama, PROMPT, TOKENS))
-    assert pushed == 2 * TOKENS  # both hops of every step (no token loop: the nodes are local)
+    assert pushed == 2 * TOKENS  # both hops of every step, each from the client (no token loop)
 
 
 # ---- a session opened by hand on the second node, with pushes made by hand -----------------------

@@ -34,7 +34,7 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def loop_client(llama_mesh):
-    """A client of the shared 2-node mesh that loops (by default it would not: both nodes run on its machine)."""
+    """A client of the shared 2-node mesh that loops (as by default)."""
     with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, token_loop=True) as client:
         yield client
 
@@ -58,12 +58,14 @@ def test_greedy_tokens_go_round_the_nodes(loop_client, llama_mesh):
     assert heads == {0: "", 4: "float32"}  # only the node with the last layer announces a head
 
 
-def test_by_default_the_client_chooses_and_relays_where_several_nodes_share_its_machine(lane_client, llama_mesh):
-    """(On one machine neither the loop nor pushes were quicker through two nodes; through one the loop
-    was: see ``InferenceSession.loops`` and ``_pushes``, and test_one_node_loops_to_itself.)"""
+def test_by_default_greedy_tokens_loop_and_without_loops_the_client_relays_on_its_machine(lane_client, llama_mesh):
+    """A default client loops, also through two nodes that share its machine; one with token loops off
+    relays each step there (pushes were no quicker on one machine: see ``InferenceSession._pushes``)."""
     expected = list(hf_greedy_ids(llama_mesh.model_dir, PROMPT, TOKENS))
     generate(lane_client, llama_mesh.model_dir)
-    assert generate(lane_client, llama_mesh.model_dir) == (expected, 0, 0)
+    assert generate(lane_client, llama_mesh.model_dir) == (expected, TOKENS, 2 * TOKENS - 1)
+    with DistributedInferenceClient(llama_mesh.model_dir, llama_mesh.addrs, token_loop=False) as choosing:
+        assert generate(choosing, llama_mesh.model_dir) == (expected, 0, 0)
 
 
 def test_sessions_looping_at_once_each_get_their_own_tokens(loop_client, llama_mesh):
