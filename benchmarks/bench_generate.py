@@ -140,13 +140,12 @@ def running_mesh(model_dir: str, spans: list[str], threads: int | None) -> Itera
 
 
 def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], runs: int, threads: int | None):
-    """FarMesh with nodes serving ``spans``, the client's defaults (on one machine, a token loop through one
-    node, and through several the client choosing every token and relaying each step: see
+    """FarMesh with nodes serving ``spans``, the client's defaults (a token loop: see
     ``InferenceSession.loops`` and ``_pushes``); also, run for run alternately with it, with a token loop
-    forced on (the last node chooses each token and sends it round), with pushes and no loop (the client
-    sends each step to the first node, which pushes to the next), and with several nodes with the client
-    relaying every step (push off); and through the Petals-compatible API (transformers' ``generate``),
-    as Petals' benchmark calls Petals."""
+    asked for explicitly (the last node chooses each token and sends it round; the same settings), with
+    pushes and no loop (the client sends each step to the first node, which pushes to the next), and
+    with several nodes with the client relaying every step (push off); and through the
+    Petals-compatible API (transformers' ``generate``), as Petals' benchmark calls Petals."""
     from farmesh_core.client import DistributedInferenceClient
     from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 
