@@ -205,8 +205,8 @@ class ClientConfig(NetworkConfig):
         default=None,
         description="with direct lanes, each node of a chain sends its output straight to the next node "
         "(the client relays only where that fails); False: the client relays every step; default: push "
-        "(a token loop needs it), unless token loops are off and the chain has several nodes, all on this "
-        "machine (there relaying measured as quick or quicker)",
+        "(a token loop needs it), unless no loop can run (token loops off, or a session of several sequences) "
+        "and the chain has several nodes, all on this machine (there relaying measured as quick or quicker)",
     )
     token_loop: bool = Field(
         default=True,

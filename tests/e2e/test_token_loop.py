@@ -68,6 +68,14 @@ def test_by_default_greedy_tokens_loop_and_without_loops_the_client_relays_on_it
         assert generate(choosing, llama_mesh.model_dir) == (expected, 0, 0)
 
 
+def test_a_session_of_several_sequences_relays_where_its_nodes_share_the_clients_machine(lane_client):
+    """No loop can run for several sequences, and without one, relaying through nodes of the client's
+    own machine was as quick as pushing or quicker: such a session relays by default, a one-sequence
+    session (which may loop) pushes."""
+    with lane_client.inference_session(16, batch_size=2) as shared, lane_client.inference_session(16) as alone:
+        assert (shared.push, alone.push) == (False, True)
+
+
 def test_sessions_looping_at_once_each_get_their_own_tokens(loop_client, llama_mesh):
     """Three loops at once through the same nodes (their turns may meet in the nodes' decode batches):
     each session's tokens are its own and transformers'."""
