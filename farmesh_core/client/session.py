@@ -220,11 +220,12 @@ class InferenceSession:
 
     def _pushes(self, hops: list[RouteHop]) -> bool:
         """The client's ``push``; by default True (a token loop needs it), unless no loop can run (token
-        loops off, or several sequences) and several nodes all run on this machine. There, before a step's threads were kept apart
-        (``openmp.spread_team``), the client relaying each step was quicker (baseline model, 2 nodes:
-        3.68 against 4.26 ms a token, 30 of 40 alternating generations; a 32k-vocabulary model: 4.54
-        against 4.89, 19 of 24; since, 3.26 against 3.31 and 2.89 against 2.86, 20 each) and 8
-        concurrent sessions ran as fast; across machines a push saves a network trip."""
+        loops off, or several sequences) and several nodes all run on this machine. There, before a
+        step's threads were kept apart (``openmp.spread_team``), the client relaying each step was
+        quicker (baseline model, 2 nodes: 3.68 against 4.26 ms a token, 30 of 40 alternating
+        generations; a 32k-vocabulary model: 4.54 against 4.89, 19 of 24; since, 3.26 against 3.31 and
+        2.89 against 2.86, 20 each) and 8 concurrent sessions ran as fast; across machines a push saves
+        a network trip."""
         push = self.mesh.config.push
         if push is None:
             push = self.mesh.config.token_loop and self.batch_size == 1 or not self._several_on_this_machine(hops)
