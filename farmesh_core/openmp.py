@@ -192,15 +192,14 @@ def set_thread_count(threads: int) -> None:
 
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
-    """The calling thread's torch ops on ``threads`` threads within the block (torch's count is per thread)."""
+    """The calling thread's torch ops on ``threads`` threads within the block (torch's count is per
+    thread), their team kept apart (:func:`spread_team`)."""
     previous = torch.get_num_threads()
-    if previous == threads:
-        with spread_team(threads):
-            yield
-        return
-    torch.set_num_threads(threads)
+    if previous != threads:
+        torch.set_num_threads(threads)
     try:
         with spread_team(threads):
             yield
     finally:
-        torch.set_num_threads(previous)
+        if previous != threads:
+            torch.set_num_threads(previous)

@@ -16,6 +16,7 @@ only where the bits are the same.
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import torch
 
@@ -47,20 +48,21 @@ class RowGroups:
         time a shape comes: then it runs both ways); the calling thread runs the first group. The other
         arguments must be hashable: they are part of the shape. Run whole, it takes the calling thread's
         team of ``threads`` spread over the CPUs (see openmp.spread_team); in groups, each group's."""
+        whole = partial(on_spread_team, self.threads, fn, *args)
         groups = min(args[0].shape[0], self.threads)
         if groups < 2 or self._pool is None:
-            return on_spread_team(self.threads, fn, *args)
+            return whole()
         key = (getattr(fn, "__qualname__", repr(fn)), *(tuple(t.shape) for t in args[:split]), *args[split:])
         verdict = self._verdicts.get(key)
         if verdict is False:
-            return on_spread_team(self.threads, fn, *args)
+            return whole()
         grouped = self._in_groups(fn, split, args, groups)
         if verdict is None:
-            whole = on_spread_team(self.threads, fn, *args)
-            self._verdicts[key] = torch.equal(whole, grouped)
+            out = whole()
+            self._verdicts[key] = torch.equal(out, grouped)
             if len(self._verdicts) > MAX_VERDICTS:
                 self._verdicts.popitem(last=False)
-            return whole
+            return out
         return grouped
 
     def _in_groups(self, fn: Callable[..., torch.Tensor], split: int, args: tuple, groups: int) -> torch.Tensor:
