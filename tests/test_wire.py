@@ -238,6 +238,7 @@ def test_all_finite_agrees_with_torch(dtype):
             assert not all_finite(deserialize_tensor(serialize_tensor(values.view(4, 16, 16))))
             assert not all_finite(values.view(4, 16, 16).transpose(0, 2))  # any strides
     assert all_finite(deserialize_tensor(serialize_tensor(torch.randn(2, 3, 8, dtype=dtype))))
+    assert all_finite(torch.full((4, 128, 4096), info.max, dtype=dtype))  # (a sum past the dtype's range)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
