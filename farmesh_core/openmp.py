@@ -64,6 +64,7 @@ _spread = threading.local()
 _pin_lock = threading.Lock()  # one pinning pass at a time: they share _placement
 _placement: dict[int, set[int]] = {}  # thread number in the team -> its CPUs, for the pass under way
 spreading = False  # whether spread_team pins (FarNode turns it on: see NodeConfig.spread_threads)
+home_cpu: int | None = None  # the CPU every team of this process leads from (FarNode claims it: see home_cpu.py)
 
 
 def _pin_this_thread(_data) -> None:
@@ -92,8 +93,9 @@ def worker_cpus(cpus: list[int], lead: int, threads: int) -> dict[int, set[int]]
 
 
 def _lead_cpu(threads: int) -> int | None:
-    """The CPU the calling thread takes while it leads its team of ``threads`` (the one it runs on
-    when the team is placed), its workers pinned as :func:`worker_cpus` says. Once per team: a
+    """The CPU the calling thread takes while it leads its team of ``threads`` (the process's
+    ``home_cpu``, else the one it runs on when the team is placed), its workers pinned as
+    :func:`worker_cpus` says. Once per team: a
     released team's new workers are placed again. None where nothing is pinned."""
     if not spreading or threads < 2:
         return None
@@ -105,7 +107,7 @@ def _lead_cpu(threads: int) -> int | None:
     cpus = sorted(os.sched_getaffinity(0))
     runtime = _runtime()
     here = _current_cpu()
-    lead = here if here in cpus else cpus[0]
+    lead = home_cpu if home_cpu in cpus else here if here in cpus else cpus[0]
     workers = worker_cpus(cpus, lead, threads)
     with _pin_lock:
         _placement.clear()

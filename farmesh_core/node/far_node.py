@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import os
 import random
 import signal
 import threading
@@ -19,6 +20,7 @@ from farmesh_core.config import NodeConfig, NodeRecord, parse_layers
 from farmesh_core.dht import declare_node, fetch_node_records, start_dht
 from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
+from farmesh_core.home_cpu import claim_home_cpu
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
@@ -69,6 +71,8 @@ class FarNode:
                 "cores from other nodes on this machine: import farmesh first or set GOMP_SPINCOUNT=5000"
             )
         openmp.spreading = config.spread_threads and config.device == "cpu"
+        if openmp.spreads(2) and openmp.home_cpu is None:
+            openmp.home_cpu = claim_home_cpu(sorted(os.sched_getaffinity(0)))
         load_plugins()
         checkpoint = Checkpoint(config.model_id)
         adapter = adapter_for(checkpoint.config)

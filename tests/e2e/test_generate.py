@@ -59,9 +59,11 @@ def test_greedy_generate_equals_transformers(client, mesh):
 def test_a_nodes_torch_workers_keep_cpus_of_their_own_and_its_threads_are_free_between_steps(client, mesh):
     """After a generation, each node's OpenMP worker (its split one-token steps ran on 2 threads) is
     pinned away from one CPU, its lead's (see openmp.spread_team), and the node's own threads are
-    free again: the lead of a team is pinned only while its step runs."""
+    free again: the lead of a team is pinned only while its step runs. The two nodes lead from
+    different CPUs (home_cpu.py), so their workers are pinned apart too."""
     client.generate(PROMPT, max_tokens=8)
     cpus = os.sched_getaffinity(0)
+    workers = []
     for node in mesh.nodes:
         masks = {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{node.pid}/task")}
         assert masks[node.pid] == cpus
@@ -70,6 +72,9 @@ def test_a_nodes_torch_workers_keep_cpus_of_their_own_and_its_threads_are_free_b
             assert pinned and all(0 < len(mask) < len(cpus) for mask in pinned), masks  # (see worker_cpus)
         else:
             assert not pinned
+        workers.append(set().union(*pinned))
+    if len(cpus) >= 2:
+        assert workers[0] != workers[1]
 
 
 def test_temperature_zero_is_greedy(client, mesh):
