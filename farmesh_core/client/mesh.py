@@ -316,7 +316,13 @@ class MeshConnection:
 
 
 async def _after(delay: float, work: Coroutine):
-    await asyncio.sleep(delay)
+    """``work`` after ``delay`` seconds; cancelled before it starts (the client closing), ``work`` is
+    closed unstarted, which Python would otherwise report as never awaited."""
+    try:
+        await asyncio.sleep(delay)
+    except BaseException:
+        work.close()
+        raise
     return await work
 
 

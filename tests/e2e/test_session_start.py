@@ -2,6 +2,8 @@
 direct lane (a spare one, opened during the last session, where it can) and the client's view of the
 mesh (refreshed in the background while it ages, so that routing does not wait for the DHT)."""
 
+import asyncio
+import inspect
 import time
 
 import pytest
@@ -103,3 +105,23 @@ def test_an_aging_view_of_the_mesh_is_refreshed_in_the_background(llama_mesh, mo
         assert time.monotonic() - began >= 1.0
     finally:
         connection.close()
+
+
+def test_a_refresh_cancelled_while_it_waits_is_closed_unstarted():
+    """The client closing while a background refresh waits out REFRESH_DELAY leaves no coroutine that
+    was never awaited (Python warned of one at the exit of a benchmark)."""
+
+    async def refresh():
+        return "refreshed"
+
+    async def main():
+        work = refresh()
+        waiting = asyncio.ensure_future(mesh_module._after(10.0, work))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert inspect.getcoroutinestate(work) == inspect.CORO_CLOSED
+        assert await mesh_module._after(0.0, refresh()) == "refreshed"
+
+    asyncio.run(main())
