@@ -95,8 +95,8 @@ def worker_cpus(cpus: list[int], lead: int, threads: int) -> dict[int, set[int]]
 def _lead_cpu(threads: int) -> int | None:
     """The CPU the calling thread takes while it leads its team of ``threads`` (the process's
     ``home_cpu``, else the one it runs on when the team is placed), its workers pinned as
-    :func:`worker_cpus` says. Once per team: a
-    released team's new workers are placed again. None where nothing is pinned."""
+    :func:`worker_cpus` says. Once per team: a released team's new workers are placed again. None
+    where nothing is pinned."""
     if not spreading or threads < 2:
         return None
     if getattr(_spread, "threads", 0) >= threads:
