@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-head", action=argparse.BooleanOptionalAction, default=None,
         help="where the node serves the model's last layer, load the embeddings and LM head too and choose greedy "
         "tokens itself, so a generation goes round the nodes without waiting for the client at each token; by "
-        "default, where they take no more memory than the node's layers",
+        "default, where they take no more memory than the node's layers, or at most 256 MiB",
     )  # fmt: skip
     p.add_argument(
         "--no-direct-lane", dest="direct_lane", action="store_false",

@@ -156,7 +156,8 @@ class NodeConfig(NetworkConfig):
         default=None,
         description="load the model's embeddings and LM head where the node serves the last layer, to choose "
         "greedy tokens itself so that a generation loops through the nodes without the client (see "
-        "node/token_loop.py); default: where they take at most as much memory as the node's layers",
+        "node/token_loop.py); default: where they take at most as much memory as the node's layers, or at most "
+        "256 MiB",
     )
     direct_lane: bool = Field(
         default=True,

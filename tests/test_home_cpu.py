@@ -43,3 +43,20 @@ def test_a_dead_process_claim_is_dropped(tmp_path):
 def test_no_claim_where_the_folder_cannot_be_made(tmp_path):
     (tmp_path / "file").write_text("")
     assert claim_home_cpu([0, 1], tmp_path / "file" / "claims") is None
+
+
+def test_a_claim_never_takes_the_latest_claims_cpu_even_where_fewer_lead_from_it(tmp_path):
+    """Where nodes left unevenly, the least claimed CPU can be the one the latest node took: the next
+    node, most likely its neighbour in a chain, still leads from another."""
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    try:
+        for age, (sleeper, cpu) in enumerate(zip(sleepers, [1, 1, 0], strict=True)):
+            claim = tmp_path / str(sleeper.pid)
+            claim.write_text(str(cpu))
+            os.utime(claim, ns=(10**18 + age, 10**18 + age))  # the claim of CPU 0 the latest
+        assert claim_home_cpu([0, 1], tmp_path) == 1
+        assert claim_home_cpu([0, 1, 2], tmp_path / "more") == 0  # (no claims: the first CPU)
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()

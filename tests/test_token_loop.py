@@ -1,10 +1,12 @@
 """A token loop's turn on the node with the LM head: its choice is the client's, and the next turn's
 step numbers and token count follow (``farmesh_core.node.token_loop``)."""
 
+import pytest
 import torch
 
-from farmesh_core.architecture import adapter_for, checkpoint_dtype
+from farmesh_core.architecture import ClientHead, adapter_for, checkpoint_dtype
 from farmesh_core.checkpoint import Checkpoint
+from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
 from farmesh_core.node.token_loop import NodeHead, next_turn
 from farmesh_core.wire import PushTarget, TokenLoop, deserialize_tensor
@@ -14,6 +16,12 @@ RING = [
     PushTarget(peer_id="first", session_id="s0", key="k" * 32, step=3),
     PushTarget(peer_id="last", session_id="s1", key="q" * 32, step=7),
 ]
+
+
+@pytest.fixture(scope="module")
+def large_vocab_llama(tmp_path_factory) -> str:
+    """The tiny Llama with a 32k vocabulary: its 32 MB LM head has quick approximate logits."""
+    return make_checkpoint(str(tmp_path_factory.mktemp("llama-vocab32k")), seed=5, vocab_size=32000)
 
 
 def node_head(model_dir: str) -> NodeHead:
@@ -29,6 +37,24 @@ def test_the_node_chooses_the_token_the_client_would(tiny_llama):
         hidden = randn(1, 3, 256, seed=seed)
         client_choice = next_token(head.head, TokenChooser(), torch.zeros(1, 10, dtype=torch.long), hidden[:, -1])
         assert head.choose(hidden, 10, loop) == int(client_choice[0])
+
+
+def test_a_large_head_chooses_from_its_quick_logits_and_still_the_exact_best(large_vocab_llama, monkeypatch):
+    head = node_head(large_vocab_llama)
+    quick, approximate = [], ClientHead.approximate_logits
+
+    def counted(self, x):
+        quick.append(approximate(self, x))
+        return quick[-1]
+
+    monkeypatch.setattr(ClientHead, "approximate_logits", counted)  # the real one, its results kept
+    loop = TokenLoop(ring=RING, tokens=4)
+    for seed in range(16):
+        hidden = randn(1, 2, 256, seed=seed)
+        with torch.inference_mode():
+            exact = int(head.head.module_logits(hidden[:, -1]).argmax())
+        assert head.choose(hidden, 10, loop) == exact
+    assert len(quick) == 16 and all(q is not None for q in quick)
 
 
 def test_masked_ids_are_not_chosen_before_the_minimum_length(tiny_llama):

@@ -37,6 +37,11 @@ from farmesh_core.plugins import (
 
 logger = logging.getLogger(__name__)
 
+# Embeddings and an LM head up to this size are kept by default (serve_head=None) even where they take
+# more memory than the node's layers: a token loop through 2 nodes of a 32k-vocabulary tiny Llama
+# (64 MB against 10 MB of layers) took 3.80 against 4.27 ms a token for the client choosing (8 of 10).
+HEAD_BYTES_KEPT = 256 * 1024**2
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -281,7 +286,8 @@ class FarNode:
             return None
         head = adapter.load_client_head(checkpoint, checkpoint.config, checkpoint_dtype(checkpoint.config))
         tensors = {t.data_ptr(): t for t in head.state_dict().values()}  # tied embeddings count once
-        if wanted is None and sum(t.nbytes for t in tensors.values()) > span.layer_bytes * (span.end - span.start):
+        size = sum(t.nbytes for t in tensors.values())
+        if wanted is None and size > max(span.layer_bytes * (span.end - span.start), HEAD_BYTES_KEPT):
             logger.info("Not keeping the LM head: it is larger than the layers (serve_head=True keeps it)")
             return None
         return NodeHead(head, total)

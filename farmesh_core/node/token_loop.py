@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from farmesh_core.architecture import ClientHead
-from farmesh_core.client.generation import NoEosBefore
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
 
@@ -42,15 +42,15 @@ class NodeHead:
     @torch.inference_mode()
     def choose(self, hidden: torch.Tensor, length: int, loop: TokenLoop) -> int:
         """The greedy token after ``hidden`` [1, seq, hidden] (the output of the session's last layer), the
-        session then holding ``length`` tokens: the first of the exact logits' best, as the client's
-        ``TokenChooser`` takes it, after ``NoEosBefore``'s mask. Not through the head's quick logits, as
-        the client chooses: right after the layers' step the head's weights are out of the cache, and
-        the one exact pass was the quicker here (0.15 against 0.29 ms, vocabulary 1024)."""
-        scores = self.head.logits(self.head.in_head_dtype(hidden[:, -1])).float()
-        if loop.masked_ids and length < loop.masked_until:
-            ids = torch.empty(1, length, dtype=torch.long)  # NoEosBefore reads only their number
-            scores = NoEosBefore(loop.masked_until, loop.masked_ids)(ids, scores)
-        return int(scores.argmax(dim=-1))
+        session then holding ``length`` tokens, after ``NoEosBefore``'s mask: the client's own choice
+        (``next_token``), from a large head's quick approximate logits where their error bound cannot
+        change it, else from the exact logits. A 32k-vocabulary head's exact pass made a token loop
+        slower than the client choosing (4.79 against 4.15 ms a token); with the quick logits, 3.80
+        against 4.27."""
+        processors = [NoEosBefore(loop.masked_until, loop.masked_ids)] if loop.masked_ids else []
+        ids = torch.empty(1, length, dtype=torch.long)  # NoEosBefore reads only their number
+        last = self.head.in_head_dtype(hidden[:, -1])
+        return int(next_token(self.head, TokenChooser.greedy_after(processors), ids, last)[0])
 
     @torch.inference_mode()
     def embedding(self, token: int) -> WireTensor:

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from farmesh import DistributedInferenceClient
+from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.errors import RequestError
 from farmesh_core.wire import InferenceStep, OpenSession, PushTarget, TokenLoop
 from tests.e2e.test_bad_requests import assert_still_serving, inference, message
@@ -173,6 +174,19 @@ def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers
         known = torch.cat([ids, torch.tensor([first[:3] + [other]])], dim=1)
         out = hf_model(llama_mesh.model_dir).generate(known, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert rest == out[0, known.shape[1] :].tolist()
+
+
+def test_a_small_head_larger_than_the_layers_is_kept_and_loops(mesh_factory, tmp_path_factory):
+    """By default the last node keeps embeddings and an LM head up to ``HEAD_BYTES_KEPT`` even where
+    they outweigh its layers (a 32k vocabulary: 64 MB against 13 MB), and the loop chooses from that
+    head's quick logits: the tokens stay transformers'."""
+    model_dir = make_checkpoint(str(tmp_path_factory.mktemp("llama-vocab32k")), seed=5, vocab_size=32000)
+    mesh = mesh_factory(model_dir, "0:4", "4:8")
+    expected = list(hf_greedy_ids(model_dir, PROMPT, TOKENS))
+    with DistributedInferenceClient(mesh.model_dir, mesh.addrs) as client:
+        generate(client, model_dir)
+        assert generate(client, model_dir) == (expected, TOKENS, 2 * TOKENS - 1)
+        assert {r.start: r.head_dtype for r in client.mesh.records(refresh=True)} == {0: "", 4: "float32"}
 
 
 def test_without_a_head_on_the_last_node_or_a_loop_the_client_chooses(mesh_factory, tiny_llama, llama_mesh):
