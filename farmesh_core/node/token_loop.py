@@ -35,9 +35,8 @@ class NodeHead:
         self.dtype = head.lm_head.weight.dtype
         embeddings = head.embeddings
         plain = type(embeddings) is nn.Embedding and embeddings.max_norm is None
-        self._rows = (
-            None if not plain or embeddings._forward_hooks or embeddings._forward_pre_hooks else embeddings.weight
-        )
+        hooked = embeddings._forward_hooks or embeddings._forward_pre_hooks
+        self._rows = embeddings.weight if plain and not hooked else None
         self._greedy = TokenChooser()  # (holds no state a choice depends on: one for every unmasked turn)
         self._no_ids = torch.empty(1, 0, dtype=torch.long)
 
