@@ -36,6 +36,7 @@ from farmesh_core.row_matmul import (
     row_blocks,
     split_linear,
     splits_lone_rows,
+    stacked_row_blocks,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,16 @@ class LeanLlamaLayer:
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.few_rows = few_rows_limit(self.q.shape[1])  # unpacked batches up to this size use few_rows_linear
         self.weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in self.weights}
+        # a lone one-token step's q, k, v and its gate, up as one split matmul each, where that keeps their bits
+        self.qkv = stacked_row_blocks((self.q, self.k, self.v), one_row_threads)
+        self.gate_up = stacked_row_blocks((self.gate, self.up), one_row_threads)
+        stacked = (*(() if self.qkv is None else (self.q, self.k, self.v)),
+                   *(() if self.gate_up is None else (self.gate, self.up)))  # fmt: skip
+        blocks = {
+            id(weight): row_blocks(weight, one_row_threads)
+            for weight in self.weights
+            if not any(weight is other for other in stacked)
+        }
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
         self.exact_batches = False  # see __call__ (``LayerSpan`` decides)
@@ -97,20 +107,25 @@ class LeanLlamaLayer:
         # Separate sessions' rows (a shared session's too, with ``LayerSpan.exact_rows``) keep their
         # lone bits with ``exact_batches``: each matmul a batched GEMV, the SiLU row by row
         exact = batched and self.exact_batches
+        one_row = False  # a lone one-token row: its q, k, v and gate, up go through their stacked blocks if any
         if exact:
             linear = exact_rows_linear
         elif batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
             linear = self._batch_linear
         else:
-            one_row = self.row_blocks and hidden.numel() == hidden.shape[-1] and splits_lone_rows()
-            linear = self._one_row_linear if one_row else F.linear
+            one_row = hidden.numel() == hidden.shape[-1] and splits_lone_rows()
+            linear = self._one_row_linear if one_row and self.row_blocks else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = linear(x, self.q).view(hidden_shape).transpose(1, 2)
-        key = linear(x, self.k).view(hidden_shape).transpose(1, 2)
-        value = linear(x, self.v).view(hidden_shape).transpose(1, 2)
+        if one_row and self.qkv is not None:
+            query, key, value = split_linear(x, self.qkv[0]).split(self.qkv[1], dim=-1)
+        else:
+            query, key, value = linear(x, self.q), linear(x, self.k), linear(x, self.v)
+        query = query.view(hidden_shape).transpose(1, 2)
+        key = key.view(hidden_shape).transpose(1, 2)
+        value = value.view(hidden_shape).transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if batched:
@@ -123,6 +138,9 @@ class LeanLlamaLayer:
         hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
+        if one_row and self.gate_up is not None:
+            gate, up = split_linear(x, self.gate_up[0]).split(self.gate_up[1], dim=-1)
+            return hidden + linear(F.silu(gate) * up, self.down)
         gate = linear(x, self.gate)
         act = _each_row(F.silu, gate) if exact else F.silu(gate)
         return hidden + linear(act * linear(x, self.up), self.down)

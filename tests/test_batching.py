@@ -171,7 +171,10 @@ def test_a_lone_step_splits_its_matmuls_only_on_a_node_busy_with_that_session(
             await asyncio.sleep(0.02)
         await batcher.submit(hidden, 0, NUM_LAYERS, cache, position + 1)
 
-    blocks = sum(len(call.row_blocks) for call in span.step_calls.values())  # 7 per layer here
+    blocks = sum(  # 4 per layer here: q, k, v stacked, o, gate and up stacked, down
+        len(call.row_blocks) + (call.qkv is not None) + (call.gate_up is not None) for call in span.step_calls.values()
+    )
+    assert blocks == 4 * NUM_LAYERS
     assert op_counts(lambda: asyncio.run(steps())).get("aten::bmm", 0) == (blocks if split else 0)
 
 

@@ -17,7 +17,7 @@ from farmesh_core.config import NodeConfig
 from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks
+from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks, stacked_row_blocks
 from farmesh_plugins.quantization import int8_quantization
 from tests.helpers import (
     HIDDEN_SIZE,
@@ -271,14 +271,20 @@ def test_few_rows_linear_is_a_contiguous_linear():
 
 def test_one_token_steps_split_over_threads(spans, model_dir):
     """With 2 threads for one-token steps, their matmuls run as ``bmm`` over blocks of rows wherever
-    that gives F.linear's bits (checked here independently, per weight), and every step stays
-    bit-identical to the modules, on a thread that runs the rest on one torch thread as the node's
-    event loop does."""
+    that gives F.linear's bits (checked here independently, per weight), q, k, v and gate, up each
+    stacked into one such matmul (their blocks checked here against each weight's F.linear), and
+    every step stays bit-identical to the modules, on a thread that runs the rest on one torch thread
+    as the node's event loop does."""
     split, modules = load_span(model_dir, one_row_threads=2), spans[1]
+    torch.set_num_threads(2)
     for call in split.step_calls.values():
-        for weight in (call.q, call.k, call.v, call.o, call.gate, call.up, call.down):
+        assert call.qkv is not None and call.gate_up is not None
+        for weights, (blocks, sizes) in [((call.q, call.k, call.v), call.qkv), ((call.gate, call.up), call.gate_up)]:
+            assert sizes == [w.shape[0] for w in weights]
+            x = randn(1, 1, weights[0].shape[1], seed=sum(sizes))
+            assert_equal(blocks_linear(x, blocks), torch.cat([F.linear(x, w) for w in weights], dim=-1))
+        for weight in (call.o, call.down):
             blocks = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
-            torch.set_num_threads(2)
             x = randn(1, 1, weight.shape[1], seed=weight.shape[0])
             identical = torch.equal(blocks_linear(x, blocks), F.linear(x, weight))
             assert (id(weight) in call.row_blocks) == identical
@@ -297,6 +303,28 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_stacked_weights_keep_their_memory_alignment():
+    """A weight's F.linear bits hang on where its memory starts within a cache line (a checkpoint's
+    memory-mapped weights need not start on one): stacked, each weight is a view of its rows at the same
+    offset, with its values, and its bits are those it had. Weights at different offsets stay apart."""
+    raw = randn(3 * 256 * 256 + 6, seed=7)
+    weights = [nn_weight(raw[6 + i * 256 * 256 : 6 + (i + 1) * 256 * 256].view(256, 256)) for i in range(3)]
+    x = randn(1, 1, 256, seed=8)
+    before = [(w.data_ptr() % 64, w.detach().clone(), F.linear(x, w)) for w in weights]
+    stacked = stacked_row_blocks(tuple(weights), 2)
+    assert stacked is not None and stacked[1] == [256, 256, 256]
+    for weight, (offset, values, out) in zip(weights, before, strict=True):
+        assert weight.data_ptr() % 64 == offset == 24 and weight.data_ptr() != raw.data_ptr() + 24
+        assert_equal(weight, values)
+        assert_equal(F.linear(x, weight), out)
+    apart = [nn_weight(randn(256, 256, seed=9)), nn_weight(raw[7 : 7 + 256 * 256].view(256, 256))]
+    assert stacked_row_blocks(tuple(apart), 2) is None
+
+
+def nn_weight(tensor: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(tensor, requires_grad=False)
 
 
 def test_row_blocks_only_for_weights_they_split_evenly():
