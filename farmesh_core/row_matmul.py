@@ -107,8 +107,9 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-# (shape, strides, dtype, threads, what the blocks stand in for) -> the blocks give its bits
+# (shape, strides, dtype, threads, what the blocks stand in for, bias, alignment) -> the blocks give its bits
 _SPLIT_VERDICTS: dict[tuple, bool] = {}
+_ALIGNMENT = 64  # bytes: a weight's F.linear bits hang on where its memory starts within a cache line
 
 
 def row_blocks(
@@ -139,7 +140,8 @@ def row_blocks(
     if weight.dtype != torch.float32:
         return None
     blocks = weight.view(threads, out_features // threads, in_features).transpose(1, 2)
-    key = (tuple(weight.shape), weight.stride(), weight.dtype, threads, kind, bias is not None)
+    key = (tuple(weight.shape), weight.stride(), weight.dtype, threads, kind, bias is not None,
+           weight.data_ptr() % _ALIGNMENT)  # fmt: skip
     if key not in _SPLIT_VERDICTS:
         if reference is None:
 
@@ -154,15 +156,11 @@ def row_blocks(
     return blocks if _SPLIT_VERDICTS[key] else None
 
 
-_ALIGNMENT = 64  # bytes: a weight's matmul bits hang on where its memory starts within a cache line
-
-
 def _empty_at(offset: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """An empty contiguous tensor whose memory starts ``offset`` bytes past a multiple of _ALIGNMENT.
 
-    ``F.linear``'s kernels start on the first aligned element, so a weight's bits hang on its memory's
-    alignment: a checkpoint's memory-mapped weights start 24 bytes past one here, and an aligned copy
-    of one gave other bits."""
+    A weight's ``F.linear`` bits hang on its memory's alignment: a checkpoint's memory-mapped weights
+    start 24 bytes past a 64-byte line here, and ``F.linear`` on an aligned copy of one gave other bits."""
     numel, pad = shape[0] * shape[1], _ALIGNMENT // dtype.itemsize
     raw = torch.empty(numel + pad, dtype=dtype)
     start = (offset - raw.data_ptr()) % _ALIGNMENT // dtype.itemsize
@@ -172,8 +170,8 @@ def _empty_at(offset: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.
 def stacked_row_blocks(weights: tuple[torch.Tensor, ...], threads: int) -> tuple[torch.Tensor, list[int]] | None:
     """``weights`` (float32 parameters [out_i, in], one input) stacked into one weight and split as
     :func:`row_blocks` splits one, with their row counts, where one ``bmm`` through the blocks gives
-    each weight's ``F.linear`` bits; each parameter is then a view of its rows in the stack (the same
-    memory as before). Else None, the weights untouched.
+    each weight's ``F.linear`` bits; each parameter is then a view of its rows in the stack (no more
+    memory than before). Else None, the weights untouched.
 
     A lone one-token step pays each split matmul's parallel region (the team's barrier, the dispatch
     of ``bmm``, torch's thread count set and reset) whatever its size: a tiny Llama layer's q, k, v
