@@ -31,6 +31,7 @@ from farmesh_core.row_matmul import (
     few_rows_limit,
     few_rows_linear,
     in_decode_batch_rows,
+    own_copies,
     packed_linear,
     packed_weight,
     row_blocks,
@@ -84,13 +85,12 @@ class LeanLlamaLayer:
         # a lone one-token step's q, k, v and its gate, up as one split matmul each, where that keeps their bits
         self.qkv = stacked_row_blocks((self.q, self.k, self.v), one_row_threads)
         self.gate_up = stacked_row_blocks((self.gate, self.up), one_row_threads)
-        stacked = (*(() if self.qkv is None else (self.q, self.k, self.v)),
-                   *(() if self.gate_up is None else (self.gate, self.up)))  # fmt: skip
-        blocks = {
-            id(weight): row_blocks(weight, one_row_threads)
-            for weight in self.weights
-            if not any(weight is other for other in stacked)
-        }
+        unstacked = [self.o, self.down]
+        unstacked += [self.q, self.k, self.v] if self.qkv is None else []
+        unstacked += [self.gate, self.up] if self.gate_up is None else []
+        if len(unstacked) < len(self.weights):
+            own_copies([*unstacked, self.norm1, self.norm2])
+        blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in unstacked}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
         self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
         self.exact_batches = False  # see __call__ (``LayerSpan`` decides)

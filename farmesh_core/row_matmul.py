@@ -8,8 +8,9 @@ families, :func:`step_linears` puts a :class:`StepLinear` in place of each plain
 """
 
 import logging
+import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -156,15 +157,27 @@ def row_blocks(
     return blocks if _SPLIT_VERDICTS[key] else None
 
 
-def _empty_at(offset: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def _empty_at(offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty contiguous tensor whose memory starts ``offset`` bytes past a multiple of _ALIGNMENT.
 
     A weight's ``F.linear`` bits hang on its memory's alignment: a checkpoint's memory-mapped weights
     start 24 bytes past a 64-byte line here, and ``F.linear`` on an aligned copy of one gave other bits."""
-    numel, pad = shape[0] * shape[1], _ALIGNMENT // dtype.itemsize
+    numel, pad = math.prod(shape), _ALIGNMENT // dtype.itemsize
     raw = torch.empty(numel + pad, dtype=dtype)
     start = (offset - raw.data_ptr()) % _ALIGNMENT // dtype.itemsize
     return raw[start : start + numel].view(shape)
+
+
+def own_copies(weights: Iterable[torch.Tensor]) -> None:
+    """Each of ``weights`` (parameters) onto memory of its own, at the alignment it had (see
+    :func:`_empty_at`). A layer whose weights :func:`stacked_row_blocks` copied gives the rest of
+    them copies too: else they keep the checkpoint's memory map alive, with the pages that the stack's
+    copy read in. 8 hidden-1024 layers (405 MB) held 970 MB so, against 815 with their own copies
+    and 814 memory-mapped as before, once they had served a few steps."""
+    for weight in weights:
+        copy = _empty_at(weight.data_ptr() % _ALIGNMENT, tuple(weight.shape), weight.dtype)
+        copy.copy_(weight.detach())
+        weight.data = copy
 
 
 def stacked_row_blocks(weights: tuple[torch.Tensor, ...], threads: int) -> tuple[torch.Tensor, list[int]] | None:

@@ -323,6 +323,36 @@ def test_stacked_weights_keep_their_memory_alignment():
     assert stacked_row_blocks(tuple(apart), 2) is None
 
 
+def test_stacked_layers_let_the_checkpoint_map_go(model_dir):
+    """Once a lean layer stacked its weights, none of its weights (norms included) lies in the
+    checkpoint's memory-mapped file: the map, with the pages the copy read, can go. Each keeps its
+    values and the alignment it had there."""
+    span = load_span(model_dir, one_row_threads=2)
+    checkpoint = Checkpoint(model_dir)
+
+    def mapped_file(address: int) -> str:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= address < end:
+                    return fields[5] if len(fields) > 5 else ""
+        return ""
+
+    for index, call in span.step_calls.items():
+        assert call.qkv is not None
+        prefix = f"model.layers.{index}."
+        names = checkpoint.names_with_prefix(prefix)
+        loaded = checkpoint.load_tensors(names)
+        mine = dict(span.layers[index].named_parameters())
+        for name, tensor in loaded.items():
+            weight = mine[name[len(prefix) :]]
+            assert mapped_file(tensor.data_ptr()).endswith(".safetensors")  # (the check sees the map)
+            assert not mapped_file(weight.data_ptr()).endswith(".safetensors"), name
+            assert weight.data_ptr() % 64 == tensor.data_ptr() % 64
+            assert_equal(weight, tensor)
+
+
 def nn_weight(tensor: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(tensor, requires_grad=False)
 
