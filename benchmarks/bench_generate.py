@@ -66,10 +66,11 @@ class _Streamer:
         pass
 
 
-def bench_local(model_dir: str, input_ids: torch.Tensor, runs: int) -> tuple[dict, list[int]]:
+def bench_local(bench_model: BenchModel, input_ids: torch.Tensor, runs: int) -> tuple[dict, list[int]]:
+    """transformers on the whole model, in the dtype the nodes run it in by default (the checkpoint's)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(bench_model.dir, dtype=bench_model.dtype).eval()
     results, ids = [], None
     for _ in range(runs + 1):
         streamer = _Streamer()
@@ -79,7 +80,7 @@ def bench_local(model_dir: str, input_ids: torch.Tensor, runs: int) -> tuple[dic
             )
         results.append(decode_metrics(streamer.times))
         ids = streamer.ids
-    x = torch.randn(4, 128, model.config.hidden_size)
+    x = torch.randn(4, 128, model.config.hidden_size, dtype=bench_model.dtype)
     forward = []
     with torch.inference_mode():
         for _ in range(runs + 1):
@@ -443,12 +444,12 @@ def main() -> None:
     torch.manual_seed(0)
     input_ids = model.prompt()
 
-    local, local_ids = bench_local(model_dir, input_ids, args.runs)
+    local, local_ids = bench_local(model, input_ids, args.runs)
     # torch's default (one thread per core) collapses when other processes hold a core; one thread
     # is what a small model wants on a shared machine, so both figures are reported.
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    local_one_thread, _ = bench_local(model_dir, input_ids, args.runs)
+    local_one_thread, _ = bench_local(model, input_ids, args.runs)
     torch.set_num_threads(default_threads)
     one, one_ids = bench_mesh(model, input_ids, model.one_node, args.runs, args.num_threads)
     two, two_ids = bench_mesh(model, input_ids, model.two_nodes, args.runs, args.num_threads)

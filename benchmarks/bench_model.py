@@ -7,6 +7,8 @@ prompt its vocabulary; with a tokenizer in the checkpoint the prompt is the Peta
 import torch
 from transformers import AutoConfig
 
+from farmesh_core.architecture import checkpoint_dtype
+
 # ../shared/baselines/petals-bench/bench_client.py's default prompt (34 tokens with its 1024-token BPE)
 PETALS_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 RANDOM_PROMPT_TOKENS = 34
@@ -19,12 +21,13 @@ class BenchModel:
         self.num_layers: int = config.num_hidden_layers
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
+        self.dtype: torch.dtype = checkpoint_dtype(config)  # the nodes' by default, and local transformers' beside them
         self.half = self.num_layers // 2  # where the second node's layers start
         self.one_node = [f"0:{self.num_layers}"]
         self.two_nodes = [f"0:{self.half}", f"{self.half}:{self.num_layers}"]
 
     def describe(self) -> str:
-        return f"hidden {self.hidden_size}, {self.num_layers} layers, vocab {self.vocab_size}"
+        return f"hidden {self.hidden_size}, {self.num_layers} layers, vocab {self.vocab_size}, {str(self.dtype).removeprefix('torch.')}"
 
     def prompt(self) -> torch.Tensor:
         """The Petals benchmark's prompt through the checkpoint's tokenizer, else 34 seeded random ids."""
