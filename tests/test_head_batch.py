@@ -64,6 +64,31 @@ def test_a_lone_row_gets_the_exact_logits_of_its_own_gemv(weight):
     assert (batcher.passes, batcher.rows) == (5, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_lone_row_runs_on_one_thread_where_that_keeps_its_bits(weight, dtype):
+    """A lone row's pass takes one torch thread (no OpenMP team left spinning on the other cores)
+    exactly where one thread gives the bits of the caller's threads (checked here independently), and
+    its logits are F.linear's on the caller's threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weight = weight.to(dtype)
+        batcher, seen = HeadBatcher(weight), []
+        linear = batcher.linear
+        batcher.linear = lambda x: (seen.append(torch.get_num_threads()), linear(x))[1]
+        x = rows(1)[0].to(dtype)
+        with torch.inference_mode():
+            out = batcher(x)
+            expected = F.linear(x, weight)
+            torch.set_num_threads(1)
+            identical = torch.equal(F.linear(x, weight), expected)
+            torch.set_num_threads(2)
+        assert torch.equal(out, expected)
+        assert seen == ([1] if identical else [2])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_rows_that_wait_together_share_one_pass(weight):
     batcher = HeadBatcher(weight)
     xs = rows(6)
