@@ -37,7 +37,7 @@ from farmesh_core.row_matmul import (
     row_blocks,
     split_linear,
     splits_lone_rows,
-    stacked_row_blocks,
+    stacked_linear,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ class LeanLlamaLayer:
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.few_rows = few_rows_limit(self.q.shape[1])  # unpacked batches up to this size use few_rows_linear
         self.weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        # a lone one-token step's q, k, v and its gate, up as one split matmul each, where that keeps their bits
-        self.qkv = stacked_row_blocks((self.q, self.k, self.v), one_row_threads)
-        self.gate_up = stacked_row_blocks((self.gate, self.up), one_row_threads)
+        # a lone one-token step's q, k, v and its gate, up as one matmul each, where that keeps their bits
+        self.qkv = stacked_linear((self.q, self.k, self.v), one_row_threads)
+        self.gate_up = stacked_linear((self.gate, self.up), one_row_threads)
         unstacked = [self.o, self.down]
         unstacked += [self.q, self.k, self.v] if self.qkv is None else []
         unstacked += [self.gate, self.up] if self.gate_up is None else []
@@ -107,7 +107,7 @@ class LeanLlamaLayer:
         # Separate sessions' rows (a shared session's too, with ``LayerSpan.exact_rows``) keep their
         # lone bits with ``exact_batches``: each matmul a batched GEMV, the SiLU row by row
         exact = batched and self.exact_batches
-        one_row = False  # a lone one-token row: its q, k, v and gate, up go through their stacked blocks if any
+        one_row = False  # a lone one-token row: its q, k, v and gate, up go through their stacks if any
         if exact:
             linear = exact_rows_linear
         elif batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
@@ -120,7 +120,7 @@ class LeanLlamaLayer:
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         if one_row and self.qkv is not None:
-            query, key, value = split_linear(x, self.qkv[0]).split(self.qkv[1], dim=-1)
+            query, key, value = self.qkv(x)
         else:
             query, key, value = linear(x, self.q), linear(x, self.k), linear(x, self.v)
         query = query.view(hidden_shape).transpose(1, 2)
@@ -139,7 +139,7 @@ class LeanLlamaLayer:
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
         if one_row and self.gate_up is not None:
-            gate, up = split_linear(x, self.gate_up[0]).split(self.gate_up[1], dim=-1)
+            gate, up = self.gate_up(x)
             return hidden + linear(F.silu(gate) * up, self.down)
         gate = linear(x, self.gate)
         act = _each_row(F.silu, gate) if exact else F.silu(gate)

@@ -170,7 +170,7 @@ def _empty_at(offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.
 
 def own_copies(weights: Iterable[torch.Tensor]) -> None:
     """Each of ``weights`` (parameters) onto memory of its own, at the alignment it had (see
-    :func:`_empty_at`). A layer whose weights :func:`stacked_row_blocks` copied gives the rest of
+    :func:`_empty_at`). A layer whose weights :func:`stacked_linear` copied gives the rest of
     them copies too: else they keep the checkpoint's memory map alive, with the pages that the stack's
     copy read in. 8 hidden-1024 layers (405 MB) held 970 MB so, against 815 with their own copies
     and 814 memory-mapped as before, once they had served a few steps."""
@@ -180,21 +180,39 @@ def own_copies(weights: Iterable[torch.Tensor]) -> None:
         weight.data = copy
 
 
-def stacked_row_blocks(weights: tuple[torch.Tensor, ...], threads: int) -> tuple[torch.Tensor, list[int]] | None:
-    """``weights`` (float32 parameters [out_i, in], one input) stacked into one weight and split as
-    :func:`row_blocks` splits one, with their row counts, where one ``bmm`` through the blocks gives
-    each weight's ``F.linear`` bits; each parameter is then a view of its rows in the stack (no more
-    memory than before). Else None, the weights untouched.
+class StackedLinear:
+    """Several weights' one-row ``F.linear`` (one input) as one call through their stack: as ``bmm``
+    over its row blocks (:func:`row_blocks`) where ``blocks``, else one ``F.linear`` of the stack."""
 
-    A lone one-token step pays each split matmul's parallel region (the team's barrier, the dispatch
-    of ``bmm``, torch's thread count set and reset) whatever its size: a tiny Llama layer's q, k, v
-    and gate, up as two matmuls instead of five took 45 against 60 us in-process (hidden 256), 1254
-    against 1338 (hidden 1024)."""
+    __slots__ = ("weight", "blocks", "sizes")
+
+    def __init__(self, weight: torch.Tensor, blocks: torch.Tensor | None, sizes: list[int]):
+        self.weight, self.blocks, self.sizes = weight, blocks, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each weight's ``F.linear(x, weight)`` for one row ``x``, bit for bit."""
+        out = F.linear(x, self.weight) if self.blocks is None else split_linear(x, self.blocks)
+        return out.split(self.sizes, dim=-1)
+
+
+def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLinear | None:
+    """``weights`` (parameters [out_i, in] of one input) stacked into one weight, where one call through
+    the stack gives each weight's one-row ``F.linear`` bits: float32 ones split over ``threads`` as
+    :func:`row_blocks` splits one; 16-bit ones (whose ``bmm`` goes to oneDNN and spins, see
+    :func:`row_blocks`), or any on one thread, as one ``F.linear``. Each parameter is then a view of
+    its rows in the stack (no more memory than before). Else None, the weights untouched.
+
+    A lone one-token step pays each matmul's call (and a split one its parallel region: the team's
+    barrier, torch's thread count set and reset) whatever its size. A tiny Llama layer's q, k, v and
+    gate, up as two calls instead of five, in-process: split float32 45 against 60 us (hidden 256),
+    1254 against 1338 (hidden 1024); bfloat16 on one thread 93 against 130 us warm, 190 against 240
+    with the caches emptied."""
     first = weights[0]
     offset = first.data_ptr() % _ALIGNMENT
     if any(
-        w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] != first.shape[1]
-        or not w.is_contiguous() or w.data_ptr() % _ALIGNMENT != offset or w.nbytes % _ALIGNMENT
+        w.dtype != first.dtype or not w.is_floating_point() or w.device.type != "cpu"
+        or w.shape[1] != first.shape[1] or not w.is_contiguous() or w.data_ptr() % _ALIGNMENT != offset
+        or w.nbytes % _ALIGNMENT
         for w in weights
     ):  # fmt: skip
         return None
@@ -205,12 +223,33 @@ def stacked_row_blocks(weights: tuple[torch.Tensor, ...], threads: int) -> tuple
     def reference(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.linear(x, w) for w in weights], dim=-1)
 
-    blocks = row_blocks(stacked, threads, reference=reference, kind=f"F.linear of weights of {sizes} rows")
-    if blocks is None:
+    kind = f"F.linear of weights of {sizes} rows"
+    if first.dtype == torch.float32 and threads > 1:
+        blocks = row_blocks(stacked, threads, reference=reference, kind=kind)
+        if blocks is None:
+            return None  # (each weight may still split alone)
+        result = StackedLinear(stacked, blocks, sizes)
+    elif _same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads):
+        result = StackedLinear(stacked, None, sizes)
+    else:
         return None
     for weight, rows in zip(weights, stacked.split(sizes), strict=True):
         weight.data = rows
-    return blocks, sizes
+    return result
+
+
+def _same_bits(candidate: Callable, reference: Callable, in_features: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether ``candidate(x)`` equals ``reference(x)`` bit for bit on a few one-row inputs, on one
+    torch thread and on ``threads``."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for count in sorted({1, threads}):
+            with torch_threads(count):
+                for scale in (1.0, 100.0):
+                    x = (torch.randn(1, 1, in_features, generator=generator) * scale).to(dtype)
+                    if not torch.equal(candidate(x), reference(x)):
+                        return False
+    return True
 
 
 def _plus(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

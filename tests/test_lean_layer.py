@@ -17,7 +17,7 @@ from farmesh_core.config import NodeConfig
 from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks, stacked_row_blocks
+from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks, stacked_linear
 from farmesh_plugins.quantization import int8_quantization
 from tests.helpers import (
     HIDDEN_SIZE,
@@ -279,10 +279,10 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
     torch.set_num_threads(2)
     for call in split.step_calls.values():
         assert call.qkv is not None and call.gate_up is not None
-        for weights, (blocks, sizes) in [((call.q, call.k, call.v), call.qkv), ((call.gate, call.up), call.gate_up)]:
-            assert sizes == [w.shape[0] for w in weights]
-            x = randn(1, 1, weights[0].shape[1], seed=sum(sizes))
-            assert_equal(blocks_linear(x, blocks), torch.cat([F.linear(x, w) for w in weights], dim=-1))
+        for weights, stack in [((call.q, call.k, call.v), call.qkv), ((call.gate, call.up), call.gate_up)]:
+            assert stack.blocks is not None and stack.sizes == [w.shape[0] for w in weights]
+            x = randn(1, 1, weights[0].shape[1], seed=sum(stack.sizes))
+            assert_equal(blocks_linear(x, stack.blocks), torch.cat([F.linear(x, w) for w in weights], dim=-1))
         for weight in (call.o, call.down):
             blocks = weight.view(2, weight.shape[0] // 2, weight.shape[1]).transpose(1, 2)
             x = randn(1, 1, weight.shape[1], seed=weight.shape[0])
@@ -313,14 +313,14 @@ def test_stacked_weights_keep_their_memory_alignment():
     weights = [nn_weight(raw[6 + i * 256 * 256 : 6 + (i + 1) * 256 * 256].view(256, 256)) for i in range(3)]
     x = randn(1, 1, 256, seed=8)
     before = [(w.data_ptr() % 64, w.detach().clone(), F.linear(x, w)) for w in weights]
-    stacked = stacked_row_blocks(tuple(weights), 2)
-    assert stacked is not None and stacked[1] == [256, 256, 256]
+    stacked = stacked_linear(tuple(weights), 2)
+    assert stacked is not None and stacked.sizes == [256, 256, 256]
     for weight, (offset, values, out) in zip(weights, before, strict=True):
         assert weight.data_ptr() % 64 == offset == 24 and weight.data_ptr() != raw.data_ptr() + 24
         assert_equal(weight, values)
         assert_equal(F.linear(x, weight), out)
     apart = [nn_weight(randn(256, 256, seed=9)), nn_weight(raw[7 : 7 + 256 * 256].view(256, 256))]
-    assert stacked_row_blocks(tuple(apart), 2) is None
+    assert stacked_linear(tuple(apart), 2) is None
 
 
 def test_stacked_layers_let_the_checkpoint_map_go(model_dir):
@@ -351,6 +351,37 @@ def test_stacked_layers_let_the_checkpoint_map_go(model_dir):
             assert not mapped_file(weight.data_ptr()).endswith(".safetensors"), name
             assert weight.data_ptr() % 64 == tensor.data_ptr() % 64
             assert_equal(weight, tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_token_steps_through_one_stacked_call_on_one_thread(model_dir, dtype):
+    """16-bit layers (whose matmuls do not split), and float32 ones on one thread, stack q, k, v and
+    gate, up into one ``F.linear`` each where that keeps their bits: one-token steps stay bit-identical
+    to the modules', with 4 ``F.linear`` calls a layer instead of 7."""
+    checkpoint = Checkpoint(model_dir)
+    adapter = adapter_for(checkpoint.config)
+    threads = 2 if dtype != torch.float32 else 1
+    spans = [
+        LayerSpan(checkpoint, adapter, 0, NUM_LAYERS, dtype, "cpu", one_row_threads=threads, lean_layers=lean)
+        for lean in (True, False)
+    ]
+    for call in spans[0].step_calls.values():
+        assert call.qkv is not None and call.qkv.blocks is None and call.gate_up is not None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        caches = [SessionCache(64), SessionCache(64)]
+        hidden = randn(1, 9, HIDDEN_SIZE, seed=6).to(dtype)
+        for position in [0, *range(9, 9 + STEPS)]:
+            outs = [
+                span.forward(hidden, 0, NUM_LAYERS, cache, position) for span, cache in zip(spans, caches, strict=True)
+            ]
+            assert_equal(*outs)
+            hidden = outs[0][:, -1:]
+        ops = op_counts(lambda: spans[0].forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS))
+        assert ops.get("aten::linear") == 4 * NUM_LAYERS
+    finally:
+        torch.set_num_threads(before)
 
 
 def nn_weight(tensor: torch.Tensor) -> torch.nn.Parameter:
