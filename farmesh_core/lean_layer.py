@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaRMSNorm,
     apply_rotary_pos_emb,
+    rotate_half,
 )
 from transformers.utils import is_torch_npu_available
 
@@ -43,6 +44,10 @@ from farmesh_core.row_matmul import (
 logger = logging.getLogger(__name__)
 
 _SILU = type(ACT2FN["silu"])
+# transformers' own rotary function (not one that a kernel hub put in its place): _rotated_stack does its ops
+_PLAIN_ROTARY = apply_rotary_pos_emb.__module__ == LlamaAttention.__module__ and not hasattr(
+    apply_rotary_pos_emb, "__wrapped__"
+)
 _LINEARS = (
     *(f"self_attn.{name}_proj" for name in "qkvo"),
     *(f"mlp.{name}_proj" for name in ("gate", "up", "down")),
@@ -119,15 +124,15 @@ class LeanLlamaLayer:
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if one_row and self.qkv is not None:
-            query, key, value = self.qkv(x)
+        if one_row and self.qkv is not None and _PLAIN_ROTARY:
+            query, key, value = self._rotated_stack(x, hidden_shape, kwargs["position_embeddings"])
         else:
             query, key, value = linear(x, self.q), linear(x, self.k), linear(x, self.v)
-        query = query.view(hidden_shape).transpose(1, 2)
-        key = key.view(hidden_shape).transpose(1, 2)
-        value = value.view(hidden_shape).transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            query = query.view(hidden_shape).transpose(1, 2)
+            key = key.view(hidden_shape).transpose(1, 2)
+            value = value.view(hidden_shape).transpose(1, 2)
+            cos, sin = kwargs["position_embeddings"]
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if batched:
             out = self._attend_each(query, key, value, cache.caches)
         else:
@@ -144,6 +149,21 @@ class LeanLlamaLayer:
         gate = linear(x, self.gate)
         act = _each_row(F.silu, gate) if exact else F.silu(gate)
         return hidden + linear(act * linear(x, self.up), self.down)
+
+    def _rotated_stack(
+        self, x: torch.Tensor, hidden_shape: tuple, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A lone row's rotated query and key and its value, through the stacked q, k, v: the query's
+        and key's heads rotated together, by ``apply_rotary_pos_emb``'s elementwise ops run once over
+        both (each element gets the same ops, so the same bits), which halves their calls."""
+        q_size, k_size, _ = self.qkv.sizes
+        out = self.qkv.whole(x)
+        both = out[..., : q_size + k_size].view(hidden_shape).transpose(1, 2)
+        value = out[..., q_size + k_size :].view(hidden_shape).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        both = (both * cos) + (rotate_half(both) * sin)
+        query, key = both.split([q_size // self.head_dim, k_size // self.head_dim], dim=1)
+        return query, key, value
 
     def _batch_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """A decode batch's matmul (unless exact, see ``__call__``): through the weight's packed copy

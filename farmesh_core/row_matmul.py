@@ -191,8 +191,11 @@ class StackedLinear:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each weight's ``F.linear(x, weight)`` for one row ``x``, bit for bit."""
-        out = F.linear(x, self.weight) if self.blocks is None else split_linear(x, self.blocks)
-        return out.split(self.sizes, dim=-1)
+        return self.whole(x).split(self.sizes, dim=-1)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights' outputs side by side, as one tensor."""
+        return F.linear(x, self.weight) if self.blocks is None else split_linear(x, self.blocks)
 
 
 def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLinear | None:
