@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from farmesh_core.openmp import torch_threads
-from farmesh_core.row_matmul import rows_linear
+from farmesh_core.row_matmul import rows_linear, same_bits
 from farmesh_core.split_head import SplitHead
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ class HeadBatcher:
         # A lone row through an unsplit head on one torch thread, where that keeps its bits: a 16-bit
         # F.linear goes to oneDNN, whose OpenMP team then spins on the machine's other cores, the nodes'
         # (a client choosing each token of a bfloat16 tiny Llama through one node: 3.64 against 4.93 ms).
-        self._lone_on_one_thread = self.linear is not split and _same_bits_on_one_thread(self.linear, weight)
+        threads, alone = torch.get_num_threads(), functools.partial(_on_one_thread, self.linear)
+        self._lone_on_one_thread = (
+            self.linear is not split and threads > 1
+            and same_bits(alone, self.linear, weight.shape[1], weight.dtype, threads)
+        )  # fmt: skip
         quick = split is not None and weight.dtype == torch.float32 and weight.nbytes <= FAST_MAX_BYTES
         self._split = split
         # Any float32 dot product of n terms is within g = n*u/(1-n*u) times sum|w_i x_i| of the exact
@@ -189,21 +193,9 @@ class HeadBatcher:
             self._turn.notify_all()
 
 
-def _same_bits_on_one_thread(linear: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> bool:
-    """Whether ``linear`` (the head's one-row path) gives a row the same bits on one torch thread as on
-    the calling thread's count (checked on a few rows of two magnitudes)."""
-    if torch.get_num_threads() == 1:
-        return False  # (nothing to gain)
-    generator = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for scale in (1.0, 100.0):
-            x = (torch.randn(1, weight.shape[1], generator=generator) * scale).to(weight.dtype)
-            with torch_threads(1):
-                alone = linear(x)
-            if not torch.equal(alone, linear(x)):
-                logger.debug("the LM head keeps the caller's threads for a lone row: one thread changes its bits")
-                return False
-    return True
+def _on_one_thread(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    with torch_threads(1):
+        return linear(x)
 
 
 def _float16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -232,7 +232,7 @@ def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLi
         if blocks is None:
             return None  # (each weight may still split alone)
         result = StackedLinear(stacked, blocks, sizes)
-    elif _same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads):
+    elif same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads):
         result = StackedLinear(stacked, None, sizes)
     else:
         return None
@@ -241,9 +241,9 @@ def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLi
     return result
 
 
-def _same_bits(candidate: Callable, reference: Callable, in_features: int, dtype: torch.dtype, threads: int) -> bool:
-    """Whether ``candidate(x)`` equals ``reference(x)`` bit for bit on a few one-row inputs, on one
-    torch thread and on ``threads``."""
+def same_bits(candidate: Callable, reference: Callable, in_features: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether ``candidate(x)`` equals ``reference(x)`` bit for bit on a few one-row inputs (two
+    magnitudes), on one torch thread and on ``threads``."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for count in sorted({1, threads}):
