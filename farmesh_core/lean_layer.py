@@ -10,6 +10,7 @@ returns None and the node calls the module as usual. Autograd (the backward pass
 """
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import is_torch_npu_available
 
 from farmesh_core.row_matmul import (
+    StackedLinear,
     exact_rows_linear,
     few_rows_limit,
     few_rows_linear,
@@ -35,6 +37,7 @@ from farmesh_core.row_matmul import (
     own_copies,
     packed_linear,
     packed_weight,
+    packs_lone_rows,
     row_blocks,
     split_linear,
     splits_lone_rows,
@@ -73,7 +76,8 @@ class LeanLlamaLayer:
     With ``one_row_threads`` > 1, a lone one-token step runs its matmuls on that many torch threads
     (see ``row_matmul.row_blocks``) and the rest on the caller's: attention stays on one thread where
     that is the caller's count, because SDPA's sums depend on the threads. A decode batch's matmuls
-    use packed copies of the weights once :meth:`pack_for_batches` made them.
+    use packed copies of the weights once :meth:`pack_for_batches` made them, and so do a lone row's
+    that do not split where that keeps their bits (16-bit weights).
     """
 
     def __init__(self, layer: LlamaDecoderLayer, one_row_threads: int = 1):
@@ -87,39 +91,51 @@ class LeanLlamaLayer:
         self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
         self.few_rows = few_rows_limit(self.q.shape[1])  # unpacked batches up to this size use few_rows_linear
         self.weights = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+        self.threads = one_row_threads
         # a lone one-token step's q, k, v and its gate, up as one matmul each, where that keeps their bits
         self.qkv = stacked_linear((self.q, self.k, self.v), one_row_threads)
         self.gate_up = stacked_linear((self.gate, self.up), one_row_threads)
-        unstacked = [self.o, self.down]
+        self.unstacked = unstacked = [self.o, self.down]
         unstacked += [self.q, self.k, self.v] if self.qkv is None else []
         unstacked += [self.gate, self.up] if self.gate_up is None else []
         if len(unstacked) < len(self.weights):
             own_copies([*unstacked, self.norm1, self.norm2])
         blocks = {id(weight): row_blocks(weight, one_row_threads) for weight in unstacked}
         self.row_blocks = {key: value for key, value in blocks.items() if value is not None}
-        self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches
+        self.packed: dict[int, torch.Tensor] = {}  # id(weight) -> its copy for decode batches (o, down, unstacked)
+        self.lone_packed: dict[int, torch.Tensor] = {}  # those of them a lone row goes through too
         self.exact_batches = False  # see __call__ (``LayerSpan`` decides)
 
     def pack_for_batches(self) -> int:
-        """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``); returns
-        their bytes. A weight oneDNN cannot take keeps the unpacked path."""
-        packed = {id(weight): packed_weight(weight) for weight in self.weights}
-        self.packed = {key: value for key, value in packed.items() if value is not None}
-        return sum(weight.nbytes for weight in self.weights if id(weight) in self.packed)
+        """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``), of q, k, v
+        and gate, up as their stacks where they have them; returns their bytes. A weight oneDNN cannot
+        take keeps the unpacked path. Lone rows use the copies too where that keeps their bits
+        (``row_matmul.packs_lone_rows``)."""
+        total = sum(stack.pack_for_batches() for stack in (self.qkv, self.gate_up) if stack is not None)
+        for weight in self.unstacked:
+            packed = packed_weight(weight)
+            if packed is None:
+                continue
+            self.packed[id(weight)] = packed
+            total += weight.nbytes
+            lone = id(weight) not in self.row_blocks
+            if lone and packs_lone_rows(packed, lambda x, weight=weight: F.linear(x, weight), weight, self.threads):
+                self.lone_packed[id(weight)] = packed
+        return total
 
     def __call__(self, hidden: torch.Tensor, cache: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         batched = hasattr(cache, "caches")  # a BatchedDecodeCache: one-token steps of several sessions
         # Separate sessions' rows (a shared session's too, with ``LayerSpan.exact_rows``) keep their
         # lone bits with ``exact_batches``: each matmul a batched GEMV, the SiLU row by row
         exact = batched and self.exact_batches
-        one_row = False  # a lone one-token row: its q, k, v and gate, up go through their stacks if any
+        one_row = packed_rows = False  # (q, k, v and gate, up through their stacks: a lone row's, a batch's packed)
         if exact:
             linear = exact_rows_linear
         elif batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
-            linear = self._batch_linear
+            linear, packed_rows = self._batch_linear, True
         else:
             one_row = hidden.numel() == hidden.shape[-1] and splits_lone_rows()
-            linear = self._one_row_linear if one_row and self.row_blocks else F.linear
+            linear = self._one_row_linear if one_row and (self.row_blocks or self.lone_packed) else F.linear
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
@@ -127,7 +143,7 @@ class LeanLlamaLayer:
         if one_row and self.qkv is not None and _PLAIN_ROTARY:
             query, key, value = self._rotated_stack(x, hidden_shape, kwargs["position_embeddings"])
         else:
-            query, key, value = linear(x, self.q), linear(x, self.k), linear(x, self.v)
+            query, key, value = self._project(x, self.qkv, (self.q, self.k, self.v), linear, one_row, packed_rows)
             query = query.view(hidden_shape).transpose(1, 2)
             key = key.view(hidden_shape).transpose(1, 2)
             value = value.view(hidden_shape).transpose(1, 2)
@@ -143,12 +159,24 @@ class LeanLlamaLayer:
         hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
-        if one_row and self.gate_up is not None:
-            gate, up = self.gate_up(x)
-            return hidden + linear(F.silu(gate) * up, self.down)
-        gate = linear(x, self.gate)
+        gate, up = self._project(x, self.gate_up, (self.gate, self.up), linear, one_row, packed_rows)
         act = _each_row(F.silu, gate) if exact else F.silu(gate)
-        return hidden + linear(act * linear(x, self.up), self.down)
+        return hidden + linear(act * up, self.down)
+
+    def _project(
+        self,
+        x: torch.Tensor,
+        stack: StackedLinear | None,
+        weights: tuple[torch.Tensor, ...],
+        linear: Callable,
+        one_row: bool,
+        packed_rows: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """``linear(x, weight)`` for each of ``weights`` (q, k, v or gate, up of one input), as one call
+        through their stack where they have one: a lone row's, or a decode batch's through its packed copy."""
+        if stack is not None and (one_row or (packed_rows and stack.packed is not None)):
+            return stack(x) if one_row else stack.batch(x)
+        return tuple(linear(x, weight) for weight in weights)
 
     def _rotated_stack(
         self, x: torch.Tensor, hidden_shape: tuple, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -175,7 +203,10 @@ class LeanLlamaLayer:
 
     def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         blocks = self.row_blocks.get(id(weight))
-        return F.linear(x, weight) if blocks is None else split_linear(x, blocks)
+        if blocks is not None:
+            return split_linear(x, blocks)
+        packed = self.lone_packed.get(id(weight))
+        return F.linear(x, weight) if packed is None else packed_linear(x, packed)
 
     def _attend_each(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, caches: list) -> torch.Tensor:
         """Row ``i`` (a one-token step) attends to its own session's cache ``caches[i]``, as it would

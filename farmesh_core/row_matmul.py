@@ -99,6 +99,25 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def packs_lone_rows(
+    packed: torch.Tensor,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    threads: int,
+    bias: torch.Tensor | None = None,
+) -> bool:
+    """Whether a lone row through ``packed`` (:func:`packed_weight` of ``weight``) gives the bits of
+    ``reference`` (``F.linear``, or a family's linear), on one torch thread and on ``threads``.
+
+    Where it does (16-bit weights here), a lone one-token step is quicker through the packed copy:
+    oneDNN's GEMV repacks an unpacked weight on every call (a tiny Llama layer's 4 bfloat16 matmuls
+    62 against 86 us warm, 112 against 160 with the caches emptied, one thread). Float32 ones gave
+    other bits (and split over threads anyway, see :func:`row_blocks`)."""
+    if weight.dtype == torch.float32:
+        return False
+    return same_bits(lambda x: packed_linear(x, packed, bias), reference, weight.shape[1], weight.dtype, threads)
+
+
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)``; a few rows (one-token steps of several sessions) go the faster
     :func:`few_rows_linear` way, one row keeps ``F.linear``'s bits."""
@@ -182,12 +201,15 @@ def own_copies(weights: Iterable[torch.Tensor]) -> None:
 
 class StackedLinear:
     """Several weights' one-row ``F.linear`` (one input) as one call through their stack: as ``bmm``
-    over its row blocks (:func:`row_blocks`) where ``blocks``, else one ``F.linear`` of the stack."""
+    over its row blocks (:func:`row_blocks`) where ``blocks``, through the stack's packed copy where
+    :meth:`pack_for_batches` made one that gives their bits, else one ``F.linear`` of the stack."""
 
-    __slots__ = ("weight", "blocks", "sizes")
+    __slots__ = ("weight", "blocks", "sizes", "threads", "packed", "lone_packed")
 
-    def __init__(self, weight: torch.Tensor, blocks: torch.Tensor | None, sizes: list[int]):
-        self.weight, self.blocks, self.sizes = weight, blocks, sizes
+    def __init__(self, weight: torch.Tensor, blocks: torch.Tensor | None, sizes: list[int], threads: int):
+        self.weight, self.blocks, self.sizes, self.threads = weight, blocks, sizes, threads
+        self.packed: torch.Tensor | None = None  # the stack packed for oneDNN (pack_for_batches)
+        self.lone_packed = False  # whether a lone row goes through it
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each weight's ``F.linear(x, weight)`` for one row ``x``, bit for bit."""
@@ -195,7 +217,26 @@ class StackedLinear:
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         """The weights' outputs side by side, as one tensor."""
+        if self.lone_packed:
+            return packed_linear(x, self.packed)
         return F.linear(x, self.weight) if self.blocks is None else split_linear(x, self.blocks)
+
+    def batch(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each weight's output for a decode batch's rows ``x``, through the packed stack (one call)."""
+        return packed_linear(x, self.packed).split(self.sizes, dim=-1)
+
+    def pack_for_batches(self) -> int:
+        """Keep a packed copy of the stack for decode batches (:func:`packed_weight`), which lone rows
+        use too where it keeps each weight's ``F.linear`` bits (:func:`packs_lone_rows`) and they do not
+        split. Returns the copy's bytes."""
+        self.packed = packed = packed_weight(self.weight)
+        if packed is None:
+            return 0
+        parts = self.weight.split(self.sizes)
+        self.lone_packed = self.blocks is None and packs_lone_rows(
+            packed, lambda x: torch.cat([F.linear(x, part) for part in parts], dim=-1), self.weight, self.threads
+        )
+        return self.weight.nbytes
 
 
 def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLinear | None:
@@ -231,9 +272,9 @@ def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLi
         blocks = row_blocks(stacked, threads, reference=reference, kind=kind)
         if blocks is None:
             return None  # (each weight may still split alone)
-        result = StackedLinear(stacked, blocks, sizes)
+        result = StackedLinear(stacked, blocks, sizes, threads)
     elif same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads):
-        result = StackedLinear(stacked, None, sizes)
+        result = StackedLinear(stacked, None, sizes, threads)
     else:
         return None
     for weight, rows in zip(weights, stacked.split(sizes), strict=True):
@@ -324,7 +365,8 @@ class StepLinear(nn.Linear):
     - A lone one-token row, where :func:`splits_lone_rows`, runs split over ``threads`` threads if that
       gives the replaced module's bits (:func:`row_blocks`, checked on this weight).
     - A decode batch's rows (:func:`decode_batch_rows`) go through its packed weight once
-      :meth:`pack_for_batches` made one, else a few of them through :func:`few_rows_linear`.
+      :meth:`pack_for_batches` made one, else a few of them through :func:`few_rows_linear`; so does
+      a lone row that does not split, where that keeps its bits (:func:`packs_lone_rows`).
     - Everything else (prefills, forward calls, autograd) is the replaced module's own forward.
     """
 
@@ -333,9 +375,10 @@ class StepLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_parameter("weight", linear.weight)
         self.register_parameter("bias", linear.bias)
-        self.replaced = type(linear)
+        self.replaced, self.threads = type(linear), threads
         self.few_rows = few_rows_limit(self.in_features)
         self.packed: torch.Tensor | None = None
+        self.lone_packed = False  # whether a lone row goes through the packed copy (pack_for_batches)
         self.blocks = row_blocks(
             self.weight.detach(), threads, None if self.bias is None else self.bias.detach(),
             reference=lambda x: self.replaced.forward(self, x), kind=self.replaced.__qualname__,
@@ -346,6 +389,8 @@ class StepLinear(nn.Linear):
             rows = x.numel() // x.shape[-1]
             if rows == 1 and self.blocks is not None and splits_lone_rows():
                 return _plus(split_linear(x, self.blocks), self.bias)
+            if rows == 1 and self.lone_packed:
+                return packed_linear(x, self.packed, self.bias)
             if rows >= 2 and in_decode_batch_rows():
                 if self.packed is not None:
                     return packed_linear(x, self.packed, self.bias)
@@ -359,9 +404,16 @@ class StepLinear(nn.Linear):
         return (self.weight,)
 
     def pack_for_batches(self) -> int:
-        """Keep a packed copy of the weight for decode batches (:func:`packed_weight`); returns its bytes."""
-        self.packed = packed_weight(self.weight)
-        return 0 if self.packed is None else self.weight.nbytes
+        """Keep a packed copy of the weight for decode batches (:func:`packed_weight`), which lone rows
+        use too where it keeps their bits (:func:`packs_lone_rows`); returns its bytes."""
+        self.packed = packed = packed_weight(self.weight)
+        if packed is None:
+            return 0
+        weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        self.lone_packed = self.blocks is None and packs_lone_rows(
+            packed, lambda x: self.replaced.forward(self, x), weight, self.threads, bias
+        )
+        return self.weight.nbytes
 
 
 def step_linears(layer: nn.Module, threads: int, classes: tuple[type[nn.Module], ...]) -> int:

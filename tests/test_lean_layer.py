@@ -184,8 +184,8 @@ def test_batched_decoding_with_either_multiplication(spans, sessions):
 @pytest.mark.parametrize("sessions", [2, 8, 9])
 def test_batched_decoding_through_packed_weights(spans, model_dir, sessions):
     """With packed copies of the weights (``pack_batch_weights``), a decode batch's matmuls all go
-    through oneDNN on them, each row is what the session gets alone (to rounding), and lone steps
-    keep the modules' bits."""
+    through oneDNN on them (q, k, v and gate, up as one call each through their packed stacks), each
+    row is what the session gets alone (to rounding), and lone steps keep the modules' bits."""
     packed, modules = load_span(model_dir, pack=True, exact=False), spans[1]
     weights = sum(w.nbytes for call in packed.step_calls.values() for w in call.weights)
     assert packed.packed_bytes == weights and spans[0].packed_bytes == 0
@@ -199,7 +199,8 @@ def test_batched_decoding_through_packed_weights(spans, model_dir, sessions):
     alone = [packed.forward(h, 0, NUM_LAYERS, c, p) for h, c, p in zip(hiddens, lone, positions, strict=True)]
     outputs = []
     ops = op_counts(lambda: outputs.extend(packed.forward_decode_batch(hiddens, 0, NUM_LAYERS, batched, positions)))
-    assert ops.get("mkldnn::_linear_pointwise") == 7 * NUM_LAYERS
+    assert all(call.qkv is not None and call.gate_up is not None for call in packed.step_calls.values())
+    assert ops.get("mkldnn::_linear_pointwise") == 4 * NUM_LAYERS
     assert not {"aten::mm", "aten::addmm", "aten::bmm"} & ops.keys()
     for a, b in zip(outputs, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -353,18 +354,32 @@ def test_stacked_layers_let_the_checkpoint_map_go(model_dir):
             assert_equal(weight, tensor)
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_one_token_steps_through_one_stacked_call_on_one_thread(model_dir, dtype):
+def test_one_token_steps_through_one_stacked_call_on_one_thread(model_dir, dtype, pack):
     """16-bit layers (whose matmuls do not split), and float32 ones on one thread, stack q, k, v and
     gate, up into one ``F.linear`` each where that keeps their bits: one-token steps stay bit-identical
-    to the modules', with 4 ``F.linear`` calls a layer instead of 7."""
+    to the modules', with 4 ``F.linear`` calls a layer instead of 7. With packed copies for decode
+    batches, bfloat16 lone rows go through those (oneDNN on the packed stacks, o and down), with the
+    same bits; float32 ones keep ``F.linear`` (the packed copies give other bits)."""
     checkpoint = Checkpoint(model_dir)
     adapter = adapter_for(checkpoint.config)
     threads = 2 if dtype != torch.float32 else 1
     spans = [
-        LayerSpan(checkpoint, adapter, 0, NUM_LAYERS, dtype, "cpu", one_row_threads=threads, lean_layers=lean)
+        LayerSpan(
+            checkpoint,
+            adapter,
+            0,
+            NUM_LAYERS,
+            dtype,
+            "cpu",
+            one_row_threads=threads,
+            lean_layers=lean,
+            pack_batch_weights=pack and lean,
+        )  # fmt: skip
         for lean in (True, False)
     ]
+    through_packed = pack and dtype == torch.bfloat16
     for call in spans[0].step_calls.values():
         assert call.qkv is not None and call.qkv.blocks is None and call.gate_up is not None
     before = torch.get_num_threads()
@@ -379,7 +394,8 @@ def test_one_token_steps_through_one_stacked_call_on_one_thread(model_dir, dtype
             assert_equal(*outs)
             hidden = outs[0][:, -1:]
         ops = op_counts(lambda: spans[0].forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS))
-        assert ops.get("aten::linear") == 4 * NUM_LAYERS
+        assert ops.get("mkldnn::_linear_pointwise", 0) == (4 * NUM_LAYERS if through_packed else 0)
+        assert ops.get("aten::linear", 0) == (0 if through_packed else 4 * NUM_LAYERS)
     finally:
         torch.set_num_threads(before)
 

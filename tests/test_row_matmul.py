@@ -63,6 +63,25 @@ def test_half_precision_lone_rows_keep_the_modules_own_matmul(dtype):
 
 
 @pytest.mark.parametrize("kind, in_features, out_features, bias", CASES)
+def test_a_bfloat16_lone_row_goes_through_the_packed_weight_where_that_keeps_its_bits(
+    kind, in_features, out_features, bias
+):
+    """oneDNN's GEMV on the packed copy is quicker than on the weight as it is (repacked every call). It
+    gave ``nn.Linear``'s bits, with and without bias, but not ``FalconLinear``'s with one (which adds
+    the bias after the matmul): that keeps the module's own matmul."""
+    module = linear(kind, in_features, out_features, bias).to(torch.bfloat16)
+    step = StepLinear(module, threads=2)
+    assert step.pack_for_batches() == module.weight.nbytes
+    assert step.lone_packed == (kind is nn.Linear or not bias)
+    for seed in range(5):
+        x = randn(1, 1, in_features, seed=20 + seed).to(torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(step(x), module(x))
+    with torch.inference_mode():
+        assert op_counts(lambda: step(x)).get("mkldnn::_linear_pointwise", 0) == step.lone_packed
+
+
+@pytest.mark.parametrize("kind, in_features, out_features, bias", CASES)
 def test_a_prefill_keeps_the_modules_own_matmul_and_bits(kind, in_features, out_features, bias):
     module = linear(kind, in_features, out_features, bias)
     step = StepLinear(module, threads=2)
