@@ -12,6 +12,7 @@ from farmesh_core import split_head
 from farmesh_core.architecture import ClientHead
 from farmesh_core.head_batch import HeadBatcher
 from farmesh_core.split_head import SplitHead
+from tests.helpers import op_counts
 
 HIDDEN, VOCAB = 64, 3000
 
@@ -110,6 +111,26 @@ def test_a_large_head_batches_over_its_two_halves(weight, monkeypatch):
         assert torch.equal(batcher(xs[0]), F.linear(xs[0], weight))  # alone again: exact
     assert batcher.passes == 2
     for logits, x in zip(out, xs, strict=True):
+        torch.testing.assert_close(logits, F.linear(x, weight))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_bfloat16_head_multiplies_through_packed_copies_with_f_linears_bits(weight, monkeypatch, split):
+    """A 16-bit head's rows go through copies packed for oneDNN (of its halves where it splits): a lone
+    row keeps F.linear's bits, rows together are F.linear's to rounding."""
+    if split:
+        monkeypatch.setattr(split_head, "MIN_WEIGHT_BYTES", 0)
+    weight = weight.to(torch.bfloat16)
+    batcher = HeadBatcher(weight)
+    xs = [x.to(torch.bfloat16) for x in rows(4)]
+    with torch.inference_mode():
+        for x in xs:
+            assert torch.equal(batcher(x), F.linear(x, weight))
+        # (the profiler sees the calling thread: the whole head, or the split head's first half)
+        assert op_counts(lambda: batcher(xs[0])).get("mkldnn::_linear_pointwise") == 1
+        assert "aten::linear" not in op_counts(lambda: batcher(xs[0]))
+        together = call_while_busy(batcher, xs)
+    for logits, x in zip(together, xs, strict=True):
         torch.testing.assert_close(logits, F.linear(x, weight))
 
 
