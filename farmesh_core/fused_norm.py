@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from farmesh_core.module_hooks import has_forward_hooks
+
 logger = logging.getLogger(__name__)
 
 _SCALES = (1e-3, 1.0, 1e3)  # the inputs' magnitudes the check covers
@@ -47,7 +49,7 @@ def _fits(norm: nn.Module, weight, hidden: torch.Tensor) -> bool:
     return (
         isinstance(weight, torch.Tensor) and weight.dim() == 1 and hidden.shape[-1] == weight.shape[0]
         and hasattr(norm, "variance_epsilon") and getattr(norm, "bias", None) is None
-        and not norm._forward_hooks and not norm._forward_pre_hooks
+        and not has_forward_hooks(norm)
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import is_torch_npu_available
 
+from farmesh_core.module_hooks import has_forward_hooks
 from farmesh_core.row_matmul import (
     StackedLinear,
     exact_rows_linear,
@@ -288,7 +289,7 @@ def _ineligible(layer: nn.Module) -> str | None:
         return "transformers converts attention masks on Ascend NPUs"
     if any(module.training for module in modules.values()):
         return "in training mode"
-    hooked = [name or "layer" for name, module in modules.items() if module._forward_hooks or module._forward_pre_hooks]
+    hooked = [name or "layer" for name, module in modules.items() if has_forward_hooks(module)]
     if hooked:
         return f"forward hooks on {', '.join(hooked)}"
     return None

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from farmesh_core.module_hooks import has_forward_hooks
 from farmesh_core.openmp import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -168,9 +169,9 @@ def row_blocks(
             def reference(x: torch.Tensor) -> torch.Tensor:
                 return F.linear(x, weight, bias)
 
-        with torch_threads(threads), torch.no_grad():
-            rows = [torch.randn(1, 1, in_features, dtype=weight.dtype) for _ in range(3)]
-            _SPLIT_VERDICTS[key] = all(torch.equal(reference(x), _plus(blocks_linear(x, blocks), bias)) for x in rows)
+        _SPLIT_VERDICTS[key] = same_bits(
+            lambda x: _plus(split_linear(x, blocks), bias), reference, in_features, weight.dtype, threads
+        )
         if not _SPLIT_VERDICTS[key]:
             logger.debug("weights %s keep their own matmul: row blocks change its bits", key)
     return blocks if _SPLIT_VERDICTS[key] else None
@@ -421,7 +422,7 @@ def step_linears(layer: nn.Module, threads: int, classes: tuple[type[nn.Module],
     (exactly: subclasses may compute something else) and that has no hooks; returns how many."""
     replaced = 0
     for name, module in list(layer.named_modules()):
-        if type(module) not in classes or module._forward_hooks or module._forward_pre_hooks:
+        if type(module) not in classes or has_forward_hooks(module):
             continue
         parent, _, child = name.rpartition(".")
         setattr(layer.get_submodule(parent), child, StepLinear(module, threads))

@@ -450,6 +450,12 @@ def test_hooked_or_training_layers_are_not_eligible(tiny_llama):
     handle = layer.mlp.register_forward_hook(lambda module, args, out: out)
     assert lean_llama_layer(layer) is None
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)  # every module's
+    try:
+        assert lean_llama_layer(layer) is None
+    finally:
+        handle.remove()
+    assert lean_llama_layer(layer) is not None
     layer.train()
     assert lean_llama_layer(layer) is None
     layer.eval()

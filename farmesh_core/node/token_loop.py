@@ -19,6 +19,7 @@ from torch import nn
 
 from farmesh_core.architecture import ClientHead
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
+from farmesh_core.module_hooks import has_forward_hooks
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
 
@@ -35,8 +36,7 @@ class NodeHead:
         self.dtype = head.lm_head.weight.dtype
         embeddings = head.embeddings
         plain = type(embeddings) is nn.Embedding and embeddings.max_norm is None
-        hooked = embeddings._forward_hooks or embeddings._forward_pre_hooks
-        self._rows = embeddings.weight if plain and not hooked else None
+        self._rows = embeddings.weight if plain and not has_forward_hooks(embeddings) else None
         self._greedy = TokenChooser()  # (holds no state a choice depends on: one for every unmasked turn)
         self._no_ids = torch.empty(1, 0, dtype=torch.long)
 
