@@ -66,20 +66,30 @@ class _Streamer:
         pass
 
 
-def bench_local(bench_model: BenchModel, input_ids: torch.Tensor, runs: int) -> tuple[dict, list[int]]:
-    """transformers on the whole model, in the dtype the nodes run it in by default (the checkpoint's)."""
+def local_model(bench_model: BenchModel):
+    """transformers' model of the whole checkpoint, in the dtype the nodes run it in by default (its own)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(bench_model.dir, dtype=bench_model.dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(bench_model.dir, dtype=bench_model.dtype).eval()
+
+
+def local_generation(model, input_ids: torch.Tensor) -> tuple[list[int], dict]:
+    """One greedy generation through transformers' ``generate``, timed token by token."""
+    streamer = _Streamer()
+    with torch.inference_mode():
+        model.generate(
+            input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
+        )
+    return streamer.ids, decode_metrics(streamer.times)
+
+
+def bench_local(bench_model: BenchModel, input_ids: torch.Tensor, runs: int) -> tuple[dict, list[int]]:
+    """transformers on the whole model: decode and a batch forward."""
+    model = local_model(bench_model)
     results, ids = [], None
     for _ in range(runs + 1):
-        streamer = _Streamer()
-        with torch.inference_mode():
-            model.generate(
-                input_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
-            )
-        results.append(decode_metrics(streamer.times))
-        ids = streamer.ids
+        ids, metrics = local_generation(model, input_ids)
+        results.append(metrics)
     x = torch.randn(4, 128, model.config.hidden_size, dtype=bench_model.dtype)
     forward = []
     with torch.inference_mode():
@@ -228,14 +238,17 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
     return out, ids
 
 
-def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
-    """The cost of a second node: a 1-node and a 2-node mesh up at once, generation for generation
-    alternately, so that both see the same machine (its speed drifts by tens of percent within
-    minutes, which made the difference of two separate runs' medians swing by a millisecond)."""
+def bench_interleaved(model: BenchModel, input_ids: torch.Tensor, runs: int, threads: int | None) -> dict:
+    """The cost of a second node, and 2 nodes against local transformers: a 1-node and a 2-node mesh
+    up at once and transformers' model in this process, generation for generation in turn, so that
+    all see the same machine (its speed drifts by tens of percent within minutes, which made the
+    difference of two separate runs' medians swing by a millisecond, and local transformers' decode
+    214-361 tok/s from run to run)."""
     from farmesh_core.client import DistributedInferenceClient
 
     layouts = {"1_node": model.one_node, "2_nodes": model.two_nodes}
-    ms_per_token: dict[str, list[float]] = {name: [] for name in layouts}
+    ms_per_token: dict[str, list[float]] = {name: [] for name in [*layouts, "local"]}
+    local = local_model(model)
     with ExitStack() as stack:
         clients = {
             name: stack.enter_context(
@@ -250,9 +263,14 @@ def bench_extra_hop(model: BenchModel, input_ids: torch.Tensor, runs: int, threa
                 metrics = generation(client, input_ids)[1]
                 if run:
                     ms_per_token[name].append(1000 / metrics["steady_tok_s"])
+            metrics = local_generation(local, input_ids)[1]
+            if run:
+                ms_per_token["local"].append(1000 / metrics["steady_tok_s"])
     differences = [b - a for a, b in zip(ms_per_token["1_node"], ms_per_token["2_nodes"], strict=True)]
+    speedups = [a / b for a, b in zip(ms_per_token["local"], ms_per_token["2_nodes"], strict=True)]
     return {
         "extra_hop_ms": summary(differences),
+        "two_nodes_over_local": summary(speedups),  # local's time a token over 2 nodes', round by round
         **{f"ms_per_token_{k}": summary(v) for k, v in ms_per_token.items()},
     }
 
@@ -453,7 +471,7 @@ def main() -> None:
     torch.set_num_threads(default_threads)
     one, one_ids = bench_mesh(model, input_ids, model.one_node, args.runs, args.num_threads)
     two, two_ids = bench_mesh(model, input_ids, model.two_nodes, args.runs, args.num_threads)
-    hop = bench_extra_hop(model, input_ids, args.runs, args.num_threads)
+    hop = bench_interleaved(model, input_ids, args.runs, args.num_threads)
     result = {
         "model": model_dir,
         "model_shape": model.describe(),
@@ -469,6 +487,7 @@ def main() -> None:
         "tokens_equal_local": {"1_node": one_ids == local_ids, "2_nodes": two_ids == local_ids},
         "extra_hop_ms": hop["extra_hop_ms"]["median"],
         "extra_hop_interleaved": hop,
+        "two_nodes_over_local_interleaved": hop["two_nodes_over_local"]["median"],
         "extra_hop_ms_from_separate_runs": 1000
         * (1 / two["steady_tok_s"]["median"] - 1 / one["steady_tok_s"]["median"]),
         "extra_hop_ms_relayed_by_client": 1000

@@ -129,22 +129,31 @@ class LeanLlamaLayer:
         # Separate sessions' rows (a shared session's too, with ``LayerSpan.exact_rows``) keep their
         # lone bits with ``exact_batches``: each matmul a batched GEMV, the SiLU row by row
         exact = batched and self.exact_batches
-        one_row = packed_rows = False  # (q, k, v and gate, up through their stacks: a lone row's, a batch's packed)
+        lone = split = packed_rows = False  # a lone one-token row (whose matmuls may split); a batch's rows
         if exact:
             linear = exact_rows_linear
         elif batched or in_decode_batch_rows():  # (or one session's rows: ``LayerSpan.forward`` says so)
             linear, packed_rows = self._batch_linear, True
         else:
-            one_row = hidden.numel() == hidden.shape[-1] and splits_lone_rows()
-            linear = self._one_row_linear if one_row and (self.row_blocks or self.lone_packed) else F.linear
+            lone = hidden.numel() == hidden.shape[-1]
+            split = lone and splits_lone_rows()
+            if split and self.row_blocks:
+                linear = self._split_linear
+            else:
+                linear = self._lone_linear if lone and self.lone_packed else F.linear
+        # q, k, v and gate, up through their stacks: a lone row's (where the stack takes it), a batch's packed
+        qkv, gate_up = (_stack_call(stack, lone, split, packed_rows) for stack in (self.qkv, self.gate_up))
         # LlamaAttention.forward
         x = _rms_norm(hidden, self.norm1, self.eps1)
         input_shape = x.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if one_row and self.qkv is not None and _PLAIN_ROTARY:
-            query, key, value = self._rotated_stack(x, hidden_shape, kwargs["position_embeddings"])
+        if lone and qkv is not None and _PLAIN_ROTARY:
+            query, key, value = self._rotated_stack(qkv, x, hidden_shape, kwargs["position_embeddings"])
         else:
-            query, key, value = self._project(x, self.qkv, (self.q, self.k, self.v), linear, one_row, packed_rows)
+            if qkv is not None:
+                query, key, value = qkv(x).split(self.qkv.sizes, dim=-1)
+            else:
+                query, key, value = linear(x, self.q), linear(x, self.k), linear(x, self.v)
             query = query.view(hidden_shape).transpose(1, 2)
             key = key.view(hidden_shape).transpose(1, 2)
             value = value.view(hidden_shape).transpose(1, 2)
@@ -160,33 +169,25 @@ class LeanLlamaLayer:
         hidden = hidden + linear(out, self.o)
         # LlamaMLP.forward
         x = _rms_norm(hidden, self.norm2, self.eps2)
-        gate, up = self._project(x, self.gate_up, (self.gate, self.up), linear, one_row, packed_rows)
+        if gate_up is not None:
+            gate, up = gate_up(x).split(self.gate_up.sizes, dim=-1)
+        else:
+            gate, up = linear(x, self.gate), linear(x, self.up)
         act = _each_row(F.silu, gate) if exact else F.silu(gate)
         return hidden + linear(act * up, self.down)
 
-    def _project(
-        self,
-        x: torch.Tensor,
-        stack: StackedLinear | None,
-        weights: tuple[torch.Tensor, ...],
-        linear: Callable,
-        one_row: bool,
-        packed_rows: bool,
-    ) -> tuple[torch.Tensor, ...]:
-        """``linear(x, weight)`` for each of ``weights`` (q, k, v or gate, up of one input), as one call
-        through their stack where they have one: a lone row's, or a decode batch's through its packed copy."""
-        if stack is not None and (one_row or (packed_rows and stack.packed is not None)):
-            return stack(x) if one_row else stack.batch(x)
-        return tuple(linear(x, weight) for weight in weights)
-
     def _rotated_stack(
-        self, x: torch.Tensor, hidden_shape: tuple, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        qkv: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        hidden_shape: tuple,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A lone row's rotated query and key and its value, through the stacked q, k, v: the query's
-        and key's heads rotated together, by ``apply_rotary_pos_emb``'s elementwise ops run once over
-        both (each element gets the same ops, so the same bits), which halves their calls."""
+        """A lone row's rotated query and key and its value, through the stacked q, k, v (``qkv``): the
+        query's and key's heads rotated together, by ``apply_rotary_pos_emb``'s elementwise ops run once
+        over both (each element gets the same ops, so the same bits), which halves their calls."""
         q_size, k_size, _ = self.qkv.sizes
-        out = self.qkv.whole(x)
+        out = qkv(x)
         both = out[..., : q_size + k_size].view(hidden_shape).transpose(1, 2)
         value = out[..., q_size + k_size :].view(hidden_shape).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
@@ -202,10 +203,13 @@ class LeanLlamaLayer:
             return packed_linear(x, packed)
         return few_rows_linear(x, weight) if x.shape[0] <= self.few_rows else F.linear(x, weight)
 
-    def _one_row_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _split_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A lone row's matmul split over threads, where its weight splits (float32)."""
         blocks = self.row_blocks.get(id(weight))
-        if blocks is not None:
-            return split_linear(x, blocks)
+        return F.linear(x, weight) if blocks is None else split_linear(x, blocks)
+
+    def _lone_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A lone row's matmul through its weight's packed copy, where that keeps its bits (16-bit)."""
         packed = self.lone_packed.get(id(weight))
         return F.linear(x, weight) if packed is None else packed_linear(x, packed)
 
@@ -240,6 +244,19 @@ class LeanLlamaLayer:
             query, key, value, attn_mask=mask, dropout_p=0.0, scale=self.scaling, is_causal=is_causal, **gqa
         )
         return out.reshape(out.shape[0], -1, q_len, value.shape[-1])
+
+
+def _stack_call(
+    stack: StackedLinear | None, lone: bool, split: bool, packed_rows: bool
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The one call that gives a stack's weights' outputs side by side for these rows, where the stack
+    takes them: a lone row's (``StackedLinear.lone_call``), or a decode batch's through its packed copy;
+    else None (each weight then takes its own call)."""
+    if stack is None:
+        return None
+    if lone:
+        return stack.lone_call(split)
+    return stack.batch if packed_rows and stack.packed is not None else None
 
 
 def _each_row(fn, x: torch.Tensor) -> torch.Tensor:

@@ -201,30 +201,38 @@ def own_copies(weights: Iterable[torch.Tensor]) -> None:
 
 
 class StackedLinear:
-    """Several weights' one-row ``F.linear`` (one input) as one call through their stack: as ``bmm``
-    over its row blocks (:func:`row_blocks`) where ``blocks``, through the stack's packed copy where
-    :meth:`pack_for_batches` made one that gives their bits, else one ``F.linear`` of the stack."""
+    """Several weights of one input stacked into one, for one call where each would take one. A lone
+    row goes through it (:meth:`lone_call`) as ``bmm`` over its row blocks (:func:`row_blocks`) where
+    its matmuls split, else through its packed copy where :meth:`pack_for_batches` made one that
+    keeps the weights' bits, else as one ``F.linear`` where that keeps them (``plain``). A decode
+    batch's rows go through the packed copy (:meth:`batch`)."""
 
-    __slots__ = ("weight", "blocks", "sizes", "threads", "packed", "lone_packed")
+    __slots__ = ("weight", "blocks", "plain", "sizes", "threads", "packed", "lone_packed")
 
-    def __init__(self, weight: torch.Tensor, blocks: torch.Tensor | None, sizes: list[int], threads: int):
-        self.weight, self.blocks, self.sizes, self.threads = weight, blocks, sizes, threads
+    def __init__(self, weight: torch.Tensor, blocks: torch.Tensor | None, plain: bool, sizes: list[int], threads: int):
+        self.weight, self.blocks, self.plain, self.sizes, self.threads = weight, blocks, plain, sizes, threads
         self.packed: torch.Tensor | None = None  # the stack packed for oneDNN (pack_for_batches)
         self.lone_packed = False  # whether a lone row goes through it
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each weight's ``F.linear(x, weight)`` for one row ``x``, bit for bit."""
-        return self.whole(x).split(self.sizes, dim=-1)
-
-    def whole(self, x: torch.Tensor) -> torch.Tensor:
-        """The weights' outputs side by side, as one tensor."""
+    def lone_call(self, split: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How a lone row goes through the stack (the weights' outputs side by side, each weight's
+        ``F.linear`` bit for bit), its matmul split over threads where ``split`` allows; None where no
+        way keeps the bits (then each weight takes its own call)."""
+        if split and self.blocks is not None:
+            return self._split
         if self.lone_packed:
-            return packed_linear(x, self.packed)
-        return F.linear(x, self.weight) if self.blocks is None else split_linear(x, self.blocks)
+            return self.batch
+        return self._plain if self.plain else None
 
-    def batch(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each weight's output for a decode batch's rows ``x``, through the packed stack (one call)."""
-        return packed_linear(x, self.packed).split(self.sizes, dim=-1)
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights' outputs for rows ``x`` side by side, through the packed stack."""
+        return packed_linear(x, self.packed)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return split_linear(x, self.blocks)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of the stack for decode batches (:func:`packed_weight`), which lone rows
@@ -234,7 +242,7 @@ class StackedLinear:
         if packed is None:
             return 0
         parts = self.weight.split(self.sizes)
-        self.lone_packed = self.blocks is None and packs_lone_rows(
+        self.lone_packed = packs_lone_rows(
             packed, lambda x: torch.cat([F.linear(x, part) for part in parts], dim=-1), self.weight, self.threads
         )
         return self.weight.nbytes
@@ -243,7 +251,8 @@ class StackedLinear:
 def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLinear | None:
     """``weights`` (parameters [out_i, in] of one input) stacked into one weight, where one call through
     the stack gives each weight's one-row ``F.linear`` bits: float32 ones split over ``threads`` as
-    :func:`row_blocks` splits one; 16-bit ones (whose ``bmm`` goes to oneDNN and spins, see
+    :func:`row_blocks` splits one (and on one thread, where they do not split, as one ``F.linear``
+    where that keeps the bits); 16-bit ones (whose ``bmm`` goes to oneDNN and spins, see
     :func:`row_blocks`), or any on one thread, as one ``F.linear``. Each parameter is then a view of
     its rows in the stack (no more memory than before). Else None, the weights untouched.
 
@@ -268,19 +277,17 @@ def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLi
     def reference(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.linear(x, w) for w in weights], dim=-1)
 
-    kind = f"F.linear of weights of {sizes} rows"
+    blocks = None
     if first.dtype == torch.float32 and threads > 1:
-        blocks = row_blocks(stacked, threads, reference=reference, kind=kind)
+        blocks = row_blocks(stacked, threads, reference=reference, kind=f"F.linear of weights of {sizes} rows")
         if blocks is None:
             return None  # (each weight may still split alone)
-        result = StackedLinear(stacked, blocks, sizes, threads)
-    elif same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads):
-        result = StackedLinear(stacked, None, sizes, threads)
-    else:
+    plain = same_bits(lambda x: F.linear(x, stacked), reference, first.shape[1], first.dtype, threads)
+    if blocks is None and not plain:
         return None
     for weight, rows in zip(weights, stacked.split(sizes), strict=True):
         weight.data = rows
-    return result
+    return StackedLinear(stacked, blocks, plain, sizes, threads)
 
 
 def same_bits(candidate: Callable, reference: Callable, in_features: int, dtype: torch.dtype, threads: int) -> bool:

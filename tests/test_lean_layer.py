@@ -17,7 +17,13 @@ from farmesh_core.config import NodeConfig
 from farmesh_core.lean_layer import LeanLlamaLayer, lean_llama_layer
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
-from farmesh_core.row_matmul import blocks_linear, few_rows_linear, row_blocks, stacked_linear
+from farmesh_core.row_matmul import (
+    blocks_linear,
+    few_rows_linear,
+    matmuls_on_one_thread,
+    row_blocks,
+    stacked_linear,
+)
 from farmesh_plugins.quantization import int8_quantization
 from tests.helpers import (
     HIDDEN_SIZE,
@@ -302,6 +308,31 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
             assert_equal(*outs)
             hidden = outs[0][:, -1:]
             assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_unsplit_one_token_steps_of_split_layers_still_go_through_the_stacks(spans, model_dir):
+    """A node that keeps a lone step's matmuls on its thread (``matmuls_on_one_thread``: after a long
+    idle stretch, or busy with several sessions) still multiplies q, k, v and gate, up as one
+    ``F.linear`` each where that keeps their bits (checked at load), bit-identical to the modules."""
+    split, modules = load_span(model_dir, one_row_threads=2), spans[1]
+    assert all(call.qkv.plain and call.gate_up.plain for call in split.step_calls.values())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        caches = [SessionCache(64), SessionCache(64)]
+        hidden = randn(1, 9, HIDDEN_SIZE, seed=7)
+        with matmuls_on_one_thread():
+            for position in [0, *range(9, 9 + STEPS)]:
+                outs = [
+                    span.forward(hidden, 0, NUM_LAYERS, cache, position)
+                    for span, cache in zip((split, modules), caches, strict=True)
+                ]
+                assert_equal(*outs)
+                hidden = outs[0][:, -1:]
+            ops = op_counts(lambda: split.forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS))
+        assert ops.get("aten::linear") == 4 * NUM_LAYERS and "aten::bmm" not in ops
     finally:
         torch.set_num_threads(threads)
 
