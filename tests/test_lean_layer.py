@@ -5,6 +5,8 @@ without cache; batched one-token rows round as a batched matmul does), for multi
 and equal transformers' own model. Layers that are not stock Llama layers (int8-quantized, LoRA,
 hooked, Mistral's sliding window) keep the module path and stay correct."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,21 @@ def load_span(
 def assert_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape
     assert torch.equal(actual, expected), f"max difference {(actual - expected).abs().max().item()}"
+
+
+def steps_on_one_thread(pair, seed: int, dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
+    """A 9-token prompt then STEPS one-token steps through both spans of ``pair`` on one torch thread (as
+    a node's event loop runs them), every output bit-identical between them; returns a call of one
+    more step through the first span (for ``op_counts``). The caller restores the thread count."""
+    torch.set_num_threads(1)
+    caches = [SessionCache(64), SessionCache(64)]
+    hidden = randn(1, 9, HIDDEN_SIZE, seed=seed).to(dtype)
+    for position in [0, *range(9, 9 + STEPS)]:
+        outs = [span.forward(hidden, 0, NUM_LAYERS, cache, position) for span, cache in zip(pair, caches, strict=True)]
+        assert_equal(*outs)
+        hidden = outs[0][:, -1:]
+        assert torch.get_num_threads() == 1
+    return lambda: pair[0].forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS)
 
 
 @torch.inference_mode()
@@ -296,18 +313,8 @@ def test_one_token_steps_split_over_threads(spans, model_dir):
             identical = torch.equal(blocks_linear(x, blocks), F.linear(x, weight))
             assert (id(weight) in call.row_blocks) == identical
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        caches = [SessionCache(64), SessionCache(64)]
-        hidden = randn(1, 9, HIDDEN_SIZE, seed=5)
-        for position in [0, *range(9, 9 + STEPS)]:
-            outs = [
-                span.forward(hidden, 0, NUM_LAYERS, cache, position)
-                for span, cache in zip((split, modules), caches, strict=True)
-            ]
-            assert_equal(*outs)
-            hidden = outs[0][:, -1:]
-            assert torch.get_num_threads() == 1
+        steps_on_one_thread((split, modules), seed=5)
     finally:
         torch.set_num_threads(threads)
 
@@ -319,19 +326,9 @@ def test_unsplit_one_token_steps_of_split_layers_still_go_through_the_stacks(spa
     split, modules = load_span(model_dir, one_row_threads=2), spans[1]
     assert all(call.qkv.plain and call.gate_up.plain for call in split.step_calls.values())
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        caches = [SessionCache(64), SessionCache(64)]
-        hidden = randn(1, 9, HIDDEN_SIZE, seed=7)
         with matmuls_on_one_thread():
-            for position in [0, *range(9, 9 + STEPS)]:
-                outs = [
-                    span.forward(hidden, 0, NUM_LAYERS, cache, position)
-                    for span, cache in zip((split, modules), caches, strict=True)
-                ]
-                assert_equal(*outs)
-                hidden = outs[0][:, -1:]
-            ops = op_counts(lambda: split.forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS))
+            ops = op_counts(steps_on_one_thread((split, modules), seed=7))
         assert ops.get("aten::linear") == 4 * NUM_LAYERS and "aten::bmm" not in ops
     finally:
         torch.set_num_threads(threads)
@@ -414,17 +411,8 @@ def test_one_token_steps_through_one_stacked_call_on_one_thread(model_dir, dtype
     for call in spans[0].step_calls.values():
         assert call.qkv is not None and call.qkv.blocks is None and call.gate_up is not None
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        caches = [SessionCache(64), SessionCache(64)]
-        hidden = randn(1, 9, HIDDEN_SIZE, seed=6).to(dtype)
-        for position in [0, *range(9, 9 + STEPS)]:
-            outs = [
-                span.forward(hidden, 0, NUM_LAYERS, cache, position) for span, cache in zip(spans, caches, strict=True)
-            ]
-            assert_equal(*outs)
-            hidden = outs[0][:, -1:]
-        ops = op_counts(lambda: spans[0].forward(hidden, 0, NUM_LAYERS, caches[0], 9 + STEPS))
+        ops = op_counts(steps_on_one_thread(spans, seed=6, dtype=dtype))
         assert ops.get("mkldnn::_linear_pointwise", 0) == (4 * NUM_LAYERS if through_packed else 0)
         assert ops.get("aten::linear", 0) == (0 if through_packed else 4 * NUM_LAYERS)
     finally:
