@@ -90,7 +90,7 @@ class HeadBatcher:
         alone = functools.partial(_on_one_thread, self.linear)
         self._lone_on_one_thread = (
             self.linear is not split and threads > 1
-            and same_bits(alone, self.linear, weight.shape[1], weight.dtype, threads)
+            and same_bits(alone, self.linear, weight.shape[1], weight.dtype, threads, one_thread=False)
         )  # fmt: skip
         quick = split is not None and weight.dtype == torch.float32 and weight.nbytes <= FAST_MAX_BYTES
         self._split = split

@@ -290,12 +290,19 @@ def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLi
     return StackedLinear(stacked, blocks, plain, sizes, threads)
 
 
-def same_bits(candidate: Callable, reference: Callable, in_features: int, dtype: torch.dtype, threads: int) -> bool:
+def same_bits(
+    candidate: Callable,
+    reference: Callable,
+    in_features: int,
+    dtype: torch.dtype,
+    threads: int,
+    one_thread: bool = True,
+) -> bool:
     """Whether ``candidate(x)`` equals ``reference(x)`` bit for bit on a few one-row inputs (two
-    magnitudes), on one torch thread and on ``threads``."""
+    magnitudes), on ``threads`` torch threads and (``one_thread``) on one."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for count in sorted({1, threads}):
+        for count in sorted({1, threads} if one_thread else {threads}):
             with torch_threads(count):
                 for scale in (1.0, 100.0):
                     x = (torch.randn(1, 1, in_features, generator=generator) * scale).to(dtype)
