@@ -119,8 +119,7 @@ class LeanLlamaLayer:
                 continue
             self.packed[id(weight)] = packed
             total += weight.nbytes
-            lone = id(weight) not in self.row_blocks
-            if lone and packs_lone_rows(packed, lambda x, weight=weight: F.linear(x, weight), weight, self.threads):
+            if packs_lone_rows(packed, lambda x, weight=weight: F.linear(x, weight), weight, self.threads):
                 self.lone_packed[id(weight)] = packed
         return total
 

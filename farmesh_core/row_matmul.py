@@ -236,8 +236,8 @@ class StackedLinear:
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of the stack for decode batches (:func:`packed_weight`), which lone rows
-        use too where it keeps each weight's ``F.linear`` bits (:func:`packs_lone_rows`) and they do not
-        split. Returns the copy's bytes."""
+        use too where it keeps each weight's ``F.linear`` bits (:func:`packs_lone_rows`: 16-bit weights,
+        which never split). Returns the copy's bytes."""
         self.packed = packed = packed_weight(self.weight)
         if packed is None:
             return 0
@@ -425,9 +425,7 @@ class StepLinear(nn.Linear):
         if packed is None:
             return 0
         weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
-        self.lone_packed = self.blocks is None and packs_lone_rows(
-            packed, lambda x: self.replaced.forward(self, x), weight, self.threads, bias
-        )
+        self.lone_packed = packs_lone_rows(packed, lambda x: self.replaced.forward(self, x), weight, self.threads, bias)
         return self.weight.nbytes
 
 
