@@ -36,6 +36,18 @@ def op_counts(fn) -> dict[str, int]:
     return {event.key: event.count for event in profile.key_averages()}
 
 
+@cache
+def cpu_has_bf16_dot_products() -> bool:
+    """Whether this CPU has AVX-512 BF16 or AMX-BF16 (Linux), where oneDNN's GEMV on a packed bfloat16
+    weight gave ``F.linear``'s bits. Elsewhere the code checks that at load and may keep ``F.linear``:
+    tests then assert that whichever path a weight took kept the bits."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 # ---- plain transformers, the definition of correct -----------------------------------------------
 @cache
 def hf_model(model_dir: str):

@@ -12,7 +12,7 @@ from farmesh_core import split_head
 from farmesh_core.architecture import ClientHead
 from farmesh_core.head_batch import HeadBatcher
 from farmesh_core.split_head import SplitHead
-from tests.helpers import op_counts
+from tests.helpers import cpu_has_bf16_dot_products, op_counts
 
 HIDDEN, VOCAB = 64, 3000
 
@@ -127,8 +127,9 @@ def test_a_bfloat16_head_multiplies_through_packed_copies_with_f_linears_bits(we
         for x in xs:
             assert torch.equal(batcher(x), F.linear(x, weight))
         # (the profiler sees the calling thread: the whole head, or the split head's first half)
-        assert op_counts(lambda: batcher(xs[0])).get("mkldnn::_linear_pointwise") == 1
-        assert "aten::linear" not in op_counts(lambda: batcher(xs[0]))
+        packed = op_counts(lambda: batcher(xs[0])).get("mkldnn::_linear_pointwise", 0) == 1
+        assert packed != ("aten::linear" in op_counts(lambda: batcher(xs[0])))
+        assert packed or not cpu_has_bf16_dot_products()
         together = call_while_busy(batcher, xs)
     for logits, x in zip(together, xs, strict=True):
         torch.testing.assert_close(logits, F.linear(x, weight))
