@@ -487,6 +487,31 @@ def test_hooked_or_training_layers_are_not_eligible(tiny_llama):
     layer.eval()
 
 
+def test_a_global_hook_registered_after_load_sees_every_layers_call(tiny_llama):
+    """Lean layers check hooks at load; hooks for every module registered later (by any code, at any
+    time) still see each layer's call, of a lone step and of a decode batch, until they are removed."""
+    span = load_span(tiny_llama)
+    assert span.lean_count == NUM_LAYERS
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(module) if module in span.layers.values() else None
+    )
+    try:
+        caches = [SessionCache(8) for _ in range(2)]
+        for cache in caches:
+            span.forward(randn(1, 1, HIDDEN_SIZE, seed=7), 0, NUM_LAYERS, cache, 0)
+        assert seen == 2 * list(span.layers.values())
+        seen.clear()
+        steps = [randn(1, 1, HIDDEN_SIZE, seed=8 + i) for i in range(2)]
+        assert span.forward_decode_batch(steps, 0, NUM_LAYERS, caches, [1, 1]) is not None
+        assert seen == list(span.layers.values())
+    finally:
+        handle.remove()
+    seen.clear()
+    span.forward(randn(1, 1, HIDDEN_SIZE, seed=9), 0, NUM_LAYERS, SessionCache(8), 0)
+    assert seen == []
+
+
 def test_lora_layers_keep_the_module_path(tiny_llama, tmp_path):
     """Layers with LoRA adapters (farmesh-lora) switch adapters per request: they run as modules; with
     no adapter active they give what the lean base layers give."""

@@ -85,3 +85,19 @@ def test_the_embedding_pushed_is_the_one_the_client_sends(tiny_llama):
     assert head._rows is not None  # read as the embedding weight's row
     for token in (0, 17, 1023):
         assert torch.equal(deserialize_tensor(head.embedding(token)), head.head.embed(torch.tensor([[token]])))
+
+
+def test_a_global_hook_registered_later_sees_the_embedding(tiny_llama):
+    """The embedding's row is read directly; a hook for every module registered after the head loaded
+    still sees the embedding module's call."""
+    head = node_head(tiny_llama)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(module) if module is head.head.embeddings else None
+    )
+    try:
+        embedding = deserialize_tensor(head.embedding(17))
+    finally:
+        handle.remove()
+    assert seen == [head.head.embeddings]
+    assert torch.equal(embedding, deserialize_tensor(head.embedding(17)))

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from farmesh_core.architecture import ArchitectureAdapter, LayerCall
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.lean_layer import LeanLlamaLayer
+from farmesh_core.module_hooks import has_global_forward_hooks
 from farmesh_core.node.kv_cache import BatchedDecodeCache, SessionCache
 from farmesh_core.openmp import torch_threads
 from farmesh_core.row_matmul import StepLinear, decode_batch_rows, last_level_cache_bytes, step_linears
@@ -82,11 +83,12 @@ class LayerSpan:
         # the layer as prepared (not quantized, no LoRA: see ArchitectureAdapter.lean_layer), else run_layer,
         # with StepLinears in place of its plain linears (see row_matmul) unless lean_layers is off.
         self.step_calls: dict[int, LayerCall] = {}
+        self.module_calls = {index: partial(adapter.run_layer, layer) for index, layer in self.layers.items()}
         self.lean_count = self.step_linear_count = 0
         for index, layer in self.layers.items():
             quick = lean_layers and layer not in self.switchable
             lean = adapter.lean_layer(layer, one_row_threads) if quick else None
-            self.step_calls[index] = partial(adapter.run_layer, layer) if lean is None else lean
+            self.step_calls[index] = self.module_calls[index] if lean is None else lean
             self.lean_count += lean is not None
             if quick and lean is None:
                 self.step_linear_count += step_linears(layer, one_row_threads, adapter.linear_classes)
@@ -160,6 +162,11 @@ class LayerSpan:
                 self._active_adapter = adapter_name
             yield
 
+    def _calls(self) -> dict[int, LayerCall]:
+        """How this step calls each layer: ``step_calls``, or the modules where forward hooks were
+        registered for every module (after the lean layers checked for hooks at load)."""
+        return self.module_calls if has_global_forward_hooks() else self.step_calls
+
     def kv_bytes_per_token(self, start: int, end: int) -> int:
         return (end - start) * self.adapter.kv_bytes_per_token(self.config, self.dtype)
 
@@ -188,9 +195,10 @@ class LayerSpan:
         rows = (
             decode_batch_rows() if cache is not None and hidden.shape[0] > 1 and hidden.shape[1] == 1 else nullcontext()
         )
+        calls = self._calls()
         with self._using(adapter_name), rows:
             for index in range(start, end):
-                hidden = self.step_calls[index](hidden, cache, kwargs)
+                hidden = calls[index](hidden, cache, kwargs)
         if cache is not None:
             cache.end_step(hidden.shape[1])
         return hidden
@@ -208,12 +216,12 @@ class LayerSpan:
             outputs = self.forward_decode_batch(steps, start, end, rows, [position] * len(steps), adapter_name)
             if outputs is not None:
                 return torch.cat(outputs)
-        outputs = []
+        outputs, calls = [], self._calls()
         with self._using(adapter_name):
             for row, row_cache in zip(hidden.split(1), rows, strict=True):
                 kwargs = self.adapter.prepare(self.context, row, position)
                 for layer in range(start, end):
-                    row = self.step_calls[layer](row, row_cache, kwargs)
+                    row = calls[layer](row, row_cache, kwargs)
                 outputs.append(row)
         return torch.cat(outputs)
 
@@ -229,7 +237,8 @@ class LayerSpan:
     ) -> list[torch.Tensor] | None:
         """One-token steps [1, 1, hidden] of several sessions (all with adapter ``adapter_name``) as one
         batch; None if the family can't."""
-        if self._padding_outweighs_batching(len(hiddens), max(positions) + 1, start, end):
+        calls = self._calls()
+        if self._padding_outweighs_batching(len(hiddens), max(positions) + 1, start, end, calls):
             return None
         hidden = torch.cat(hiddens).to(self.device, self.dtype)
         kwargs = self.adapter.prepare_decode_batch(self.context, hidden, positions)
@@ -238,18 +247,20 @@ class LayerSpan:
         cache = BatchedDecodeCache(caches, positions)
         with self._using(adapter_name), decode_batch_rows():
             for index in range(start, end):
-                hidden = self.step_calls[index](hidden, cache, kwargs)
+                hidden = calls[index](hidden, cache, kwargs)
         cache.end_step()
         return list(hidden.split(1))
 
-    def _padding_outweighs_batching(self, rows: int, length: int, start: int, end: int) -> bool:
+    def _padding_outweighs_batching(
+        self, rows: int, length: int, start: int, end: int, calls: dict[int, LayerCall]
+    ) -> bool:
         """Whether a decode batch would copy more bytes of keys and values than the layers' weights.
 
         Layers that run as modules (all but lean ones) take the batch's keys and values padded into one
         tensor, a copy of every row's cache per layer (``BatchedDecodeCache``); batching saves reading
         the weights once per row. Past that point, with long sessions, the rows step alone.
         """
-        modules = [i for i in range(start, end) if not isinstance(self.step_calls[i], LeanLlamaLayer)]
+        modules = [i for i in range(start, end) if not isinstance(calls[i], LeanLlamaLayer)]
         padded = rows * length * self.adapter.kv_bytes_per_token(self.config, self.dtype) * len(modules)
         return padded > sum(self._weight_bytes[i] for i in modules)
 

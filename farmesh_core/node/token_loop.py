@@ -19,7 +19,7 @@ from torch import nn
 
 from farmesh_core.architecture import ClientHead
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
-from farmesh_core.module_hooks import has_forward_hooks
+from farmesh_core.module_hooks import has_forward_hooks, has_global_forward_hooks
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
 
@@ -57,7 +57,7 @@ class NodeHead:
     @torch.inference_mode()
     def embedding(self, token: int) -> WireTensor:
         """The first layer's input for ``token``, as the client sends it."""
-        if self._rows is None:
+        if self._rows is None or has_global_forward_hooks():
             return wire_tensor(self.head.embed(torch.tensor([[token]])))
         return wire_tensor(self.head.normalised(self._rows[token].view(1, 1, -1)))
 
