@@ -228,6 +228,7 @@ def bench_mesh(model: BenchModel, input_ids: torch.Tensor, spans: list[str], run
             concurrency["concurrency_transformers_generate"]["shared_sessions"] = {
                 "sessions": causal_lm.batcher.batches, "rows": causal_lm.batcher.batched_rows,
             }  # fmt: skip
+            concurrency["concurrency_processes"] = bench_processes(mesh, model, CONCURRENT_SESSIONS, runs, one_by_one)
             concurrency["load_curve"] = bench_load_curve(generate_ids, model, runs)
     out = _collect(results[1:], forward[1:])
     out["hops"] = hops
@@ -324,6 +325,69 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
     }
 
 
+def _client_process(model_dir: str, addrs: list[str], seed: int, rounds: int, barrier, results) -> None:
+    """One of :func:`bench_processes`' clients: its own model, one generation a round at the start line."""
+    torch.set_num_threads(1)  # as Petals' benchmark gives each of its client processes
+    from farmesh_core.client.causal_lm import DistributedModelForCausalLM
+
+    prompt = BenchModel(model_dir).random_prompt(seed)
+    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=addrs) as model:
+        petals_style_generation(model, prompt)  # warm-up
+        barrier.wait()
+        for _ in range(rounds):
+            barrier.wait()
+            ids = petals_style_generation(model, prompt)[0]
+            results.put((seed, ids, time.perf_counter()))
+            barrier.wait()
+
+
+def bench_processes(mesh: Mesh, model: BenchModel, sessions: int, rounds: int, one_by_one) -> dict:
+    """``sessions`` client processes, each with its own model (so its own sessions: nothing is shared
+    but the nodes), generating at once, against the same generations one after another through
+    ``one_by_one`` in this process, alternating for ``rounds`` rounds: the "procs" variant of Petals'
+    concurrency benchmark. Here only the nodes' continuous batching can make the chain serve more."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(sessions + 1), context.Queue()
+    processes = [
+        context.Process(target=_client_process, args=(model.dir, mesh.addrs, seed, rounds, barrier, results))
+        for seed in range(sessions)
+    ]
+    prompts = [model.random_prompt(seed) for seed in range(sessions)]
+    alone = [one_by_one(prompt) for prompt in prompts]
+    for process in processes:
+        process.start()
+    sequential_tok_s, concurrent_tok_s, outputs_equal = [], [], True
+    try:
+        barrier.wait(timeout=600)  # every process has its model
+        tokens = sessions * NEW_TOKENS
+        for _ in range(rounds):
+            began = time.perf_counter()
+            outputs_equal = outputs_equal and [one_by_one(prompt) for prompt in prompts] == alone
+            sequential_tok_s.append(tokens / (time.perf_counter() - began))
+            began = time.perf_counter()
+            barrier.wait(timeout=600)
+            got = [results.get(timeout=600) for _ in range(sessions)]
+            concurrent_tok_s.append(tokens / (max(at for _, _, at in got) - began))
+            outputs_equal = outputs_equal and all(ids == alone[seed] for seed, ids, _ in got)
+            barrier.wait(timeout=600)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return {
+        "sessions": sessions,
+        "rounds": rounds,
+        "sequential_tok_s": statistics.median(sequential_tok_s),
+        "concurrent_tok_s": statistics.median(concurrent_tok_s),
+        "ratio": statistics.median(concurrent_tok_s) / statistics.median(sequential_tok_s),
+        "ratio_per_round": [c / s for s, c in zip(sequential_tok_s, concurrent_tok_s, strict=True)],
+        "outputs_equal": outputs_equal,
+    }
+
+
 def bench_load_curve(run: Callable[[torch.Tensor], list[int]], model: BenchModel, rounds: int) -> dict:
     """Total tokens/s with 1, 2, 4, 8 and 16 sessions generating at once (one thread each), the levels
     taking turns for ``rounds`` rounds: continuous batching should make a busy chain's throughput grow
@@ -401,11 +465,13 @@ def plot(result: dict, path: str) -> None:
     }
     concurrency = {}
     if "concurrency" in two:
-        concurrency["FarMesh\n2 nodes"] = two["concurrency"]["ratio"]  # (shared sessions: see bench_mesh)
+        concurrency["FarMesh,\ngenerate_ids"] = two["concurrency"]["ratio"]  # (shared sessions: see bench_mesh)
     if "concurrency_own_sessions" in two:
         concurrency["FarMesh,\nown\nsessions"] = two["concurrency_own_sessions"]["ratio"]
     if "concurrency_transformers_generate" in two:
-        concurrency["FarMesh,\ntransformers'\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
+        concurrency["FarMesh,\ntransformers\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
+    if "concurrency_processes" in two:
+        concurrency["FarMesh,\nprocesses"] = two["concurrency_processes"]["ratio"]
     if "1server" in petals:
         decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
     if "2servers" in petals:
@@ -414,8 +480,12 @@ def plot(result: dict, path: str) -> None:
         forward["Petals\n2 servers"] = petals["2servers"]["forward_4x128_tok_s"]
     variants = petals.get("concurrency_2servers", {}).get("variants", {})
     if "threads" in variants and "seq" in variants:
-        concurrency["Petals\n2 servers"] = (
+        concurrency["Petals,\nthreads"] = (
             variants["threads"]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
+        )
+    if "procs" in variants and "seq" in variants:
+        concurrency["Petals,\nprocesses"] = (
+            variants["procs"]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
         )
     panels = [
         ("steady decode, tokens/s", decode, "{:.0f}"),
@@ -429,6 +499,7 @@ def plot(result: dict, path: str) -> None:
     for ax, (title, data, label) in zip(axes, panels, strict=False):
         colors = ["#888" if "local" in k else "#c44" if "Petals" in k else "#36c" for k in data]
         ax.bar(list(data), list(data.values()), color=colors)
+        ax.tick_params(axis="x", labelsize=10 if len(data) <= 5 else 8)
         ax.set_title(title)
         ax.set_ylim(top=1.15 * max(data.values()))
         for i, v in enumerate(data.values()):
