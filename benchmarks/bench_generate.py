@@ -313,15 +313,22 @@ def bench_concurrency(run: Callable[[torch.Tensor], list[int]], mesh: Mesh, mode
             busy.append((sum(after.values()) - sum(before.values())) / (elapsed * os.cpu_count()))
             outputs_equal = outputs_equal and concurrent == one_by_one
     return {
+        **concurrency_summary(sessions, sequential_tok_s, concurrent_tok_s, outputs_equal),
+        "concurrent_cpu_ms_per_token": {name: statistics.median(values) for name, values in cpu_ms.items()},
+        "concurrent_cores_busy": statistics.median(busy),
+    }
+
+
+def concurrency_summary(sessions: int, sequential_tok_s: list[float], concurrent_tok_s: list[float], equal: bool):
+    """Rounds of ``sessions`` generations one after another and at once: the ratio is that of the medians."""
+    return {
         "sessions": sessions,
-        "rounds": rounds,
+        "rounds": len(sequential_tok_s),
         "sequential_tok_s": statistics.median(sequential_tok_s),
         "concurrent_tok_s": statistics.median(concurrent_tok_s),
         "ratio": statistics.median(concurrent_tok_s) / statistics.median(sequential_tok_s),
         "ratio_per_round": [c / s for s, c in zip(sequential_tok_s, concurrent_tok_s, strict=True)],
-        "concurrent_cpu_ms_per_token": {name: statistics.median(values) for name, values in cpu_ms.items()},
-        "concurrent_cores_busy": statistics.median(busy),
-        "outputs_equal": outputs_equal,
+        "outputs_equal": equal,
     }
 
 
@@ -377,15 +384,7 @@ def bench_processes(mesh: Mesh, model: BenchModel, sessions: int, rounds: int, o
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    return {
-        "sessions": sessions,
-        "rounds": rounds,
-        "sequential_tok_s": statistics.median(sequential_tok_s),
-        "concurrent_tok_s": statistics.median(concurrent_tok_s),
-        "ratio": statistics.median(concurrent_tok_s) / statistics.median(sequential_tok_s),
-        "ratio_per_round": [c / s for s, c in zip(sequential_tok_s, concurrent_tok_s, strict=True)],
-        "outputs_equal": outputs_equal,
-    }
+    return concurrency_summary(sessions, sequential_tok_s, concurrent_tok_s, outputs_equal)
 
 
 def bench_load_curve(run: Callable[[torch.Tensor], list[int]], model: BenchModel, rounds: int) -> dict:
