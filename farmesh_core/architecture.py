@@ -23,6 +23,7 @@ from farmesh_core.errors import UnsupportedArchitectureError
 from farmesh_core.fused_norm import FusedNorm
 from farmesh_core.head_batch import ApproximateLogits, HeadBatcher
 from farmesh_core.lean_layer import lean_llama_layer
+from farmesh_core.module_hooks import has_forward_hooks
 from farmesh_core.rotary import RotaryRows
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,11 @@ class ClientHead(nn.Module):
 
     def _batcher(self) -> HeadBatcher | None:
         """The one-token rows' path through a plain linear LM head (``farmesh_core.head_batch``);
-        made again when the head's weight is replaced (another dtype, new weights)."""
+        made again when the head's weight is replaced (another dtype, new weights). None while the head
+        has forward hooks (its own or global ones): the batcher multiplies its weight directly."""
         head = self.lm_head
+        if has_forward_hooks(head):
+            return None
         weight = getattr(head, "weight", None)
         key = None if weight is None else (id(weight), weight.data_ptr(), weight.dtype, weight.shape)
         if key != self._batcher_for:

@@ -1,8 +1,9 @@
 """Whether a module has forward hooks: the quicker paths that call a module's computation directly
-(lean layers, ``StepLinear``, the fused RMSNorm, a token loop's embedding rows) skip its
-``__call__``, so they are only for modules without hooks, their own or global ones. Lean layers and
-embedding rows check a module's own hooks when they are made (so a ``farmesh_prepare_layer`` hook's
-are seen); global ones are checked on every call too, since any code may register them at any time."""
+(lean layers, ``StepLinear``, the fused RMSNorm, the LM head's batcher, a token loop's embedding
+rows) skip its ``__call__``, so they are only for modules without hooks, their own or global ones.
+Lean layers and embedding rows check a module's own hooks when they are made (so a
+``farmesh_prepare_layer`` hook's are seen); global ones are checked on every call too, since any
+code may register them at any time."""
 
 from torch import nn
 from torch.nn.modules import module as torch_module

@@ -190,6 +190,37 @@ def test_client_head_batches_one_row_steps_only_without_autograd(weight, monkeyp
     assert biased._head_batcher is None
 
 
+@pytest.mark.parametrize("global_hook", [False, True])
+def test_a_hooked_head_is_called_as_its_module(weight, global_hook):
+    """The batcher multiplies the head's weight directly: while the head has forward hooks (its own
+    or ones for every module, registered at any time), its logits come from the module's call."""
+    lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
+    lm_head.weight.data.copy_(weight)
+    head = ClientHead(nn.Embedding(10, HIDDEN), nn.LayerNorm(HIDDEN), lm_head)
+    x = torch.randn(1, HIDDEN)
+    with torch.inference_mode():
+        head.logits(x)
+    assert head._head_batcher.rows == 1
+    seen = []
+
+    def hook(module, args, out):
+        if module is lm_head:
+            seen.append(out)
+        return None
+
+    register = torch.nn.modules.module.register_module_forward_hook if global_hook else lm_head.register_forward_hook
+    handle = register(hook)
+    try:
+        with torch.inference_mode():
+            logits = head.logits(x)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], logits) and head._head_batcher.rows == 1
+    with torch.inference_mode():
+        head.logits(x)
+    assert head._head_batcher.rows == 2 and len(seen) == 1
+
+
 def test_an_idle_head_waits_briefly_for_the_rows_of_other_active_callers(weight, monkeypatch):
     from farmesh_core import head_batch
 
