@@ -1,6 +1,8 @@
 """A token loop's turn on the node with the LM head: its choice is the client's, and the next turn's
 step numbers and token count follow (``farmesh_core.node.token_loop``)."""
 
+import asyncio
+
 import pytest
 import torch
 
@@ -8,7 +10,10 @@ from farmesh_core.architecture import ClientHead, adapter_for, checkpoint_dtype
 from farmesh_core.checkpoint import Checkpoint
 from farmesh_core.checkpoint_maker import make_checkpoint
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
-from farmesh_core.node.token_loop import NodeHead, next_turn
+from farmesh_core.node.batching import DecodeBatcher
+from farmesh_core.node.kv_cache import SessionCache
+from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.token_loop import NodeHead, TurnAsk, next_turn
 from farmesh_core.wire import PushTarget, TokenLoop, deserialize_tensor
 from tests.helpers import randn
 
@@ -57,6 +62,30 @@ def test_a_large_head_chooses_from_its_quick_logits_and_still_the_exact_best(lar
     assert len(quick) == 16 and all(q is not None for q in quick)
 
 
+def test_several_turns_take_one_pass_through_a_large_heads_quick_logits(large_vocab_llama, tiny_llama):
+    """A decode batch's turns: one quick pass for all rows, each token the one ``choose`` gives alone
+    (a masked loop's too); one turn alone, or a head without quick logits, leave the choice to it."""
+    head = node_head(large_vocab_llama)
+    hiddens = [randn(1, 1, 256, seed=40 + i) for i in range(4)]
+    hiddens[2] = hiddens[1]  # the same output, before and at the minimum length
+    lone = TokenLoop(ring=RING, tokens=4)
+    best = head.choose(hiddens[1], 10, lone)
+    masked = TokenLoop(ring=RING, tokens=4, eos_token_ids=[best], masked_ids=[best], masked_until=12)
+    asks = [TurnAsk(10, lone), TurnAsk(10, masked), TurnAsk(12, masked), TurnAsk(20, lone)]
+    quick = head.head._batcher().quick
+    passes = head.head._batcher().passes
+    head.choose_rows(hiddens, asks)
+    assert quick is not None and head.head._batcher().passes == passes + 1
+    assert [ask.token for ask in asks] == [head.choose(h, a.length, a.loop) for h, a in zip(hiddens, asks, strict=True)]
+    assert asks[1].token != best and asks[2].token == best
+    alone = [TurnAsk(10, lone)]
+    head.choose_rows(hiddens[:1], alone)
+    assert alone[0].token is None
+    small, asks = node_head(tiny_llama), [TurnAsk(10, lone), TurnAsk(10, lone)]
+    small.choose_rows(hiddens[:2], asks)
+    assert [ask.token for ask in asks] == [None, None]
+
+
 def test_masked_ids_are_not_chosen_before_the_minimum_length(tiny_llama):
     head = node_head(tiny_llama)
     hidden = randn(1, 1, 256, seed=3)
@@ -101,3 +130,32 @@ def test_a_global_hook_registered_later_sees_the_embedding(tiny_llama):
         handle.remove()
     assert seen == [head.head.embeddings]
     assert torch.equal(embedding, deserialize_tensor(head.embedding(17)))
+
+
+def test_a_decode_batch_chooses_its_turns_together_before_its_steps_are_done(large_vocab_llama):
+    """The batcher hands a batch's turns to ``turns`` (``NodeHead.choose_rows``) with their outputs;
+    where that fails, the steps still get their outputs and the turns are left to be chosen alone."""
+    checkpoint = Checkpoint(large_vocab_llama)
+    span = LayerSpan(checkpoint, adapter_for(checkpoint.config), 0, 8, torch.float32, "cpu")
+    head = node_head(large_vocab_llama)
+    loop = TokenLoop(ring=RING, tokens=4)
+
+    def failing(outputs, asks):
+        raise RuntimeError("a head that fails")
+
+    async def batch(turns) -> tuple[list[torch.Tensor], list[TurnAsk]]:
+        batcher = DecodeBatcher(span, sessions=lambda: 3, turns=turns)
+        caches, asks = [SessionCache(8) for _ in range(3)], [TurnAsk(1, loop) for _ in range(3)]
+        steps = [
+            batcher.submit(randn(1, 1, 256, seed=50 + i), 0, 8, cache, 0, turn=ask)
+            for i, (cache, ask) in enumerate(zip(caches, asks, strict=True))
+        ]
+        outputs = await asyncio.gather(*steps)
+        assert (batcher.batches, batcher.steps) == (1, 3)
+        return outputs, asks
+
+    outputs, asks = asyncio.run(batch(head.choose_rows))
+    assert [ask.token for ask in asks] == [head.choose(output, 1, loop) for output in outputs]
+    again, asks = asyncio.run(batch(failing))
+    assert all(torch.equal(a, b) for a, b in zip(again, outputs, strict=True))
+    assert [ask.token for ask in asks] == [None] * 3

@@ -30,6 +30,7 @@ import torch
 from farmesh_core import metrics
 from farmesh_core.node.kv_cache import SessionCache
 from farmesh_core.node.layer_span import LayerSpan
+from farmesh_core.node.token_loop import TurnAsk
 from farmesh_core.openmp import spread_team
 from farmesh_core.row_matmul import last_level_cache_bytes, matmuls_on_one_thread
 
@@ -45,6 +46,7 @@ class _DecodeStep:
     position: int
     future: asyncio.Future
     adapter_name: str | None = None
+    turn: TurnAsk | None = None
 
 
 JOIN_TURNS = 4  # turns of the event loop a run waits for other open sessions' steps
@@ -122,7 +124,8 @@ class DecodeBatcher:
 
     ``sessions()`` says how many sessions are open on the node: with one, a step runs at once. A run
     whose layers' weights take more than ``hold_above_bytes`` (by default the CPU's last-level cache)
-    may wait for more sessions' steps.
+    may wait for more sessions' steps. ``turns(outputs, asks)`` may choose the tokens of a batch's
+    token-loop turns together (``NodeHead.choose_rows``), before their steps' futures are done.
     """
 
     def __init__(
@@ -131,8 +134,9 @@ class DecodeBatcher:
         max_batch: int = 32,
         sessions: Callable[[], int] = lambda: 1,
         hold_above_bytes: int | None = None,
+        turns: Callable[[list[torch.Tensor], list[TurnAsk]], None] | None = None,
     ):
-        self.span, self.max_batch, self.sessions = span, max_batch, sessions
+        self.span, self.max_batch, self.sessions, self.turns = span, max_batch, sessions, turns
         self.hold_above_bytes = last_level_cache_bytes() if hold_above_bytes is None else hold_above_bytes
         self._queue: list[_DecodeStep] = []
         self._scheduled = False
@@ -154,9 +158,10 @@ class DecodeBatcher:
         cache: SessionCache,
         position: int,
         adapter_name: str | None = None,
+        turn: TurnAsk | None = None,
     ) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future(), adapter_name)
+        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future(), adapter_name, turn)
         self._queue.append(step)
         self._stepped[id(cache)] = time.perf_counter()
         if not self._scheduled:
@@ -235,6 +240,20 @@ class DecodeBatcher:
         self.batches += 1
         self.steps += len(steps)
         metrics.node_decode_batch(len(steps))
+        self._choose_turns(steps, outputs)
         for step, output in zip(steps, outputs, strict=True):
             if not step.future.done():
                 step.future.set_result(output)
+
+    def _choose_turns(self, steps: list[_DecodeStep], outputs: list[torch.Tensor]) -> None:
+        """The tokens of the steps' token-loop turns, together where ``turns`` takes them; a turn it
+        leaves (or fails on) is chosen by its session's handler, alone."""
+        asked = [(output, step.turn) for step, output in zip(steps, outputs, strict=True) if step.turn is not None]
+        if len(asked) < 2 or self.turns is None:
+            return
+        try:
+            self.turns([output for output, _ in asked], [turn for _, turn in asked])
+        except Exception:
+            logger.exception("Choosing %d turns' tokens together failed; each is chosen alone", len(asked))
+            for _, turn in asked:
+                turn.token = None

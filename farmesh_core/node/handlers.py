@@ -33,7 +33,7 @@ from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.push import PushInboxes, PushLinks, push_server
 from farmesh_core.node.row_groups import RowGroups
 from farmesh_core.node.streams import add_limited_stream_handler
-from farmesh_core.node.token_loop import NodeHead, next_turn
+from farmesh_core.node.token_loop import NodeHead, TurnAsk, next_turn
 from farmesh_core.openmp import on_spread_team, release_worker_threads, set_thread_count, spreads, torch_threads
 from farmesh_core.wire import (
     ErrorReply,
@@ -42,7 +42,6 @@ from farmesh_core.wire import (
     OpenSession,
     SpanCall,
     StepReply,
-    TokenLoop,
     WireTensor,
     all_finite,
     chunked_messages,
@@ -101,7 +100,7 @@ class NodeHandlers:
             max_workers=1, thread_name_prefix="farmesh-compute", initializer=set_thread_count, initargs=(threads,)
         )
         self.row_groups = RowGroups(threads)
-        self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions)
+        self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions, turns=self._choose_turns)
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
         self.push_inboxes = PushInboxes()
@@ -351,16 +350,19 @@ class NodeHandlers:
             raise RequestError(f"position {step.position}+{q_len} exceeds max_length {opened.max_length}")
         began = time.perf_counter()
         tokens = hidden.shape[0] * q_len
+        ask = TurnAsk(step.position + q_len, step.loop) if turns else None
         if tokens == 1:
-            out = await self.batcher.submit(hidden, opened.start, opened.end, cache, step.position, opened.adapter)
+            out = await self.batcher.submit(
+                hidden, opened.start, opened.end, cache, step.position, opened.adapter, turn=ask
+            )
         else:
             out = await self._compute(
                 tokens, opened.end - opened.start,
                 self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter,
             )  # fmt: skip
         token, pushed = None, False
-        if turns:  # first: the next turn waits for it
-            token, pushed = self._turn(opened, step.loop, out, step.position + q_len)
+        if ask is not None:  # first: the next turn waits for it
+            token, pushed = self._turn(opened, ask, out)
         proto = wire_tensor(out)
         response = tensor_message(runtime_pb2.ExpertResponse, proto)
         if opened.push_key is not None:
@@ -372,12 +374,12 @@ class NodeHandlers:
         )
         return response
 
-    def _turn(self, opened: OpenSession, loop: TokenLoop, out: torch.Tensor, length: int) -> tuple[int, bool]:
-        """A turn of a token loop (see token_loop.py) after the step whose output is ``out``, the session
-        then holding ``length`` tokens: the chosen token, and whether its embedding went on to the
+    def _turn(self, opened: OpenSession, ask: TurnAsk, out: torch.Tensor) -> tuple[int, bool]:
+        """A turn of a token loop (see token_loop.py) after the step whose output is ``out``: the chosen
+        token (``ask.token`` where the decode batch chose it), and whether its embedding went on to the
         first node (False where the loop ends or the push cannot be made: the client goes on then)."""
-        head = self.head
-        token = head.choose(out, length, loop)
+        head, loop, length = self.head, ask.loop, ask.length
+        token = head.choose(out, length, loop) if ask.token is None else ask.token
         after = next_turn(loop, token, length, opened.max_length)
         pushed = (
             after is not None
@@ -385,6 +387,11 @@ class NodeHandlers:
             and self.pushes.push(loop.ring, length, head.embedding(token), after)
         )
         return token, pushed
+
+    def _choose_turns(self, outputs: list[torch.Tensor], asks: list[TurnAsk]) -> None:
+        """A decode batch's token-loop turns, chosen together (see ``NodeHead.choose_rows``)."""
+        if self.head is not None:
+            self.head.choose_rows(outputs, asks)
 
     # ---- forward / backward ------------------------------------------------------------------
     def _max_call_bytes(self, tensors: int) -> int:

@@ -14,6 +14,8 @@ sending it) and the hand-off through the client: on one machine the client wakin
 machines, a round trip to it.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,6 +23,17 @@ from farmesh_core.architecture import ClientHead
 from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
 from farmesh_core.module_hooks import has_forward_hooks, has_global_forward_hooks
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
+
+
+@dataclass
+class TurnAsk:
+    """A one-token step's token-loop turn, handed to the decode batcher with the step so that the turns
+    of a batch's sessions take one pass through the head (``NodeHead.choose_rows``): the session's
+    length after the step, its loop, and the token where the batch chose it."""
+
+    length: int
+    loop: TokenLoop
+    token: int | None = None
 
 
 class NodeHead:
@@ -48,11 +61,34 @@ class NodeHead:
         change it, else from the exact logits. A 32k-vocabulary head's exact pass made a token loop
         slower than the client choosing (4.79 against 4.15 ms a token); with the quick logits, 3.80
         against 4.27."""
-        chooser, ids = self._greedy, self._no_ids
+        chooser, ids = self._chooser(length, loop)
+        return int(next_token(self.head, chooser, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
+
+    @torch.inference_mode()
+    def choose_rows(self, outputs: list[torch.Tensor], asks: list[TurnAsk]) -> None:
+        """The tokens of several sessions' turns (``ask.token``) after their steps' ``outputs`` [1, 1,
+        hidden], as :meth:`choose` would choose each: one pass through a large head's quick logits for
+        all of them, each row then settled alone (near ties scored again, else its exact logits). The
+        quick logits of 8 rows of a 32k-vocabulary head took 1.4 ms, of one 0.41. Where the head has
+        no quick logits, or there is one turn, the tokens are left to :meth:`choose`, turn by turn."""
+        lasts = self.head.in_head_dtype(torch.cat([output[:, -1] for output in outputs]))
+        rows = self.head.approximate_rows(lasts) if len(asks) > 1 else None
+        if rows is None:
+            return
+        for i, (approximate, ask) in enumerate(zip(rows, asks, strict=True)):
+            chooser, ids = self._chooser(ask.length, ask.loop)
+            token = chooser.certain(ids, approximate.logits, approximate.bound, approximate.refine)
+            if token is None:
+                token = chooser(ids, self.head.module_logits(lasts[i : i + 1]))
+            ask.token = int(token[0])
+
+    def _chooser(self, length: int, loop: TokenLoop) -> tuple[TokenChooser, torch.Tensor]:
+        """The loop's chooser for a session holding ``length`` tokens (greedy, after ``NoEosBefore``'s
+        mask while it applies), and the ids it is given."""
         if loop.masked_ids and length < loop.masked_until:
             chooser = TokenChooser.greedy_after([NoEosBefore(loop.masked_until, loop.masked_ids)])
-            ids = torch.empty(1, length, dtype=torch.long)  # NoEosBefore reads only their number
-        return int(next_token(self.head, chooser, ids, self.head.in_head_dtype(hidden[:, -1]))[0])
+            return chooser, torch.empty(1, length, dtype=torch.long)  # NoEosBefore reads only their number
+        return self._greedy, self._no_ids
 
     @torch.inference_mode()
     def embedding(self, token: int) -> WireTensor:
