@@ -179,7 +179,7 @@ def test_a_generation_read_in_part_then_continued_in_its_session_is_transformers
 def test_a_small_head_larger_than_the_layers_is_kept_and_loops(mesh_factory, tmp_path_factory):
     """By default the last node keeps embeddings and an LM head up to ``HEAD_BYTES_KEPT`` even where
     they outweigh its layers (a 32k vocabulary: 64 MB against 13 MB), and the loop chooses from that
-    head's quick logits: the tokens stay transformers'."""
+    head's quick logits: the tokens stay transformers', of one loop and of several at once."""
     model_dir = make_checkpoint(str(tmp_path_factory.mktemp("llama-vocab32k")), seed=5, vocab_size=32000)
     mesh = mesh_factory(model_dir, "0:4", "4:8")
     expected = list(hf_greedy_ids(model_dir, PROMPT, TOKENS))
@@ -187,6 +187,17 @@ def test_a_small_head_larger_than_the_layers_is_kept_and_loops(mesh_factory, tmp
         generate(client, model_dir)
         assert generate(client, model_dir) == (expected, TOKENS, 2 * TOKENS - 1)
         assert {r.start: r.head_dtype for r in client.mesh.records(refresh=True)} == {0: "", 4: "float32"}
+        # loops at once: turns that meet in a decode batch take one pass through the quick logits
+        texts = [PROMPT, "A wrapper around the file object", "Numbers and letters", "Return the value"]
+        wanted = [(list(hf_greedy_ids(model_dir, text, TOKENS)), TOKENS) for text in texts]
+
+        def loop(text: str) -> tuple[list[int], int]:
+            ids = prompt_ids(model_dir, text)
+            with client.inference_session(ids.shape[1] + TOKENS) as session:
+                return [int(t[0]) for t in client.generate_ids(ids, TOKENS, session=session)], session.looped_tokens
+
+        with ThreadPoolExecutor(len(texts)) as pool:
+            assert list(pool.map(loop, texts)) == wanted
 
 
 def test_without_a_head_on_the_last_node_or_a_loop_the_client_chooses(mesh_factory, tiny_llama, llama_mesh):
