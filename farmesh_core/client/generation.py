@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from farmesh_core.client.session import LoopAsk
-from farmesh_core.head_batch import Refine
+from farmesh_core.head_batch import ApproximateLogits, Refine
 
 if TYPE_CHECKING:
     from farmesh_core.architecture import ClientHead
@@ -195,6 +195,18 @@ def next_token(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tensor
     approximate = head.approximate_logits(last) if choose.takes_bounds else None
     if approximate is None:
         return choose(input_ids, head.logits(last))
+    return settled(head, choose, input_ids, approximate, last)
+
+
+def settled(
+    head: "ClientHead",
+    choose: TokenChooser,
+    input_ids: torch.Tensor,
+    approximate: ApproximateLogits,
+    last: torch.Tensor,
+) -> torch.Tensor:
+    """One row's choice (``last`` [1, hidden]) from its quick ``approximate`` logits where their bound
+    settles it (near ties scored again), else from the row's exact logits, alone."""
     token = choose.certain(input_ids, approximate.logits, approximate.bound, approximate.refine)
     return choose(input_ids, head.module_logits(last)) if token is None else token
 
@@ -272,12 +284,7 @@ def _next_tokens(head: "ClientHead", choose: TokenChooser, input_ids: torch.Tens
     rows = head.approximate_rows(last)
     if rows is None:
         return choose(input_ids, head.logits(last))
-    tokens = []
-    for i, approximate in enumerate(rows):
-        ids = input_ids[i : i + 1]
-        token = choose.certain(ids, approximate.logits, approximate.bound, approximate.refine)
-        tokens.append(choose(ids, head.module_logits(last[i : i + 1])) if token is None else token)
-    return torch.cat(tokens)
+    return torch.cat([settled(head, choose, input_ids[i : i + 1], row, last[i : i + 1]) for i, row in enumerate(rows)])
 
 
 class TextStream:

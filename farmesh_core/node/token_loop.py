@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from farmesh_core.architecture import ClientHead
-from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token
+from farmesh_core.client.generation import NoEosBefore, TokenChooser, next_token, settled
 from farmesh_core.module_hooks import has_forward_hooks, has_global_forward_hooks
 from farmesh_core.wire import PushTarget, TokenLoop, WireTensor, wire_tensor
 
@@ -77,10 +77,7 @@ class NodeHead:
             return
         for i, (approximate, ask) in enumerate(zip(rows, asks, strict=True)):
             chooser, ids = self._chooser(ask.length, ask.loop)
-            token = chooser.certain(ids, approximate.logits, approximate.bound, approximate.refine)
-            if token is None:
-                token = chooser(ids, self.head.module_logits(lasts[i : i + 1]))
-            ask.token = int(token[0])
+            ask.token = int(settled(self.head, chooser, ids, approximate, lasts[i : i + 1])[0])
 
     def _chooser(self, length: int, loop: TokenLoop) -> tuple[TokenChooser, torch.Tensor]:
         """The loop's chooser for a session holding ``length`` tokens (greedy, after ``NoEosBefore``'s
