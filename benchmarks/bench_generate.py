@@ -338,14 +338,18 @@ def _client_process(model_dir: str, addrs: list[str], seed: int, rounds: int, ba
     from farmesh_core.client.causal_lm import DistributedModelForCausalLM
 
     prompt = BenchModel(model_dir).random_prompt(seed)
-    with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=addrs) as model:
-        petals_style_generation(model, prompt)  # warm-up
-        barrier.wait()
-        for _ in range(rounds):
+    try:
+        with DistributedModelForCausalLM.from_pretrained(model_dir, dht_bootstrap=addrs) as model:
+            petals_style_generation(model, prompt)  # warm-up
             barrier.wait()
-            ids = petals_style_generation(model, prompt)[0]
-            results.put((seed, ids, time.perf_counter()))
-            barrier.wait()
+            for _ in range(rounds):
+                barrier.wait()
+                ids = petals_style_generation(model, prompt)[0]
+                results.put((seed, ids, time.perf_counter()))
+                barrier.wait()
+    except BaseException:
+        barrier.abort()  # the benchmark fails at once rather than wait out the barrier's timeout
+        raise
 
 
 def bench_processes(mesh: Mesh, model: BenchModel, sessions: int, rounds: int, one_by_one) -> dict:
@@ -371,8 +375,9 @@ def bench_processes(mesh: Mesh, model: BenchModel, sessions: int, rounds: int, o
         tokens = sessions * NEW_TOKENS
         for _ in range(rounds):
             began = time.perf_counter()
-            outputs_equal = outputs_equal and [one_by_one(prompt) for prompt in prompts] == alone
+            sequential = [one_by_one(prompt) for prompt in prompts]
             sequential_tok_s.append(tokens / (time.perf_counter() - began))
+            outputs_equal = outputs_equal and sequential == alone
             began = time.perf_counter()
             barrier.wait(timeout=600)
             got = [results.get(timeout=600) for _ in range(sessions)]
