@@ -467,15 +467,13 @@ def plot(result: dict, path: str) -> None:
         "local": local["forward_4x128_tok_s"]["median"],
         "FarMesh\n2 nodes": two["forward_4x128_tok_s"]["median"],
     }
-    concurrency = {}
-    if "concurrency" in two:
-        concurrency["FarMesh,\ngenerate_ids"] = two["concurrency"]["ratio"]  # (shared sessions: see bench_mesh)
-    if "concurrency_own_sessions" in two:
-        concurrency["FarMesh,\nown\nsessions"] = two["concurrency_own_sessions"]["ratio"]
-    if "concurrency_transformers_generate" in two:
-        concurrency["FarMesh,\ntransformers\ngenerate"] = two["concurrency_transformers_generate"]["ratio"]
-    if "concurrency_processes" in two:
-        concurrency["FarMesh,\nprocesses"] = two["concurrency_processes"]["ratio"]
+    farmesh_variants = {
+        "concurrency": "FarMesh,\ngenerate_ids",  # (shared sessions: see bench_mesh)
+        "concurrency_own_sessions": "FarMesh,\nown\nsessions",
+        "concurrency_transformers_generate": "FarMesh,\ntransformers\ngenerate",
+        "concurrency_processes": "FarMesh,\nprocesses",
+    }
+    concurrency = {label: two[key]["ratio"] for key, label in farmesh_variants.items() if key in two}
     if "1server" in petals:
         decode["Petals\n1 server"] = petals["1server"]["steady_tok_s"]
     if "2servers" in petals:
@@ -483,14 +481,9 @@ def plot(result: dict, path: str) -> None:
         ttft["Petals\n2 servers"] = 1000 * petals["2servers"]["ttft_s"]
         forward["Petals\n2 servers"] = petals["2servers"]["forward_4x128_tok_s"]
     variants = petals.get("concurrency_2servers", {}).get("variants", {})
-    if "threads" in variants and "seq" in variants:
-        concurrency["Petals,\nthreads"] = (
-            variants["threads"]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
-        )
-    if "procs" in variants and "seq" in variants:
-        concurrency["Petals,\nprocesses"] = (
-            variants["procs"]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
-        )
+    for variant, label in (("threads", "Petals,\nthreads"), ("procs", "Petals,\nprocesses")):
+        if variant in variants and "seq" in variants:
+            concurrency[label] = variants[variant]["total_tok_s"]["median"] / variants["seq"]["total_tok_s"]["median"]
     panels = [
         ("steady decode, tokens/s", decode, "{:.0f}"),
         ("time to first token, ms (2 nodes)", ttft, "{:.1f}"),
