@@ -11,6 +11,7 @@ returns None and the node calls the module as usual. Autograd (the backward pass
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,9 +37,8 @@ from farmesh_core.row_matmul import (
     few_rows_linear,
     in_decode_batch_rows,
     own_copies,
+    packed_copy,
     packed_linear,
-    packed_weight,
-    packs_lone_rows,
     row_blocks,
     split_linear,
     splits_lone_rows,
@@ -111,15 +111,15 @@ class LeanLlamaLayer:
         """Keep a packed copy of every weight for decode batches (``row_matmul.packed_weight``), of q, k, v
         and gate, up as their stacks where they have them; returns their bytes. A weight oneDNN cannot
         take keeps the unpacked path. Lone rows use the copies too where that keeps their bits
-        (``row_matmul.packs_lone_rows``)."""
+        (``row_matmul.packed_copy``)."""
         total = sum(stack.pack_for_batches() for stack in (self.qkv, self.gate_up) if stack is not None)
         for weight in self.unstacked:
-            packed = packed_weight(weight)
+            packed, lone = packed_copy(weight, partial(F.linear, weight=weight), self.threads)
             if packed is None:
                 continue
             self.packed[id(weight)] = packed
             total += weight.nbytes
-            if packs_lone_rows(packed, lambda x, weight=weight: F.linear(x, weight), weight, self.threads):
+            if lone:
                 self.lone_packed[id(weight)] = packed
         return total
 

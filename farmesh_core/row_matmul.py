@@ -100,23 +100,25 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def packs_lone_rows(
-    packed: torch.Tensor,
-    reference: Callable[[torch.Tensor], torch.Tensor],
+def packed_copy(
     weight: torch.Tensor,
+    reference: Callable[[torch.Tensor], torch.Tensor],
     threads: int,
     bias: torch.Tensor | None = None,
-) -> bool:
-    """Whether a lone row through ``packed`` (:func:`packed_weight` of ``weight``) gives the bits of
-    ``reference`` (``F.linear``, or a family's linear), on one torch thread and on ``threads``.
+) -> tuple[torch.Tensor | None, bool]:
+    """``weight``'s :func:`packed_weight` copy for decode batches (None where oneDNN takes none), and
+    whether a lone row through it gives the bits of ``reference`` (``F.linear``, or a family's
+    linear) on one torch thread and on ``threads``: then lone rows use it too.
 
-    Where it does (16-bit weights here), a lone one-token step is quicker through the packed copy:
+    Where they do (16-bit weights here), a lone one-token step is quicker through the packed copy:
     oneDNN's GEMV repacks an unpacked weight on every call (a tiny Llama layer's 4 bfloat16 matmuls
     62 against 86 us warm, 112 against 160 with the caches emptied, one thread). Float32 ones gave
     other bits (and split over threads anyway, see :func:`row_blocks`)."""
-    if weight.dtype == torch.float32:
-        return False
-    return same_bits(lambda x: packed_linear(x, packed, bias), reference, weight.shape[1], weight.dtype, threads)
+    packed = packed_weight(weight)
+    if packed is None or weight.dtype == torch.float32:
+        return packed, False
+    lone = same_bits(lambda x: packed_linear(x, packed, bias), reference, weight.shape[1], weight.dtype, threads)
+    return packed, lone
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -236,16 +238,13 @@ class StackedLinear:
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of the stack for decode batches (:func:`packed_weight`), which lone rows
-        use too where it keeps each weight's ``F.linear`` bits (:func:`packs_lone_rows`: 16-bit weights,
+        use too where it keeps each weight's ``F.linear`` bits (:func:`packed_copy`: 16-bit weights,
         which never split). Returns the copy's bytes."""
-        self.packed = packed = packed_weight(self.weight)
-        if packed is None:
-            return 0
         parts = self.weight.split(self.sizes)
-        self.lone_packed = packs_lone_rows(
-            packed, lambda x: torch.cat([F.linear(x, part) for part in parts], dim=-1), self.weight, self.threads
+        self.packed, self.lone_packed = packed_copy(
+            self.weight, lambda x: torch.cat([F.linear(x, part) for part in parts], dim=-1), self.threads
         )
-        return self.weight.nbytes
+        return 0 if self.packed is None else self.weight.nbytes
 
 
 def stacked_linear(weights: tuple[torch.Tensor, ...], threads: int) -> StackedLinear | None:
@@ -381,7 +380,7 @@ class StepLinear(nn.Linear):
       gives the replaced module's bits (:func:`row_blocks`, checked on this weight).
     - A decode batch's rows (:func:`decode_batch_rows`) go through its packed weight once
       :meth:`pack_for_batches` made one, else a few of them through :func:`few_rows_linear`; so does
-      a lone row that does not split, where that keeps its bits (:func:`packs_lone_rows`).
+      a lone row that does not split, where that keeps its bits (:func:`packed_copy`).
     - Everything else (prefills, forward calls, autograd) is the replaced module's own forward.
     """
 
@@ -420,13 +419,12 @@ class StepLinear(nn.Linear):
 
     def pack_for_batches(self) -> int:
         """Keep a packed copy of the weight for decode batches (:func:`packed_weight`), which lone rows
-        use too where it keeps their bits (:func:`packs_lone_rows`); returns its bytes."""
-        self.packed = packed = packed_weight(self.weight)
-        if packed is None:
-            return 0
+        use too where it keeps their bits (:func:`packed_copy`); returns its bytes."""
         weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
-        self.lone_packed = packs_lone_rows(packed, lambda x: self.replaced.forward(self, x), weight, self.threads, bias)
-        return self.weight.nbytes
+        self.packed, self.lone_packed = packed_copy(
+            weight, lambda x: self.replaced.forward(self, x), self.threads, bias
+        )
+        return 0 if self.packed is None else self.weight.nbytes
 
 
 def step_linears(layer: nn.Module, threads: int, classes: tuple[type[nn.Module], ...]) -> int:
