@@ -23,6 +23,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,8 @@ class _DecodeStep:
     future: asyncio.Future
     adapter_name: str | None = None
     turn: TurnAsk | None = None
+    onward: Callable[[torch.Tensor], None] | None = None
+    chain: int = 1
 
 
 JOIN_TURNS = 4  # turns of the event loop a run waits for other open sessions' steps
@@ -126,6 +129,10 @@ class DecodeBatcher:
     whose layers' weights take more than ``hold_above_bytes`` (by default the CPU's last-level cache)
     may wait for more sessions' steps. ``turns(outputs, asks)`` may choose the tokens of a batch's
     token-loop turns together (``NodeHead.choose_rows``), before their steps' futures are done.
+
+    A step's ``onward(output)`` (its push to the next node) runs right after its batch, before any
+    future is done, and the batch's run inside ``together()`` (``PushLinks.together``): the batch goes
+    on to the next node whole, ahead of the answers to its clients.
     """
 
     def __init__(
@@ -135,8 +142,10 @@ class DecodeBatcher:
         sessions: Callable[[], int] = lambda: 1,
         hold_above_bytes: int | None = None,
         turns: Callable[[list[torch.Tensor], list[TurnAsk]], None] | None = None,
+        together: Callable[[], AbstractContextManager] = nullcontext,
     ):
         self.span, self.max_batch, self.sessions, self.turns = span, max_batch, sessions, turns
+        self.together = together
         self.hold_above_bytes = last_level_cache_bytes() if hold_above_bytes is None else hold_above_bytes
         self._queue: list[_DecodeStep] = []
         self._scheduled = False
@@ -159,9 +168,11 @@ class DecodeBatcher:
         position: int,
         adapter_name: str | None = None,
         turn: TurnAsk | None = None,
+        onward: Callable[[torch.Tensor], None] | None = None,
+        chain: int = 1,
     ) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future(), adapter_name, turn)
+        step = _DecodeStep(hidden, start, end, cache, position, loop.create_future(), adapter_name, turn, onward, chain)
         self._queue.append(step)
         self._stepped[id(cache)] = time.perf_counter()
         if not self._scheduled:
@@ -175,16 +186,30 @@ class DecodeBatcher:
             loop.call_soon(self._run)
         return step.future
 
-    def _wants_more(self) -> bool:
-        """Whether the queue holds fewer than ``HOLD_SHARE`` of the active sessions' steps."""
+    def _active(self) -> int:
+        """How many open sessions stepped within ``ACTIVE_S``."""
         now = time.perf_counter()
         self._stepped = {key: at for key, at in self._stepped.items() if now - at <= ACTIVE_S}
-        return len(self._queue) < HOLD_SHARE * min(len(self._stepped), self.sessions(), self.max_batch)
+        return min(len(self._stepped), self.sessions())
+
+    def _wants_more(self) -> bool:
+        """Whether the queue holds fewer than ``HOLD_SHARE`` of the active sessions' steps."""
+        return len(self._queue) < HOLD_SHARE * min(self._active(), self.max_batch)
+
+    def _run_size(self) -> int:
+        """How many queued steps a run takes: up to ``max_batch``, and where the steps go on round a
+        chain of several nodes (``chain``), one convoy's share of the active sessions: the chain's nodes
+        then each compute a convoy at once. 8 own sessions through 2 nodes on one machine, whose steps
+        went on as one convoy once a batch's pushes left together (``together``): 973 against 871
+        tokens/s for the code before both. Through one node (a convoy per node), two convoys were slower:
+        608 against 677."""
+        chain = max(step.chain for step in self._queue)
+        return self.max_batch if chain <= 1 else min(self.max_batch, max(1, -(-self._active() // chain)))
 
     def _run(self) -> None:
         self._hold = None
         loop = asyncio.get_running_loop()
-        if self._turns < JOIN_TURNS and len(self._queue) < min(self.sessions(), self.max_batch):
+        if self._turns < JOIN_TURNS and len(self._queue) < min(self.sessions(), self._run_size()):
             self._turns += 1  # other sessions' steps may be on their way through the loop
             loop.call_soon(self._run)
             return
@@ -197,7 +222,11 @@ class DecodeBatcher:
             return
         self._scheduled = False
         began = time.perf_counter()
-        queue, self._queue = self._queue, []
+        size = self._run_size()
+        queue, self._queue = self._queue[:size], self._queue[size:]
+        if self._queue:  # the next convoy, at once
+            self._scheduled, self._turns, self._hold_until = True, JOIN_TURNS, 0.0
+            loop.call_soon(self._run)
         groups: dict[tuple[int, int, str | None], list[_DecodeStep]] = {}
         for step in queue:
             if not step.future.cancelled():
@@ -206,8 +235,7 @@ class DecodeBatcher:
         lone = self.sessions() <= 1 and len(queue) == 1 and not queue[0].future.cancelled()
         one_thread = not (lone and self.split_choice.splits(idle))
         for (start, end, adapter_name), steps in groups.items():
-            for first in range(0, len(steps), self.max_batch):
-                self._compute(start, end, steps[first : first + self.max_batch], adapter_name, one_thread)
+            self._compute(start, end, steps, adapter_name, one_thread)
         self._ran_at = time.perf_counter()
         self._last_run_s = self._ran_at - began
         step = queue[0]
@@ -241,9 +269,23 @@ class DecodeBatcher:
         self.steps += len(steps)
         metrics.node_decode_batch(len(steps))
         self._choose_turns(steps, outputs)
+        with self.together():
+            for step, output in zip(steps, outputs, strict=True):
+                self._send_on(step, output)
         for step, output in zip(steps, outputs, strict=True):
             if not step.future.done():
                 step.future.set_result(output)
+
+    @staticmethod
+    def _send_on(step: _DecodeStep, output: torch.Tensor) -> None:
+        """The step's ``onward``; where it fails, the step fails with its error."""
+        if step.onward is None or step.future.done():
+            return
+        try:
+            step.onward(output)
+        except Exception as e:
+            logger.exception("Sending a decode step's output on failed")
+            step.future.set_exception(e)
 
     def _choose_turns(self, steps: list[_DecodeStep], outputs: list[torch.Tensor]) -> None:
         """The tokens of the steps' token-loop turns, together where ``turns`` takes them; a turn it

@@ -15,7 +15,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -72,6 +73,16 @@ def error_response(error: Exception) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=encode_meta(ErrorReply(error=str(error)[:4000])))
 
 
+@dataclass
+class _Sent:
+    """A step's output as sent on (``NodeHandlers._send_on``): its wire form, the token its turn chose,
+    and whether it went on to the next node."""
+
+    proto: WireTensor
+    token: int | None = None
+    pushed: bool = False
+
+
 def _then_release(fn, *args):
     try:
         return fn(*args)
@@ -100,7 +111,9 @@ class NodeHandlers:
             max_workers=1, thread_name_prefix="farmesh-compute", initializer=set_thread_count, initargs=(threads,)
         )
         self.row_groups = RowGroups(threads)
-        self.batcher = DecodeBatcher(span, sessions=lambda: self.active_sessions, turns=self._choose_turns)
+        self.batcher = DecodeBatcher(
+            span, sessions=lambda: self.active_sessions, turns=self._choose_turns, together=self._pushes_together
+        )
         self.direct_lane: DirectLane | None = None
         self.pushes: PushLinks | None = None  # set by the FarNode once it is on the mesh
         self.push_inboxes = PushInboxes()
@@ -351,42 +364,55 @@ class NodeHandlers:
         began = time.perf_counter()
         tokens = hidden.shape[0] * q_len
         ask = TurnAsk(step.position + q_len, step.loop) if turns else None
+        sent: list[_Sent] = []
         if tokens == 1:
             out = await self.batcher.submit(
-                hidden, opened.start, opened.end, cache, step.position, opened.adapter, turn=ask
-            )
+                hidden, opened.start, opened.end, cache, step.position, opened.adapter, turn=ask,
+                onward=lambda output: sent.append(self._send_on(step, ask, opened.max_length, output)),
+                chain=max(len(step.push) + 1, len(step.loop.ring) if step.loop else 1),
+            )  # fmt: skip
         else:
             out = await self._compute(
                 tokens, opened.end - opened.start,
                 self.span.forward, hidden, opened.start, opened.end, cache, step.position, opened.adapter,
             )  # fmt: skip
-        token, pushed = None, False
-        if ask is not None:  # first: the next turn waits for it
-            token, pushed = self._turn(opened, ask, out)
-        proto = wire_tensor(out)
-        response = tensor_message(runtime_pb2.ExpertResponse, proto)
+        done = sent[0] if sent else self._send_on(step, ask, opened.max_length, out)
+        response = tensor_message(runtime_pb2.ExpertResponse, done.proto)
         if opened.push_key is not None:
-            if step.push:  # (a token loop goes on with the pushes to the node with the last layers)
-                pushed = self.pushes is not None and self.pushes.push(step.push, step.position, proto, step.loop)
-            response.metadata = encode_meta(StepReply(step=step.step, pushed=pushed, token=token))
+            response.metadata = encode_meta(StepReply(step=step.step, pushed=done.pushed, token=done.token))
         self._record_usage(
             client, opened.session_id, opened.start, opened.end, tokens, q_len > 1, began, peer=str(context.remote_id)
         )
         return response
 
-    def _turn(self, opened: OpenSession, ask: TurnAsk, out: torch.Tensor) -> tuple[int, bool]:
+    def _send_on(self, step: InferenceStep, ask: TurnAsk | None, max_length: int, out: torch.Tensor) -> "_Sent":
+        """The step's output ``out`` sent on: pushed to the next node where the step asks, or a token
+        loop's turn taken (``ask``); run by the decode batcher for a one-token step, with the rest of
+        its batch (see ``DecodeBatcher``)."""
+        token, pushed = None, False
+        if ask is not None:  # first: the next turn waits for it
+            token, pushed = self._turn(ask, max_length, out)
+        proto = wire_tensor(out)
+        if step.push:  # (a token loop goes on with the pushes to the node with the last layers)
+            pushed = self.pushes is not None and self.pushes.push(step.push, step.position, proto, step.loop)
+        return _Sent(proto, token, pushed)
+
+    def _turn(self, ask: TurnAsk, max_length: int, out: torch.Tensor) -> tuple[int, bool]:
         """A turn of a token loop (see token_loop.py) after the step whose output is ``out``: the chosen
         token (``ask.token`` where the decode batch chose it), and whether its embedding went on to the
         first node (False where the loop ends or the push cannot be made: the client goes on then)."""
         head, loop, length = self.head, ask.loop, ask.length
         token = head.choose(out, length, loop) if ask.token is None else ask.token
-        after = next_turn(loop, token, length, opened.max_length)
+        after = next_turn(loop, token, length, max_length)
         pushed = (
             after is not None
             and self.pushes is not None
             and self.pushes.push(loop.ring, length, head.embedding(token), after)
         )
         return token, pushed
+
+    def _pushes_together(self) -> AbstractContextManager:
+        return nullcontext() if self.pushes is None else self.pushes.together()
 
     def _choose_turns(self, outputs: list[torch.Tensor], asks: list[TurnAsk]) -> None:
         """A decode batch's token-loop turns, chosen together (see ``NodeHead.choose_rows``)."""
