@@ -2,6 +2,7 @@
 within a few turns of its event loop run as one batch; a lone session never waits."""
 
 import asyncio
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -142,6 +143,66 @@ def test_steps_do_not_wait_where_the_weights_fit_the_cache(span):
         return lone.done()
 
     assert asyncio.run(run())
+
+
+def test_a_batchs_outputs_go_on_together_before_any_of_its_steps_is_done(span):
+    """Each step's ``onward`` runs with its output inside one ``together()`` for the whole batch, before
+    any future is done (so the pushes leave as one write per link, ahead of the answers); a failing
+    ``onward`` fails its own step only."""
+    events: list = []
+
+    @contextmanager
+    def together():
+        events.append("open")
+        yield
+        events.append("close")
+
+    def onward(index: int):
+        def send(output: torch.Tensor) -> None:
+            if index == 1:
+                raise RuntimeError("a push that fails")
+            events.append((index, tuple(output.shape), [f.done() for f in futures]))
+
+        return send
+
+    async def run():
+        batcher = DecodeBatcher(span, sessions=lambda: 3, together=together)
+        for i, (cache, hidden, position) in enumerate(sessions(span, 3)):
+            futures.append(batcher.submit(hidden, 0, NUM_LAYERS, cache, position, onward=onward(i)))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return batcher, results
+
+    futures: list[asyncio.Future] = []
+    batcher, results = asyncio.run(run())
+    assert (batcher.batches, batcher.steps) == (1, 3)
+    assert events == ["open", (0, (1, 1, HIDDEN_SIZE), [False] * 3), (2, (1, 1, HIDDEN_SIZE), [False, True, False]),
+                      "close"]  # fmt: skip
+    assert isinstance(results[1], RuntimeError) and str(results[1]) == "a push that fails"
+    assert [list(results[i].shape) for i in (0, 2)] == [[1, 1, HIDDEN_SIZE]] * 2
+
+
+@pytest.mark.parametrize("chain, batches", [(1, [4]), (2, [2, 2]), (3, [2, 2])])
+def test_steps_going_round_a_chain_run_as_convoys(span, chain, batches):
+    """Steps that go on round a chain of ``chain`` nodes run a convoy's share of the active sessions at
+    a time (4 sessions: 2 each for 2 nodes, 2 each for 3), the rest at once after it: the chain's
+    nodes then each have a convoy to compute. Steps of a one-node chain run as one batch."""
+    steps = sessions(span, 4)
+    sizes: list[int] = []
+
+    async def run():
+        batcher = DecodeBatcher(span, sessions=lambda: 4)
+        await asyncio.gather(*(batcher.submit(h, 0, NUM_LAYERS, c, c.length) for c, h, _ in steps))  # all active
+        before = batcher.steps
+        futures = [
+            batcher.submit(h, 0, NUM_LAYERS, c, c.length, onward=lambda _: sizes.append(batcher.steps), chain=chain)
+            for c, h, _ in steps
+        ]  # fmt: skip
+        await asyncio.gather(*futures)
+        return before
+
+    before = asyncio.run(run())
+    runs = sorted(set(sizes))
+    assert [b - a for a, b in zip([before, *runs], runs, strict=False)] == batches
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
-"""PushInboxes: pushes for open sessions, and pushes that come before their session opens."""
+"""PushInboxes: pushes for open sessions, and pushes that come before their session opens; and how
+PushLinks sends a batch's pushes together."""
 
+import asyncio
 import time
 
 import pytest
@@ -9,8 +11,17 @@ from hivemind.proto import runtime_pb2
 
 from farmesh_core.errors import RequestError
 from farmesh_core.node import push
-from farmesh_core.node.push import PushInboxes
-from farmesh_core.wire import PushedStep, encode_meta, serialize_tensor
+from farmesh_core.node.push import PushInboxes, PushLinks
+from farmesh_core.wire import (
+    PushedStep,
+    PushTarget,
+    decode_meta,
+    encode_meta,
+    parse_message,
+    read_frame,
+    serialize_tensor,
+    wire_tensor,
+)
 
 KEY = "k" * 32
 PEER = PeerID(b"\x00\x24" + bytes(36))
@@ -105,3 +116,45 @@ def test_held_pushes_expire(monkeypatch):
     inboxes.deliver(*request("new", 1), PEER)  # room again: the old ones expired
     assert steps(inboxes.open("old", KEY)) == []
     assert steps(inboxes.open("new", KEY)) == [1]
+
+
+def test_pushes_made_together_leave_at_its_end_in_order():
+    """``PushLinks.together``: the pushes of a decode batch are held until it ends and then leave, in
+    the order made, as one write to each link (a real loopback connection; the receiving end reads
+    them frame by frame, as ``push_server`` does)."""
+
+    async def run() -> tuple[int, list[str], bool]:
+        received, ended = bytearray(), asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1 << 16):
+                received.extend(data)
+            ended.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        links = PushLinks(dht=None, prefix="", p2p=None, peer_id="this-node")
+        links._writers["next-node"] = writer  # a link as _connect leaves it (it finds the node in the DHT)
+        with links.together():
+            made = [
+                links.push([PushTarget(peer_id="next-node", session_id=f"s{i}", key=KEY, step=1)], 4,
+                           wire_tensor(torch.full((1, 1, 8), float(i))))
+                for i in range(3)
+            ]  # fmt: skip
+            await asyncio.sleep(0.05)
+            held = len(received)
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 10)
+        reader = asyncio.StreamReader()
+        reader.feed_data(bytes(received))
+        reader.feed_eof()
+        sessions = []
+        for _ in range(3):
+            _, payload = await read_frame(reader, 1 << 20)
+            sessions.append(
+                decode_meta(parse_message(payload, runtime_pb2.ExpertRequest).metadata, PushedStep).session_id
+            )
+        server.close()
+        return held, sessions, all(made)
+
+    assert asyncio.run(run()) == (0, ["s0", "s1", "s2"], True)
