@@ -54,6 +54,7 @@ def cmd_node(args) -> None:
     options = dict(
         device=args.device, dtype=args.dtype, quantization=args.quantization, adapters=args.adapters or [],
         layers=args.layers, num_layers=args.num_layers, num_threads=args.num_threads, spread_threads=args.spread_threads,
+        keep_freed_memory=args.keep_freed_memory,
         lean_layers=args.lean_layers,
         pack_batch_weights=args.pack_batch_weights, exact_batches=args.exact_batches, direct_lane=args.direct_lane,
         serve_head=args.serve_head, max_session_length=args.max_session_length, step_timeout=args.step_timeout,
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-spread-threads", dest="spread_threads", action="store_false",
         help="leave the placement of a step's torch threads to the kernel (by default, while a step runs on "
         "several threads, they are pinned apart: the leading one to one CPU, each worker to a share of the others)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+        help="leave glibc malloc's thresholds as they are (by default freed blocks up to 32 MiB are kept for reuse)",
     )  # fmt: skip
     p.add_argument(
         "--no-lean-layers", dest="lean_layers", action="store_false",

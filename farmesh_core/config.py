@@ -59,6 +59,11 @@ class NetworkConfig(BaseModel):
     )
     announce_maddrs: list[str] | None = None
     dht_prefix: str | None = Field(default=None, description="DHT namespace; default: derived from the checkpoint")
+    keep_freed_memory: bool = Field(
+        default=True,
+        description="a Far Node or client fixes glibc malloc's thresholds for its process, so that freed blocks "
+        "up to 32 MiB are kept for reuse rather than mapped afresh each time (see farmesh_core/malloc.py)",
+    )
 
     @field_validator("dht_bootstrap", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from farmesh_core.dht import dial, direct_ticket, fetch_node_records, start_dht
 from farmesh_core.errors import ForkedClientError, NoRouteError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.extensions import RouteHop, RouteRequest
+from farmesh_core.malloc import keep_freed_memory
 from farmesh_core.plugins import get_auth_providers, get_routing_policies, load_plugins, pick
 from farmesh_core.wire import DirectHello, DirectTicket, FarNodeRPC
 
@@ -333,6 +334,8 @@ def _log_failure(refresh: Future) -> None:
 
 def connect(config: ClientConfig) -> tuple[Checkpoint, ArchitectureAdapter, MeshConnection]:
     """Open the checkpoint (config and tokenizer only), find its adapter and join its mesh."""
+    if config.keep_freed_memory:
+        keep_freed_memory()
     load_plugins()
     checkpoint = Checkpoint(config.model_id)
     adapter = adapter_for(checkpoint.config)

@@ -21,6 +21,7 @@ from farmesh_core.dht import declare_node, fetch_node_records, start_dht
 from farmesh_core.errors import ConfigError
 from farmesh_core.event_loop import BackgroundLoop
 from farmesh_core.home_cpu import claim_home_cpu
+from farmesh_core.malloc import keep_freed_memory
 from farmesh_core.node.handlers import NodeHandlers
 from farmesh_core.node.layer_span import LayerSpan
 from farmesh_core.node.placement import SpanSwitch, choose_layers, estimate_throughput, rebalance_target
@@ -75,6 +76,8 @@ class FarNode:
                 "torch was imported before farmesh, so its OpenMP threads spin ~3 ms after each step and take "
                 "cores from other nodes on this machine: import farmesh first or set GOMP_SPINCOUNT=5000"
             )
+        if config.keep_freed_memory:
+            keep_freed_memory()
         openmp.spreading = config.spread_threads and config.device == "cpu"
         if openmp.spreads(2) and openmp.home_cpu is None:
             openmp.home_cpu = claim_home_cpu(sorted(os.sched_getaffinity(0)))
