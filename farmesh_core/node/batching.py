@@ -5,7 +5,8 @@ the loop), other sessions' steps pile up in their streams; a step needs a few tu
 go from its socket to the queue, so while other sessions are open the run waits up to
 ``JOIN_TURNS`` turns (tens of microseconds) for them, then takes all that arrived. A busy
 node's throughput grows with load while a node with one session adds no delay. Steps are served in
-arrival order, at most ``max_batch`` per run.
+arrival order, at most ``max_batch`` per run, and where they go on round a chain of several nodes,
+at most one convoy's share of the active sessions (see ``DecodeBatcher._run_size``).
 
 Sessions stepping at once fall into convoys that take turns through a chain's nodes. Where a
 batch's weights do not fit the CPU's last-level cache, reading them sets its pace and it costs
