@@ -132,7 +132,7 @@ class DecodeBatcher:
     token-loop turns together (``NodeHead.choose_rows``), before their steps' futures are done.
 
     A step's ``onward(output)`` (its push to the next node) runs right after its batch, before any
-    future is done, and the batch's run inside ``together()`` (``PushLinks.together``): the batch goes
+    future is done, the batch's all inside one ``together()`` (``PushLinks.together``): the batch goes
     on to the next node whole, ahead of the answers to its clients.
     """
 
